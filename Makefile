@@ -1,0 +1,57 @@
+# gpuyard developer entry points. `make demo` and `make test` do all set-up on a fresh
+# machine: the Python environment, the cluster binaries (built once into
+# ~/.cache/gpuyard, reused afterwards) and the local cluster.
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The local cluster's tooling lives in hack/ and is not part of the shipped package.
+export PYTHONPATH := $(CURDIR)/hack
+CLUSTER := $(BIN)/python -m localcluster
+
+.PHONY: help venv binaries cluster-up cluster-down cluster-env crds lint test test-unit demo clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(BIN)/gpuyard: pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/gpuyard ## create .venv with gpuyard and the dev tools (pinned)
+
+binaries: ## build the pinned cluster binaries into ~/.cache/gpuyard (slow the first time)
+	bash hack/build-binaries.sh
+
+cluster-up: venv ## start the local cluster (prints `export` lines for KUBECONFIG & co.)
+	$(CLUSTER) up
+
+cluster-down: venv ## stop the local cluster and remove its files
+	$(CLUSTER) down
+
+cluster-env: venv ## print `export` lines for the running local cluster
+	$(CLUSTER) env
+
+crds: venv ## regenerate crds/ from the pydantic models
+	$(BIN)/gpuyard crds --output-dir crds
+
+lint: venv ## ruff, mypy (strict) and the import-layer contracts
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test-unit: venv ## the fast tests only (no cluster)
+	$(BIN)/pytest -m 'not cluster'
+
+test: venv binaries lint ## everything: lint, unit and cluster tests (starts its own cluster)
+	$(BIN)/pytest
+
+clean: ## remove the virtual environment and caches kept in the repository
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,587 @@
+"""Bring a real Kubernetes control plane up and down on loopback, without Docker.
+
+The processes are the real ones, built by ``hack/build-binaries.sh``: etcd,
+kube-apiserver (RBAC authorization, service-account keys and client-certificate
+authentication, as controller-runtime's envtest configures it), kube-controller-manager
+(so Deployments become ReplicaSets and Pods, and garbage collection works),
+kube-scheduler, kwok (fake GPU nodes, pods marked Running), Prometheus (Debian's package)
+and the DCGM exporter simulator. Every port is a free loopback port.
+
+A cluster lives in one state directory: certificates, data, logs, ``kubeconfig`` and
+``state.json`` (the PIDs and addresses). ``down`` stops every PID it recorded and removes
+the directory, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from localcluster.topology import DEFAULT_TOPOLOGY, node_manifests, parse_topology
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = REPO_ROOT / "hack" / "build-binaries.sh"
+STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
+STATE_FILE = "state.json"
+STARTUP_TIMEOUT = 120.0
+WRITE_VERBS = ["create", "update", "patch", "delete", "deletecollection"]
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        # Leases and events are heartbeats and chatter, not reconcile writes.
+        {"level": "None", "resources": [{"group": "coordination.k8s.io"}]},
+        {"level": "None", "resources": [{"group": "", "resources": ["events"]}]},
+        {"level": "None", "resources": [{"group": "events.k8s.io"}]},
+        {"level": "Metadata", "verbs": WRITE_VERBS},
+    ],
+}
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("GPUYARD_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "gpuyard"
+
+
+def default_state_dir(name: str) -> Path:
+    return cache_dir() / "clusters" / name
+
+
+def log(message: str) -> None:
+    print(f"[cluster] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class ClusterState:
+    """What ``up`` wrote and ``down`` reads: enough to reach and to stop the cluster."""
+
+    name: str
+    state_dir: str
+    kubeconfig: str
+    apiserver_url: str
+    prometheus_url: str
+    dcgm_sim_url: str
+    prometheus_targets_dir: str
+    topology: str
+    kubernetes_version: str
+    pids: dict[str, int] = field(default_factory=dict)
+
+    def save(self) -> None:
+        path = Path(self.state_dir) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> ClusterState:
+        return cls(**json.loads((state_dir / STATE_FILE).read_text()))
+
+    def env(self) -> dict[str, str]:
+        """Environment variables through which tests, the demo and the operator find it."""
+        return {
+            "KUBECONFIG": self.kubeconfig,
+            "GPUYARD_CLUSTER_STATE": str(Path(self.state_dir) / STATE_FILE),
+            "GPUYARD_PROMETHEUS_URL": self.prometheus_url,
+            "GPUYARD_DCGM_SIM_URL": self.dcgm_sim_url,
+        }
+
+
+def free_port() -> int:
+    # The kernel picks an unused port; the short window before the process binds it is
+    # acceptable on a developer machine and in CI, where nothing else races for ports.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def binaries_dir(build: bool = True) -> Path:
+    """The directory holding the pinned binaries, building them first if asked."""
+    args = ["bash", str(BUILD_SCRIPT)]
+    if not build:
+        args.append("--print-dir")
+    # The build script prints its progress on stderr, which we pass through untouched.
+    out = subprocess.run(args, check=True, stdout=subprocess.PIPE, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_certificates(pki: Path) -> None:
+    """A CA, the API server's serving certificate and an admin client certificate.
+
+    Client certificates with ``O=system:masters`` are how envtest and kubeadm give the
+    cluster's own components and the admin full access while RBAC stays on for everyone
+    else (the operator's ServiceAccount among them).
+    """
+    pki.mkdir(parents=True)
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=gpuyard-local-ca", cwd=pki,
+    )  # fmt: skip
+    (pki / "serving.ext").write_text(
+        "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+        "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
+        "extendedKeyUsage=serverAuth\n"
+    )
+    (pki / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, subject, ext in (
+        ("apiserver", "/CN=kube-apiserver", "serving.ext"),
+        ("admin", "/O=system:masters/CN=gpuyard-admin", "client.ext"),
+    ):
+        _openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr", "-subj", subject, cwd=pki,
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "30", "-out", f"{name}.crt", "-extfile", ext, cwd=pki,
+        )  # fmt: skip
+    _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
+    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
+    def data(name: str) -> str:
+        import base64
+
+        return base64.b64encode((pki / name).read_bytes()).decode()
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "gpuyard-local",
+                "cluster": {"server": server, "certificate-authority-data": data("ca.crt")},
+            }
+        ],
+        "users": [
+            {
+                "name": "gpuyard-admin",
+                "user": {
+                    "client-certificate-data": data("admin.crt"),
+                    "client-key-data": data("admin.key"),
+                },
+            }
+        ],
+        "contexts": [
+            {"name": "gpuyard-local", "context": {"cluster": "gpuyard-local", "user": "gpuyard-admin"}}
+        ],
+        "current-context": "gpuyard-local",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+
+
+def prometheus_config(path: Path, sim_address: str, targets_dir: Path, scrape_seconds: int) -> None:
+    config = {
+        "global": {
+            "scrape_interval": f"{scrape_seconds}s",
+            "evaluation_interval": f"{scrape_seconds}s",
+        },
+        "scrape_configs": [
+            {
+                "job_name": "dcgm-exporter",
+                # dcgm-exporter's pod/namespace labels name the workload, not the exporter:
+                # keep them as they are, as a ServiceMonitor with honorLabels does.
+                "honor_labels": True,
+                "static_configs": [{"targets": [sim_address]}],
+            },
+            {
+                # Other scrape targets (the operator's metrics, a tenant's request-level
+                # metrics) are registered at run time by dropping a JSON file here.
+                "job_name": "local",
+                "honor_labels": True,
+                "file_sd_configs": [
+                    {"files": [str(targets_dir / "*.json")], "refresh_interval": "1s"}
+                ],
+            },
+        ],
+    }
+    path.write_text(yaml.safe_dump(config))
+
+
+def _https_ok(url: str, pki: Path) -> bool:
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=2) as response:  # noqa: S310
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def wait_for(what: str, check: Callable[[], bool], process: subprocess.Popen[bytes], logfile: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if process.poll() is not None:
+            tail = logfile.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{what} exited with {process.returncode}; log tail:\n{tail}")
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {STARTUP_TIMEOUT:.0f}s; see {logfile}")
+
+
+class LocalCluster:
+    """Start and stop one local cluster; ``up`` returns the state that ``down`` needs."""
+
+    def __init__(self, state_dir: Path, name: str = "default") -> None:
+        self.state_dir = state_dir
+        self.name = name
+        # Our own children, kept so they can be waited for (no zombies, no ResourceWarning).
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    def _start(
+        self, state: ClusterState, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        logfile = self.state_dir / "logs" / f"{name}.log"
+        with logfile.open("ab") as out:
+            # A session of its own: `make cluster-up` returns while the cluster runs on, and
+            # a Ctrl-C in the terminal does not reach the control plane.
+            process = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, cwd=self.state_dir, env=env,
+            )  # fmt: skip
+        self._children[process.pid] = process
+        state.pids[name] = process.pid
+        state.save()
+        return process
+
+    def up(self, topology: str = DEFAULT_TOPOLOGY, scrape_seconds: int = 1) -> ClusterState:
+        pools = parse_topology(topology)
+        if (self.state_dir / STATE_FILE).exists():
+            raise RuntimeError(
+                f"a cluster already runs from {self.state_dir}; bring it down first"
+            )
+        if self.state_dir.exists():
+            # Only the logs of a start-up that failed are left in a directory without a
+            # state file; they have been reported, and a fresh start needs a clean slate.
+            shutil.rmtree(self.state_dir)
+        started = time.monotonic()
+        bins = binaries_dir(build=True)
+        version = bins.name.split("-")[1]
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        for sub in ("logs", "etcd", "prometheus", "targets"):
+            (self.state_dir / sub).mkdir(exist_ok=True)
+        pki = self.state_dir / "pki"
+        make_certificates(pki)
+
+        ports = {name: free_port() for name in (
+            "etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok",
+            "prometheus", "dcgm-sim",
+        )}  # fmt: skip
+        server = f"https://127.0.0.1:{ports['apiserver']}"
+        kubeconfig = self.state_dir / "kubeconfig"
+        write_kubeconfig(kubeconfig, server, pki)
+        state = ClusterState(
+            name=self.name,
+            state_dir=str(self.state_dir),
+            kubeconfig=str(kubeconfig),
+            apiserver_url=server,
+            prometheus_url=f"http://127.0.0.1:{ports['prometheus']}",
+            dcgm_sim_url=f"http://127.0.0.1:{ports['dcgm-sim']}",
+            prometheus_targets_dir=str(self.state_dir / "targets"),
+            topology=topology,
+            kubernetes_version=version,
+        )
+        state.save()
+        try:
+            self._start_all(state, bins, pki, ports, kubeconfig, pools, scrape_seconds)
+        except BaseException:
+            log("start-up failed; stopping what was started")
+            self.down(quiet=True, keep_logs_on_failure=True)
+            raise
+        log(f"cluster {self.name!r} up in {time.monotonic() - started:.1f}s")
+        return state
+
+    def _start_all(
+        self,
+        state: ClusterState,
+        bins: Path,
+        pki: Path,
+        ports: dict[str, int],
+        kubeconfig: Path,
+        pools: list[Any],
+        scrape_seconds: int,
+    ) -> None:
+        logs = self.state_dir / "logs"
+        etcd_url = f"http://127.0.0.1:{ports['etcd']}"
+        log(f"etcd on {etcd_url}")
+        etcd = self._start(state, "etcd", [
+            str(bins / "etcd"), "--name=local", f"--data-dir={self.state_dir / 'etcd'}",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls=http://127.0.0.1:{ports['etcd-peer']}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{ports['etcd-peer']}",
+            f"--initial-cluster=local=http://127.0.0.1:{ports['etcd-peer']}",
+            "--unsafe-no-fsync", "--log-level=warn", "--quota-backend-bytes=4294967296",
+        ])  # fmt: skip
+        wait_for("etcd", lambda: _http_ok(f"{etcd_url}/health"), etcd, logs / "etcd.log")
+
+        audit_policy = self.state_dir / "audit-policy.yaml"
+        audit_policy.write_text(yaml.safe_dump(AUDIT_POLICY))
+        log(f"kube-apiserver on {state.apiserver_url}")
+        apiserver = self._start(state, "kube-apiserver", [
+            str(bins / "kube-apiserver"),
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--secure-port={ports['apiserver']}",
+            f"--cert-dir={pki}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
+            # The endpoint reconciler refuses a loopback address; nothing here needs the
+            # `kubernetes` Service to have endpoints (no pod really runs).
+            "--endpoint-reconciler-type=none",
+            # Benchmarks create a thousand objects at once; the defaults (400/200) would
+            # measure API priority and fairness rather than gpuyard.
+            "--max-requests-inflight=2000", "--max-mutating-requests-inflight=1000",
+            "--profiling=false",
+            # Every write request is recorded, so tests can prove that a reconcile with
+            # nothing to do really writes nothing (see audit_writes()).
+            f"--audit-policy-file={audit_policy}",
+            f"--audit-log-path={self.state_dir / 'logs' / 'audit.jsonl'}",
+            "--audit-log-format=json", "--audit-log-mode=batch",
+            "--audit-log-batch-max-wait=1s",
+            "--v=1",
+        ])  # fmt: skip
+        wait_for(
+            "kube-apiserver",
+            lambda: _https_ok(f"{state.apiserver_url}/readyz", pki),
+            apiserver,
+            logs / "kube-apiserver.log",
+        )
+
+        common = [
+            f"--kubeconfig={kubeconfig}",
+            f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            "--leader-elect=false",
+            "--bind-address=127.0.0.1",
+            "--kube-api-qps=200", "--kube-api-burst=400",
+        ]  # fmt: skip
+        log("kube-controller-manager")
+        controller_manager = self._start(state, "kube-controller-manager", [
+            str(bins / "kube-controller-manager"), *common,
+            f"--secure-port={ports['controller-manager']}",
+            f"--service-account-private-key-file={pki / 'sa.key'}",
+            f"--root-ca-file={pki / 'ca.crt'}",
+            "--use-service-account-credentials=false",
+            "--controllers=*,-csrsigning",
+            "--concurrent-deployment-syncs=10", "--concurrent-replicaset-syncs=10",
+            "--concurrent-gc-syncs=40",
+            "--v=1",
+        ])  # fmt: skip
+        log("kube-scheduler")
+        scheduler = self._start(state, "kube-scheduler", [
+            str(bins / "kube-scheduler"), *common,
+            f"--secure-port={ports['scheduler']}",
+            "--v=1",
+        ])  # fmt: skip
+        for name, process, port in (
+            ("kube-controller-manager", controller_manager, ports["controller-manager"]),
+            ("kube-scheduler", scheduler, ports["scheduler"]),
+        ):
+            wait_for(
+                name,
+                lambda port=port: _insecure_ok(f"https://127.0.0.1:{port}/healthz"),
+                process,
+                logs / f"{name}.log",
+            )
+
+        log("kwok (simulated nodes and pods)")
+        kwok = self._start(state, "kwok", [
+            str(bins / "kwok"),
+            f"--kubeconfig={kubeconfig}",
+            f"--config={STAGES_FILE}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-label-selector=type=kwok",
+            "--node-lease-duration-seconds=40",
+            "--cidr=10.244.0.0/16",
+            "--node-ip=10.240.0.1",
+            f"--server-address=127.0.0.1:{ports['kwok']}",
+        ])  # fmt: skip
+        wait_for(
+            "kwok", lambda: _http_ok(f"http://127.0.0.1:{ports['kwok']}/healthz"), kwok,
+            logs / "kwok.log",
+        )  # fmt: skip
+        self.kubectl(bins, kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(node_manifests(pools)))
+        log(f"nodes: {', '.join(f'{p.pool} {p.nodes}x{p.gpus_per_node} {p.gpu_type}' for p in pools)}")
+        self._wait_nodes_ready(bins, kubeconfig, 1 + sum(p.nodes for p in pools))
+
+        log(f"DCGM exporter simulator on {state.dcgm_sim_url}")
+        sim_address = state.dcgm_sim_url.removeprefix("http://")
+        sim = self._start(state, "dcgm-sim", [
+            sys.executable, "-m", "localcluster.dcgm_sim",
+            f"--kubeconfig={kubeconfig}", f"--listen={sim_address}",
+        ], env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "hack")})  # fmt: skip
+        wait_for("dcgm-sim", lambda: _http_ok(f"{state.dcgm_sim_url}/healthz"), sim, logs / "dcgm-sim.log")
+
+        log(f"prometheus on {state.prometheus_url}")
+        prom_config = self.state_dir / "prometheus.yml"
+        prometheus_config(prom_config, sim_address, Path(state.prometheus_targets_dir), scrape_seconds)
+        prometheus = self._start(state, "prometheus", [
+            shutil.which("prometheus") or "/usr/bin/prometheus",
+            f"--config.file={prom_config}",
+            f"--storage.tsdb.path={self.state_dir / 'prometheus'}",
+            f"--web.listen-address={state.prometheus_url.removeprefix('http://')}",
+            "--storage.tsdb.retention.time=1d",
+            "--web.enable-lifecycle",
+            "--log.level=warn",
+        ])  # fmt: skip
+        wait_for(
+            "prometheus", lambda: _http_ok(f"{state.prometheus_url}/-/ready"), prometheus,
+            logs / "prometheus.log",
+        )  # fmt: skip
+
+    @staticmethod
+    def kubectl(bins: Path, kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
+        result = subprocess.run(
+            [str(bins / "kubectl"), f"--kubeconfig={kubeconfig}", *args],
+            input=stdin, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)} failed: {result.stderr.strip()}")
+        return result.stdout
+
+    def _wait_nodes_ready(self, bins: Path, kubeconfig: Path, count: int) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        jsonpath = '{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}'
+        while time.monotonic() < deadline:
+            out = self.kubectl(bins, kubeconfig, "get", "nodes", "-o", f"jsonpath={jsonpath}")
+            if out.split().count("True") == count:
+                return
+            time.sleep(0.3)
+        raise TimeoutError(f"{count} nodes not Ready after {STARTUP_TIMEOUT:.0f}s")
+
+    def down(self, quiet: bool = False, keep_logs_on_failure: bool = False) -> list[int]:
+        """Stop every recorded process and remove the state directory; return the PIDs."""
+        path = self.state_dir / STATE_FILE
+        if not path.exists():
+            if not quiet:
+                log(f"no cluster runs from {self.state_dir}")
+            return []
+        state = ClusterState.load(self.state_dir)
+        # Stop in reverse start order so that clients go before the servers they call.
+        pids = list(state.pids.items())[::-1]
+        for name, pid in pids:
+            _terminate(name, pid)
+            child = self._children.pop(pid, None)
+            if child is not None:
+                child.wait()
+        if keep_logs_on_failure:
+            log(f"logs kept in {self.state_dir / 'logs'}")
+            (self.state_dir / STATE_FILE).unlink()
+        else:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        if not quiet:
+            log(f"cluster {state.name!r} down")
+        return [pid for _, pid in pids]
+
+
+def audit_writes(state: ClusterState, user_agent_prefix: str) -> list[dict[str, Any]]:
+    """Write requests the API server has answered for clients whose user agent matches."""
+    path = Path(state.state_dir) / "logs" / "audit.jsonl"
+    writes = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the batch writer may be mid-line
+            if event.get("userAgent", "").startswith(user_agent_prefix):
+                writes.append(event)
+    return writes
+
+
+def _insecure_ok(url: str) -> bool:
+    # The controller-manager and scheduler serve /healthz with a self-signed certificate
+    # of their own; the check only asks whether they answer.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=2) as response:  # noqa: S310
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it is gone for every purpose but reaping.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _terminate(name: str, pid: int, grace: float = 10.0) -> None:
+    if not process_alive(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and process_alive(pid):
+        _reap(pid)
+        time.sleep(0.1)
+    if process_alive(pid):
+        log(f"{name} (pid {pid}) ignored SIGTERM; killing it")
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        while process_alive(pid):
+            _reap(pid)
+            time.sleep(0.05)
+    _reap(pid)
+
+
+def _reap(pid: int) -> None:
+    # Processes started by this very Python process must be waited for, or they linger as
+    # zombies; those started by an earlier `cluster-up` are not our children.
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
