@@ -20,7 +20,7 @@ from localcluster.cluster import ClusterState, LocalCluster, binaries_dir, cache
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from support import Kubectl  # noqa: E402
+from support import Kubectl
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -37,7 +37,9 @@ def cluster() -> Iterator[ClusterState]:
     if given:
         yield ClusterState.load(Path(given).parent)
         return
-    local = LocalCluster(cache_dir() / "clusters" / f"pytest-{os.getpid()}", name=f"pytest-{os.getpid()}")
+    local = LocalCluster(
+        cache_dir() / "clusters" / f"pytest-{os.getpid()}", name=f"pytest-{os.getpid()}"
+    )
     state = local.up()
     try:
         yield state

@@ -23,13 +23,14 @@ def wait_until(
 ) -> T:
     """Poll ``check`` until it returns something truthy; fail with the last value seen."""
     deadline = time.monotonic() + timeout
-    last: Any = None
     while True:
         last = check()
         if last:
             return last
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
+            raise AssertionError(
+                f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
+            )
         time.sleep(interval)
 
 
@@ -40,7 +41,9 @@ class Kubectl:
         self.binary = binary
         self.kubeconfig = kubeconfig
 
-    def run(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
             [str(self.binary), f"--kubeconfig={self.kubeconfig}", *args],
             input=stdin,
@@ -50,7 +53,9 @@ class Kubectl:
             timeout=120,
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}"
+            )
         return result
 
     def __call__(self, *args: str, stdin: str | None = None) -> str:
@@ -67,7 +72,7 @@ class Kubectl:
 def prometheus_query(base_url: str, query: str) -> list[dict[str, Any]]:
     """Run an instant query and return the result vector (raises on an API error)."""
     url = f"{base_url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(url, timeout=10) as response:
         body = json.load(response)
     if body.get("status") != "success":
         raise AssertionError(f"Prometheus error for {query!r}: {body}")
@@ -77,8 +82,8 @@ def prometheus_query(base_url: str, query: str) -> list[dict[str, Any]]:
 
 def http_json(method: str, url: str, payload: Any = None) -> Any:
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method=method)  # noqa: S310
+    request = urllib.request.Request(url, data=data, method=method)
     request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310
+    with urllib.request.urlopen(request, timeout=10) as response:
         raw = response.read()
     return json.loads(raw) if raw else None

@@ -14,6 +14,9 @@ the directory, so nothing is left behind.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -163,8 +166,6 @@ def make_certificates(pki: Path) -> None:
 
 def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
     def data(name: str) -> str:
-        import base64
-
         return base64.b64encode((pki / name).read_bytes()).decode()
 
     config = {
@@ -186,7 +187,10 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
             }
         ],
         "contexts": [
-            {"name": "gpuyard-local", "context": {"cluster": "gpuyard-local", "user": "gpuyard-admin"}}
+            {
+                "name": "gpuyard-local",
+                "context": {"cluster": "gpuyard-local", "user": "gpuyard-admin"},
+            }
         ],
         "current-context": "gpuyard-local",
     }
@@ -240,7 +244,9 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def wait_for(what: str, check: Callable[[], bool], process: subprocess.Popen[bytes], logfile: Path) -> None:
+def wait_for(
+    what: str, check: Callable[[], bool], process: subprocess.Popen[bytes], logfile: Path
+) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         if check():
@@ -280,9 +286,7 @@ class LocalCluster:
     def up(self, topology: str = DEFAULT_TOPOLOGY, scrape_seconds: int = 1) -> ClusterState:
         pools = parse_topology(topology)
         if (self.state_dir / STATE_FILE).exists():
-            raise RuntimeError(
-                f"a cluster already runs from {self.state_dir}; bring it down first"
-            )
+            raise RuntimeError(f"a cluster already runs from {self.state_dir}; bring it down first")
         if self.state_dir.exists():
             # Only the logs of a start-up that failed are left in a directory without a
             # state file; they have been reported, and a fresh start needs a clean slate.
@@ -316,7 +320,10 @@ class LocalCluster:
         )
         state.save()
         try:
-            self._start_all(state, bins, pki, ports, kubeconfig, pools, scrape_seconds)
+            self._start_all(
+                state=state, bins=bins, pki=pki, ports=ports, kubeconfig=kubeconfig,
+                pools=pools, scrape_seconds=scrape_seconds,
+            )  # fmt: skip
         except BaseException:
             log("start-up failed; stopping what was started")
             self.down(quiet=True, keep_logs_on_failure=True)
@@ -326,6 +333,7 @@ class LocalCluster:
 
     def _start_all(
         self,
+        *,
         state: ClusterState,
         bins: Path,
         pki: Path,
@@ -419,7 +427,7 @@ class LocalCluster:
         ):
             wait_for(
                 name,
-                lambda port=port: _insecure_ok(f"https://127.0.0.1:{port}/healthz"),
+                functools.partial(_insecure_ok, f"https://127.0.0.1:{port}/healthz"),
                 process,
                 logs / f"{name}.log",
             )
@@ -440,8 +448,11 @@ class LocalCluster:
             "kwok", lambda: _http_ok(f"http://127.0.0.1:{ports['kwok']}/healthz"), kwok,
             logs / "kwok.log",
         )  # fmt: skip
-        self.kubectl(bins, kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(node_manifests(pools)))
-        log(f"nodes: {', '.join(f'{p.pool} {p.nodes}x{p.gpus_per_node} {p.gpu_type}' for p in pools)}")
+        self.kubectl(
+            bins, kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(node_manifests(pools))
+        )
+        described = (f"{p.pool} {p.nodes}x{p.gpus_per_node} {p.gpu_type}" for p in pools)
+        log(f"nodes: {', '.join(described)}")
         self._wait_nodes_ready(bins, kubeconfig, 1 + sum(p.nodes for p in pools))
 
         log(f"DCGM exporter simulator on {state.dcgm_sim_url}")
@@ -450,11 +461,18 @@ class LocalCluster:
             sys.executable, "-m", "localcluster.dcgm_sim",
             f"--kubeconfig={kubeconfig}", f"--listen={sim_address}",
         ], env={**os.environ, "PYTHONPATH": str(REPO_ROOT / "hack")})  # fmt: skip
-        wait_for("dcgm-sim", lambda: _http_ok(f"{state.dcgm_sim_url}/healthz"), sim, logs / "dcgm-sim.log")
+        wait_for(
+            "dcgm-sim",
+            lambda: _http_ok(f"{state.dcgm_sim_url}/healthz"),
+            sim,
+            logs / "dcgm-sim.log",
+        )
 
         log(f"prometheus on {state.prometheus_url}")
         prom_config = self.state_dir / "prometheus.yml"
-        prometheus_config(prom_config, sim_address, Path(state.prometheus_targets_dir), scrape_seconds)
+        prometheus_config(
+            prom_config, sim_address, Path(state.prometheus_targets_dir), scrape_seconds
+        )
         prometheus = self._start(state, "prometheus", [
             shutil.which("prometheus") or "/usr/bin/prometheus",
             f"--config.file={prom_config}",
@@ -581,7 +599,5 @@ def _terminate(name: str, pid: int, grace: float = 10.0) -> None:
 def _reap(pid: int) -> None:
     # Processes started by this very Python process must be waited for, or they linger as
     # zombies; those started by an earlier `cluster-up` are not our children.
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

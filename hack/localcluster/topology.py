@@ -119,7 +119,5 @@ def node_manifests(pools: list[PoolTopology]) -> list[Any]:
             "pods": "110",
             GPU_RESOURCE: str(pool.gpus_per_node),
         }
-        nodes.extend(
-            _node(name, labels, capacity, [GPU_TAINT]) for name in pool.node_names()
-        )
+        nodes.extend(_node(name, labels, capacity, [GPU_TAINT]) for name in pool.node_names())
     return nodes

@@ -68,8 +68,14 @@ def test_gpu_nodes_advertise_their_gpus(kubectl: Kubectl, cluster: ClusterState)
             by_pool.setdefault(pool, []).append(int(node["status"]["allocatable"][GPU_RESOURCE]))
     expected = {p.pool: [p.gpus_per_node] * p.nodes for p in parse_topology(cluster.topology)}
     assert by_pool == expected
-    table = kubectl("get", "nodes", "-o", "custom-columns=NAME:.metadata.name,GPU:.status.capacity.nvidia\\.com/gpu")
-    assert "gpu-a100-0" in table and " 8" in table
+    table = kubectl(
+        "get",
+        "nodes",
+        "-o",
+        "custom-columns=NAME:.metadata.name,GPU:.status.capacity.nvidia\\.com/gpu",
+    )
+    assert "gpu-a100-0" in table
+    assert " 8" in table
 
 
 def test_gpu_pods_are_scheduled_and_excess_stays_pending(kubectl: Kubectl, namespace: str) -> None:
@@ -88,10 +94,16 @@ def test_gpu_pods_are_scheduled_and_excess_stays_pending(kubectl: Kubectl, names
     running, pending = wait_until(settled, timeout=90, what="pool l4 to fill up")
     assert {p["spec"]["nodeName"] for p in running} == set(l4.node_names())
     for pod in running:
-        assert pod["spec"]["containers"][0]["resources"]["limits"][GPU_RESOURCE] == str(l4.gpus_per_node)
+        assert pod["spec"]["containers"][0]["resources"]["limits"][GPU_RESOURCE] == str(
+            l4.gpus_per_node
+        )
     condition = wait_until(
         lambda: next(
-            (c for c in _conditions_of(kubectl, namespace, pending[0]) if c["type"] == "PodScheduled"),
+            (
+                c
+                for c in _conditions_of(kubectl, namespace, pending[0])
+                if c["type"] == "PodScheduled"
+            ),
             None,
         ),
         what="the scheduler's verdict on the excess pod",
@@ -112,14 +124,25 @@ def test_deleting_a_deployment_collects_its_replicasets_and_pods(
 ) -> None:
     kubectl.apply(gpu_deployment("short-lived", "a100", 1, 2), namespace)
     wait_until(
-        lambda: len([p for p in pods(kubectl, namespace, "app=short-lived") if p["status"].get("phase") == "Running"]) == 2,
+        lambda: (
+            len(
+                [
+                    p
+                    for p in pods(kubectl, namespace, "app=short-lived")
+                    if p["status"].get("phase") == "Running"
+                ]
+            )
+            == 2
+        ),
         what="two running pods",
     )
     assert kubectl.json("get", "replicasets", "-n", namespace)["items"], "no ReplicaSet was made"
     kubectl("delete", "deployment", "short-lived", "-n", namespace, "--wait=false")
     wait_until(
-        lambda: not kubectl.json("get", "replicasets", "-n", namespace)["items"]
-        and not pods(kubectl, namespace, "app=short-lived"),
+        lambda: (
+            not kubectl.json("get", "replicasets", "-n", namespace)["items"]
+            and not pods(kubectl, namespace, "app=short-lived")
+        ),
         what="garbage collection of the ReplicaSet and its pods",
     )
 
@@ -129,7 +152,14 @@ def test_dcgm_series_follow_the_load_and_go_stale(
 ) -> None:
     kubectl.apply(gpu_deployment("llm", "a100", 2, 1), namespace)
     pod = wait_until(
-        lambda: next((p for p in pods(kubectl, namespace, "app=llm") if p["status"].get("phase") == "Running"), None),
+        lambda: next(
+            (
+                p
+                for p in pods(kubectl, namespace, "app=llm")
+                if p["status"].get("phase") == "Running"
+            ),
+            None,
+        ),
         what="a running GPU pod",
     )
     pod_name = pod["metadata"]["name"]
@@ -144,7 +174,16 @@ def test_dcgm_series_follow_the_load_and_go_stale(
     http_json("PUT", f"{cluster.dcgm_sim_url}/load/{namespace}/llm", {"load": 150})
     series = wait_until(lambda: utilisation(75.0), timeout=60, what="75 % on both GPUs")
     labels = series[0]["metric"]
-    for label in ("gpu", "UUID", "device", "modelName", "Hostname", "pod", "namespace", "container"):
+    for label in (
+        "gpu",
+        "UUID",
+        "device",
+        "modelName",
+        "Hostname",
+        "pod",
+        "namespace",
+        "container",
+    ):
         assert label in labels, f"label {label} missing from {labels}"
     assert labels["Hostname"] == pod["spec"]["nodeName"]
 
