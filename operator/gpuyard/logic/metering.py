@@ -1,0 +1,759 @@
+"""The meter's pure core: pod lifetimes -> priced, idempotent usage records.
+
+Nothing here reads a clock, a file or the network: `now` and `through` are arguments, so
+every rule below is a table-driven unit test. The rules, stated once (docs/metering.md
+repeats them for users):
+
+- **Billed interval.** A pod holds its GPUs from `bound_at` (the `PodScheduled`
+  condition's `lastTransitionTime`) until `ended_at` (see `pod_lifetime_from_dict`).
+  Both ends are floored to whole seconds, so a pod's billed seconds are
+  `floor(ended_at) - floor(bound_at)`: never more than the truth, less by under 1 s.
+- **Windows.** Records are cut per pod per window of `window_seconds`, aligned to
+  multiples of `window_seconds` since the Unix epoch (so 60 s windows start on the minute,
+  3600 s windows on the hour, UTC). A window is cut only once closed (`end <= through`).
+  A window starting before a mark that is off the grid (after the window length changed)
+  is clipped to start at the mark, so records never overlap.
+- **Ids.** `record_id` = the first 32 hex digits (128 bits) of SHA-256 over the JSON
+  array `["gpuyard.io/usage/v1", cluster_id, pod_uid, start, end]` (epoch seconds). The
+  same pod and window always give the same id; different pods or windows never collide
+  in practice (birthday bound ~2^64 records).
+- **Prices.** A pool's price schedule is a list of `PricePoint`s. A window is priced by
+  the latest point whose `effective_from` is at or before the window's start: a change
+  takes effect from the first window starting at or after it, never mid-record. Windows
+  before the first point use the first point (the operator learns prices when it starts).
+- **Rounding.** `cost = gpu_seconds * per_gpu_hour / 3600`, quantized to 1e-9 with
+  ROUND_HALF_EVEN, computed in a 50-digit decimal context. A sum of record costs differs
+  from the cost of the summed seconds by at most 0.5e-9 per record.
+- **Marks.** A `ServiceMark` says every window of a service ending at or before
+  `reported_through` was acknowledged by the sink. `plan_tick` cuts only windows after
+  the mark, so after a crash the meter re-emits from the mark, with the same ids.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import itertools
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation, localcontext
+from typing import Any, NamedTuple
+
+SERVICE_LABEL = "gpuyard.io/service"
+POOL_LABEL = "gpuyard.io/pool"
+DEFAULT_RESOURCE_NAME = "nvidia.com/gpu"
+DEFAULT_WINDOW_SECONDS = 60
+MIN_WINDOW_SECONDS = 1
+COST_QUANTUM = Decimal("1e-9")
+ID_HEX_DIGITS = 32
+RECORD_SCHEMA = "gpuyard.io/usage/v1"
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_SECOND = timedelta(seconds=1)
+_SECONDS_PER_HOUR = 3600
+_TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
+
+
+class MeteringError(ValueError):
+    """Input the meter refuses to bill from, rather than guess."""
+
+
+class UnknownPoolError(MeteringError):
+    """A gpuyard pod names a pool the meter has no price for.
+
+    Raised rather than returning None: None means "not billable", and a pod we cannot
+    price is billable. The caller decides (keep the mark, set a condition).
+    """
+
+
+# --------------------------------------------------------------------------- time
+
+
+def require_utc(value: datetime, name: str = "time") -> datetime:
+    """`value` in UTC; naive datetimes are refused because they hide the zone bug."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise MeteringError(f"{name} must be timezone-aware, got naive {value!r}")
+    return value.astimezone(UTC)
+
+
+def epoch_floor(value: datetime) -> int:
+    """Whole seconds since the epoch, floored (exact: no float on the way)."""
+    return (require_utc(value) - _EPOCH) // _ONE_SECOND
+
+
+def from_epoch(seconds: int) -> datetime:
+    return _EPOCH + timedelta(seconds=seconds)
+
+
+def floor_second(value: datetime) -> datetime:
+    return from_epoch(epoch_floor(value))
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 timestamp as Kubernetes writes it (`2024-05-01T12:00:00Z`), in UTC."""
+    try:
+        parsed = datetime.fromisoformat(text)
+    except (TypeError, ValueError) as exc:
+        raise MeteringError(f"not an RFC 3339 timestamp: {text!r}") from exc
+    return require_utc(parsed, f"timestamp {text!r}")
+
+
+def format_time(value: datetime) -> str:
+    """RFC 3339 in UTC with a `Z` suffix; fractional seconds only when present."""
+    return require_utc(value).isoformat().replace("+00:00", "Z")
+
+
+def check_window_seconds(window_seconds: int) -> int:
+    if isinstance(window_seconds, bool) or not isinstance(window_seconds, int):
+        raise MeteringError(f"window_seconds must be an int, got {window_seconds!r}")
+    if window_seconds < MIN_WINDOW_SECONDS:
+        raise MeteringError(f"window_seconds must be >= {MIN_WINDOW_SECONDS}")
+    return window_seconds
+
+
+def closed_through(now: datetime, window_seconds: int, settle_seconds: int = 0) -> datetime:
+    """The latest window boundary at or before `now - settle_seconds`.
+
+    `settle_seconds` lets the watch cache catch up: a pod bound (or terminated) just
+    before a boundary may reach the operator a moment after it, and a window is cut
+    exactly once per mark advance.
+    """
+    check_window_seconds(window_seconds)
+    if settle_seconds < 0:
+        raise MeteringError("settle_seconds must be >= 0")
+    seconds = epoch_floor(now) - settle_seconds
+    return from_epoch(seconds - seconds % window_seconds)
+
+
+# --------------------------------------------------------------------------- prices
+
+
+def parse_decimal(text: object, name: str = "decimal") -> Decimal:
+    """A finite decimal from a string or int; floats are refused (they are not exact)."""
+    if isinstance(text, bool) or not isinstance(text, (str, int, Decimal)):
+        raise MeteringError(f"{name} must be a decimal string, got {text!r}")
+    try:
+        value = Decimal(text)
+    except InvalidOperation as exc:
+        raise MeteringError(f"{name} is not a decimal: {text!r}") from exc
+    if not value.is_finite():
+        raise MeteringError(f"{name} must be finite, got {text!r}")
+    return value
+
+
+def format_decimal(value: Decimal) -> str:
+    """Fixed-point text: `str(Decimal("0E-9"))` would be `0E-9`, which billing APIs reject."""
+    return format(value, "f")
+
+
+@dataclass(frozen=True, slots=True)
+class PricePoint:
+    """A pool's price per GPU-hour from `effective_from` on."""
+
+    effective_from: datetime
+    per_gpu_hour: Decimal
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "effective_from", require_utc(self.effective_from))
+        if not self.per_gpu_hour.is_finite() or self.per_gpu_hour < 0:
+            raise MeteringError(f"per_gpu_hour must be finite and >= 0: {self.per_gpu_hour}")
+
+
+def _check_schedule(prices: Sequence[PricePoint]) -> tuple[PricePoint, ...]:
+    schedule = tuple(prices)
+    if not schedule:
+        raise MeteringError("a price schedule needs at least one price point")
+    starts = [p.effective_from for p in schedule]
+    if any(a >= b for a, b in itertools.pairwise(starts)):
+        raise MeteringError("price points must have strictly increasing effective_from")
+    return schedule
+
+
+def price_at(prices: Sequence[PricePoint], at: datetime) -> PricePoint:
+    """The price in force at `at` (the latest point effective at or before it)."""
+    schedule = _check_schedule(prices)
+    starts = [p.effective_from for p in schedule]
+    index = bisect.bisect_right(starts, require_utc(at)) - 1
+    return schedule[max(index, 0)]
+
+
+def hourly_cost(gpus: int, per_gpu_hour: Decimal) -> Decimal:
+    """What holding `gpus` GPUs for an hour costs: the budget cap's side of the same price."""
+    return Decimal(gpus) * per_gpu_hour
+
+
+def window_cost(gpu_seconds: int, per_gpu_hour: Decimal) -> Decimal:
+    with localcontext() as ctx:
+        ctx.prec = 50
+        exact = Decimal(gpu_seconds) * per_gpu_hour / _SECONDS_PER_HOUR
+        return exact.quantize(COST_QUANTUM, rounding=ROUND_HALF_EVEN)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPricing:
+    """What the meter needs from a GPUPool: identity, GPU resource and prices."""
+
+    name: str
+    gpu_type: str
+    currency: str
+    prices: tuple[PricePoint, ...]
+    resource_name: str = DEFAULT_RESOURCE_NAME
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prices", _check_schedule(self.prices))
+        if len(self.currency) != 3 or not self.currency.isupper():
+            raise MeteringError(f"currency must be an ISO 4217 code: {self.currency!r}")
+
+    def with_price(self, point: PricePoint) -> PoolPricing:
+        """The schedule after a price change observed at `point.effective_from`.
+
+        Points at or after the new one are dropped: a later observation supersedes them.
+        """
+        kept = tuple(p for p in self.prices if p.effective_from < point.effective_from)
+        return replace(self, prices=(*kept, point))
+
+
+# --------------------------------------------------------------------------- lifetimes
+
+
+@dataclass(frozen=True, slots=True)
+class PodLifetime:
+    """The billable life of one GPU pod."""
+
+    cluster_id: str
+    pod_uid: str
+    pod_name: str
+    namespace: str
+    service: str
+    pool: str
+    gpu_type: str
+    gpus: int
+    bound_at: datetime
+    ended_at: datetime | None
+    prices: tuple[PricePoint, ...]
+    currency: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bound_at", require_utc(self.bound_at, "bound_at"))
+        if self.ended_at is not None:
+            ended = require_utc(self.ended_at, "ended_at")
+            # Clocks differ (kubelet's finishedAt vs the scheduler's bind time): a pod
+            # never ends before it was bound.
+            object.__setattr__(self, "ended_at", max(ended, self.bound_at))
+        object.__setattr__(self, "prices", _check_schedule(self.prices))
+        if self.gpus < 1:
+            raise MeteringError(f"gpus must be >= 1, got {self.gpus}")
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.service)
+
+    def billed_seconds(self, through: datetime) -> int:
+        """Floor-based seconds held up to `through` (the ground truth records must sum to)."""
+        end = epoch_floor(through)
+        if self.ended_at is not None:
+            end = min(end, epoch_floor(self.ended_at))
+        return max(0, end - epoch_floor(self.bound_at))
+
+
+def _get(mapping: Any, *path: str) -> Any:
+    current = mapping
+    for key in path:
+        if not isinstance(current, Mapping):
+            return None
+        current = current.get(key)
+    return current
+
+
+def _optional_time(value: Any) -> datetime | None:
+    return parse_time(value) if isinstance(value, str) and value else None
+
+
+def _bound_at(pod: Mapping[str, Any]) -> datetime | None:
+    for condition in _get(pod, "status", "conditions") or ():
+        if _get(condition, "type") == "PodScheduled":
+            if _get(condition, "status") != "True":
+                return None
+            return _optional_time(_get(condition, "lastTransitionTime"))
+    # A pod created with spec.nodeName skips the scheduler; the kubelet's startTime is
+    # then the first moment the node holds it.
+    if _get(pod, "spec", "nodeName"):
+        return _optional_time(_get(pod, "status", "startTime"))
+    return None
+
+
+def _quantity_count(value: Any) -> int:
+    if value is None:
+        return 0
+    amount = parse_decimal(value if isinstance(value, (str, int)) else str(value), "gpu request")
+    if amount != amount.to_integral_value() or amount < 0:
+        raise MeteringError(f"an extended resource request must be a whole number: {value!r}")
+    return int(amount)
+
+
+def _container_gpus(container: Any, resource_name: str) -> int:
+    # Extended resources cannot be overcommitted: requests equal limits, and a missing
+    # request defaults to the limit.
+    requests = _get(container, "resources", "requests") or {}
+    limits = _get(container, "resources", "limits") or {}
+    return _quantity_count(requests.get(resource_name, limits.get(resource_name)))
+
+
+def gpu_request(pod_spec: Mapping[str, Any], resource_name: str) -> int:
+    """The pod's effective request of `resource_name`, as the scheduler computes it.
+
+    max(sum of app containers + restartable init containers (sidecars),
+        each plain init container + the sidecars started before it).
+    """
+    sidecars = 0
+    init_peak = 0
+    for init in pod_spec.get("initContainers") or ():
+        gpus = _container_gpus(init, resource_name)
+        if _get(init, "restartPolicy") == "Always":
+            sidecars += gpus
+        else:
+            init_peak = max(init_peak, sidecars + gpus)
+    apps = sum(_container_gpus(c, resource_name) for c in pod_spec.get("containers") or ())
+    return max(apps + sidecars, init_peak)
+
+
+def _terminated_finish_times(status: Mapping[str, Any]) -> list[datetime]:
+    times: list[datetime] = []
+    for key in ("containerStatuses", "initContainerStatuses"):
+        for container in status.get(key) or ():
+            finished = _optional_time(_get(container, "state", "terminated", "finishedAt"))
+            if finished is not None:
+                times.append(finished)
+    return times
+
+
+def _ended_at(pod: Mapping[str, Any], gone_at: datetime | None) -> datetime | None:
+    status = _get(pod, "status") or {}
+    containers = status.get("containerStatuses") or ()
+    all_terminated = bool(containers) and all(
+        _get(c, "state", "terminated") is not None for c in containers
+    )
+    deletion = _optional_time(_get(pod, "metadata", "deletionTimestamp"))
+    if status.get("phase") in _TERMINAL_PHASES or all_terminated:
+        finished = _terminated_finish_times(status)
+        if finished:
+            return max(finished)
+        # Terminal without container times (evicted before start, node lost): the last
+        # condition change is when the kubelet or the node controller gave up on it.
+        transitions = [
+            t
+            for c in status.get("conditions") or ()
+            if (t := _optional_time(_get(c, "lastTransitionTime"))) is not None
+        ]
+        fallback = [t for t in (max(transitions, default=None), deletion, gone_at) if t]
+        return fallback[0] if fallback else None
+    if gone_at is not None:
+        # Deleted without final container statuses (force delete, lost node). For pods
+        # deletionTimestamp is the grace deadline, after which the kubelet kills it.
+        return min(deletion, require_utc(gone_at)) if deletion else require_utc(gone_at)
+    return None
+
+
+def pod_lifetime_from_dict(
+    pod: Mapping[str, Any],
+    pools: Mapping[str, PoolPricing],
+    *,
+    cluster_id: str,
+    gone_at: datetime | None = None,
+) -> PodLifetime | None:
+    """The billable lifetime of a Pod (Kubernetes JSON), or None if it holds no pool GPU.
+
+    None when: the pod lacks the `gpuyard.io/service` / `gpuyard.io/pool` labels, is not
+    bound yet, or requests none of the pool's resource.
+
+    `ended_at`, precisely:
+    1. phase Succeeded/Failed, or every app container's current state is `terminated`:
+       the latest `finishedAt` over app and init containers; without any, the latest
+       condition `lastTransitionTime`, else `deletionTimestamp`, else `gone_at`.
+    2. otherwise, if the caller saw the object disappear (`gone_at`, e.g. the DELETED
+       watch event's time): min(`deletionTimestamp`, `gone_at`).
+    3. otherwise None: still holding GPUs, including while Terminating (a pod being
+       deleted keeps its GPUs until its containers stop).
+    """
+    labels = _get(pod, "metadata", "labels") or {}
+    service, pool_name = labels.get(SERVICE_LABEL), labels.get(POOL_LABEL)
+    if not service or not pool_name:
+        return None
+    bound_at = _bound_at(pod)
+    if bound_at is None:
+        return None
+    pool = pools.get(pool_name)
+    if pool is None:
+        raise UnknownPoolError(
+            f"pod {_get(pod, 'metadata', 'name')!r} uses unknown pool {pool_name!r}"
+        )
+    gpus = gpu_request(_get(pod, "spec") or {}, pool.resource_name)
+    if gpus < 1:
+        return None
+    uid = _get(pod, "metadata", "uid")
+    if not uid:
+        raise MeteringError("a bound pod without metadata.uid cannot get stable record ids")
+    return PodLifetime(
+        cluster_id=cluster_id,
+        pod_uid=str(uid),
+        pod_name=str(_get(pod, "metadata", "name") or ""),
+        namespace=str(_get(pod, "metadata", "namespace") or ""),
+        service=str(service),
+        pool=pool.name,
+        gpu_type=pool.gpu_type,
+        gpus=gpus,
+        bound_at=bound_at,
+        ended_at=_ended_at(pod, gone_at),
+        prices=pool.prices,
+        currency=pool.currency,
+    )
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """GPU usage of one pod in one window: the unit a billing system ingests."""
+
+    id: str
+    cluster_id: str
+    namespace: str
+    service: str
+    pool: str
+    gpu_type: str
+    pod: str
+    pod_uid: str
+    gpus: int
+    start: datetime
+    end: datetime
+    seconds: int
+    gpu_seconds: int
+    unit_price: Decimal
+    cost: Decimal
+    currency: str
+    avg_utilization: Decimal | None = None
+    idle_gpu_seconds: int | None = None
+
+    @property
+    def key(self) -> ServiceKey:
+        return ServiceKey(self.namespace, self.service)
+
+    def billing_fields(self) -> tuple[object, ...]:
+        """What must be identical for two records with one id (utilisation may differ)."""
+        return (
+            self.id, self.namespace, self.service, self.pool, self.pod_uid, self.gpus,
+            self.start, self.end, self.gpu_seconds, self.unit_price, self.cost, self.currency,
+        )  # fmt: skip
+
+
+def record_id(cluster_id: str, pod_uid: str, start: int, end: int) -> str:
+    """Deterministic record id; a JSON array keeps the fields unambiguous."""
+    material = json.dumps([RECORD_SCHEMA, cluster_id, pod_uid, start, end])
+    return hashlib.sha256(material.encode()).hexdigest()[:ID_HEX_DIGITS]
+
+
+def cut_records(
+    lifetime: PodLifetime,
+    from_mark: datetime | None,
+    through: datetime,
+    window_seconds: int = DEFAULT_WINDOW_SECONDS,
+) -> list[UsageRecord]:
+    """Records of `lifetime` for the closed windows after `from_mark` up to `through`.
+
+    A window is closed when its end <= `through`. `from_mark` None means "from the
+    pod's binding". Windows without a held second produce no record.
+    """
+    width = check_window_seconds(window_seconds)
+    limit = epoch_floor(through)
+    mark = None if from_mark is None else epoch_floor(from_mark)
+    active_from = epoch_floor(lifetime.bound_at)
+    active_to = limit if lifetime.ended_at is None else min(epoch_floor(lifetime.ended_at), limit)
+    lo = active_from if mark is None else max(active_from, mark)
+    if active_to <= lo:
+        return []
+    starts = [p.effective_from for p in lifetime.prices]
+    records: list[UsageRecord] = []
+    grid = lo - lo % width
+    while grid < active_to and grid + width <= limit:
+        start = grid if mark is None else max(grid, mark)
+        end = grid + width
+        seconds = min(end, active_to) - max(start, lo)
+        if seconds > 0:
+            point = lifetime.prices[max(bisect.bisect_right(starts, from_epoch(start)) - 1, 0)]
+            records.append(_record(lifetime, start, end, seconds, point.per_gpu_hour))
+        grid = end
+    return records
+
+
+def _record(
+    lifetime: PodLifetime, start: int, end: int, seconds: int, price: Decimal
+) -> UsageRecord:
+    gpu_seconds = seconds * lifetime.gpus
+    return UsageRecord(
+        id=record_id(lifetime.cluster_id, lifetime.pod_uid, start, end),
+        cluster_id=lifetime.cluster_id,
+        namespace=lifetime.namespace,
+        service=lifetime.service,
+        pool=lifetime.pool,
+        gpu_type=lifetime.gpu_type,
+        pod=lifetime.pod_name,
+        pod_uid=lifetime.pod_uid,
+        gpus=lifetime.gpus,
+        start=from_epoch(start),
+        end=from_epoch(end),
+        seconds=seconds,
+        gpu_seconds=gpu_seconds,
+        unit_price=price,
+        cost=window_cost(gpu_seconds, price),
+        currency=lifetime.currency,
+    )
+
+
+def with_utilization(record: UsageRecord, avg_percent: Decimal) -> UsageRecord:
+    """The record with the window's average GPU utilisation (0..100, clamped) and the
+    idle GPU-seconds it implies, rounded half-even to whole seconds. The id is unchanged:
+    utilisation is information, not a billed quantity.
+    """
+    if not avg_percent.is_finite():
+        raise MeteringError(f"utilisation must be finite: {avg_percent}")
+    percent = min(max(avg_percent, Decimal(0)), Decimal(100))
+    with localcontext() as ctx:
+        ctx.prec = 50
+        busy = (Decimal(record.gpu_seconds) * percent / 100).to_integral_value(ROUND_HALF_EVEN)
+    return replace(record, avg_utilization=percent, idle_gpu_seconds=record.gpu_seconds - int(busy))
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def record_to_json(record: UsageRecord) -> dict[str, Any]:
+    """Plain JSON: decimals as fixed-point strings, times RFC 3339 UTC with `Z`."""
+    data: dict[str, Any] = {
+        "schema": RECORD_SCHEMA,
+        "id": record.id,
+        "cluster_id": record.cluster_id,
+        "namespace": record.namespace,
+        "service": record.service,
+        "pool": record.pool,
+        "gpu_type": record.gpu_type,
+        "pod": record.pod,
+        "pod_uid": record.pod_uid,
+        "gpus": record.gpus,
+        "start": format_time(record.start),
+        "end": format_time(record.end),
+        "seconds": record.seconds,
+        "gpu_seconds": record.gpu_seconds,
+        "unit_price": format_decimal(record.unit_price),
+        "cost": format_decimal(record.cost),
+        "currency": record.currency,
+    }
+    if record.avg_utilization is not None:
+        data["avg_utilization"] = format_decimal(record.avg_utilization)
+    if record.idle_gpu_seconds is not None:
+        data["idle_gpu_seconds"] = record.idle_gpu_seconds
+    return data
+
+
+def _field(data: Mapping[str, Any], name: str, kind: type) -> Any:
+    value = data.get(name)
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise MeteringError(f"record field {name!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def record_from_json(data: Mapping[str, Any]) -> UsageRecord:
+    if data.get("schema") != RECORD_SCHEMA:
+        raise MeteringError(f"unknown record schema {data.get('schema')!r}")
+    util = data.get("avg_utilization")
+    idle = data.get("idle_gpu_seconds")
+    return UsageRecord(
+        id=_field(data, "id", str),
+        cluster_id=_field(data, "cluster_id", str),
+        namespace=_field(data, "namespace", str),
+        service=_field(data, "service", str),
+        pool=_field(data, "pool", str),
+        gpu_type=_field(data, "gpu_type", str),
+        pod=_field(data, "pod", str),
+        pod_uid=_field(data, "pod_uid", str),
+        gpus=_field(data, "gpus", int),
+        start=parse_time(_field(data, "start", str)),
+        end=parse_time(_field(data, "end", str)),
+        seconds=_field(data, "seconds", int),
+        gpu_seconds=_field(data, "gpu_seconds", int),
+        unit_price=parse_decimal(_field(data, "unit_price", str), "unit_price"),
+        cost=parse_decimal(_field(data, "cost", str), "cost"),
+        currency=_field(data, "currency", str),
+        avg_utilization=None if util is None else parse_decimal(util, "avg_utilization"),
+        idle_gpu_seconds=None if idle is None else _field(data, "idle_gpu_seconds", int),
+    )
+
+
+def record_to_line(record: UsageRecord) -> str:
+    """One JSON line (sorted keys, no spaces, no newline)."""
+    return json.dumps(record_to_json(record), sort_keys=True, separators=(",", ":"))
+
+
+def record_from_line(line: str) -> UsageRecord:
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise MeteringError(f"not a JSON record: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MeteringError("a record line must hold a JSON object")
+    return record_from_json(data)
+
+
+# --------------------------------------------------------------------------- marks
+
+
+class ServiceKey(NamedTuple):
+    namespace: str
+    service: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceMark:
+    """A service's high-water mark: windows ending <= `reported_through` are acknowledged,
+    and the totals are the sum of exactly those records."""
+
+    reported_through: datetime
+    gpu_seconds: int = 0
+    cost: Decimal = field(default_factory=lambda: Decimal(0))
+    currency: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "reported_through", require_utc(self.reported_through))
+
+
+def advance_mark(
+    mark: ServiceMark | None, acknowledged: Iterable[UsageRecord], through: datetime
+) -> ServiceMark:
+    """The mark after the sink acknowledged `acknowledged`, all windows up to `through`.
+
+    Records are deduplicated by id. Refuses (MeteringError) records of several services,
+    records outside (mark, through], a mark moving backwards and mixed currencies: each
+    would make the totals disagree with the ledger.
+    """
+    through = require_utc(through, "through")
+    if mark is not None and through < mark.reported_through:
+        raise MeteringError("a mark never moves backwards")
+    records = list({r.id: r for r in acknowledged}.values())
+    if len({r.key for r in records}) > 1:
+        raise MeteringError("a mark belongs to one service; got records of several")
+    currency = mark.currency if mark is not None else None
+    gpu_seconds = mark.gpu_seconds if mark is not None else 0
+    cost = mark.cost if mark is not None else Decimal(0)
+    for record in records:
+        if record.end > through or (mark is not None and record.start < mark.reported_through):
+            raise MeteringError(f"record {record.id} lies outside the window being acknowledged")
+        if currency is not None and record.currency != currency:
+            raise MeteringError(f"currency changed from {currency} to {record.currency}")
+        currency = record.currency
+        gpu_seconds += record.gpu_seconds
+        cost += record.cost
+    return ServiceMark(through, gpu_seconds, cost, currency)
+
+
+def mark_to_status(mark: ServiceMark) -> dict[str, Any]:
+    """The AIService `status.usage` block (docs/api-draft.md)."""
+    usage: dict[str, Any] = {
+        "gpuSeconds": mark.gpu_seconds,
+        "cost": format_decimal(mark.cost),
+        "reportedThrough": format_time(mark.reported_through),
+    }
+    if mark.currency is not None:
+        usage["currency"] = mark.currency
+    return usage
+
+
+def mark_from_status(usage: Mapping[str, Any] | None) -> ServiceMark | None:
+    """The mark stored in `status.usage`, or None when the service was never metered."""
+    if not usage or not usage.get("reportedThrough"):
+        return None
+    gpu_seconds = usage.get("gpuSeconds", 0)
+    if isinstance(gpu_seconds, bool) or not isinstance(gpu_seconds, int):
+        raise MeteringError(f"status.usage.gpuSeconds must be an int: {gpu_seconds!r}")
+    return ServiceMark(
+        reported_through=parse_time(str(usage["reportedThrough"])),
+        gpu_seconds=gpu_seconds,
+        cost=parse_decimal(usage.get("cost", "0"), "status.usage.cost"),
+        currency=usage.get("currency") or None,
+    )
+
+
+def is_fully_reported(lifetime: PodLifetime, mark: ServiceMark | None) -> bool:
+    """True once every second of an ended pod is behind its service's mark: the meter
+    may forget the pod (and remove a metering finalizer, if one is used)."""
+    if lifetime.ended_at is None or mark is None:
+        return False
+    return epoch_floor(lifetime.ended_at) <= epoch_floor(mark.reported_through)
+
+
+# --------------------------------------------------------------------------- ticks
+
+
+@dataclass(frozen=True, slots=True)
+class MeterConfig:
+    window_seconds: int = DEFAULT_WINDOW_SECONDS
+    # How long after a window closes the meter waits before cutting it (watch lag).
+    settle_seconds: int = 5
+    # Caps one service's catch-up per tick, which bounds batch size after an outage.
+    max_windows_per_tick: int = 60
+
+    def __post_init__(self) -> None:
+        check_window_seconds(self.window_seconds)
+        if self.settle_seconds < 0 or self.max_windows_per_tick < 1:
+            raise MeteringError("settle_seconds must be >= 0 and max_windows_per_tick >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceBatch:
+    """What to emit for one service this tick; after the sink acknowledges `records`,
+    the new mark is `advance_mark(old_mark, records, through)`."""
+
+    key: ServiceKey
+    records: tuple[UsageRecord, ...]
+    through: datetime
+
+
+def plan_tick(
+    lifetimes: Iterable[PodLifetime],
+    marks: Mapping[ServiceKey, ServiceMark],
+    now: datetime,
+    config: MeterConfig | None = None,
+) -> list[ServiceBatch]:
+    """Which windows to emit this tick, per service, given the marks.
+
+    Each service's windows run from its mark (or, with no mark, from its earliest bound
+    pod) to the last closed window, capped at `max_windows_per_tick` windows. A service
+    with a mark and no pods still gets an empty batch so its `reported_through` moves.
+    Re-running with the same marks (after a crash) yields the same records and ids.
+    """
+    config = config or MeterConfig()
+    width = config.window_seconds
+    through = closed_through(now, width, config.settle_seconds)
+    by_service: dict[ServiceKey, list[PodLifetime]] = {key: [] for key in marks}
+    for lifetime in lifetimes:
+        by_service.setdefault(lifetime.key, []).append(lifetime)
+    batches: list[ServiceBatch] = []
+    for key in sorted(by_service):
+        pods = by_service[key]
+        mark = marks.get(key)
+        if mark is not None:
+            start = epoch_floor(mark.reported_through)
+        elif pods:
+            start = min(epoch_floor(p.bound_at) for p in pods)
+        else:
+            continue
+        cap = start - start % width + width * config.max_windows_per_tick
+        service_through = from_epoch(min(epoch_floor(through), cap))
+        if mark is not None and service_through <= mark.reported_through:
+            continue
+        from_mark = mark.reported_through if mark is not None else None
+        records = [r for p in pods for r in cut_records(p, from_mark, service_through, width)]
+        records.sort(key=lambda r: (r.start, r.pod_uid))
+        batches.append(ServiceBatch(key, tuple(records), service_through))
+    return batches
