@@ -1,0 +1,972 @@
+"""Scaling decisions: from metric samples to a desired replica count, one service at a time.
+
+Pure: the caller passes the samples of this tick, the state carried from the previous tick,
+the pool capacity share and ``now``; :func:`decide` returns a :class:`Decision` holding the
+state to carry on. The stages, in order: per-metric proposals (HPA's proportional rule with a
+tolerance), idle scale-to-zero or wake-from-zero, the metrics-unavailable policy,
+stabilisation windows, rate limits, min/max, budget, pool capacity. docs/autoscaling.md is
+the long form, with the defaults and a worked example.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from decimal import Decimal
+from enum import StrEnum
+from typing import NamedTuple
+
+from gpuyard.logic.promql import Aggregation, validate_tenant_selector
+
+__all__ = [
+    "DEFAULT_MAX_SAMPLE_AGE",
+    "DEFAULT_SCALE_DOWN",
+    "DEFAULT_SCALE_UP",
+    "IDLE_GPU_UTILIZATION_PERCENT",
+    "Decision",
+    "LimitingFactor",
+    "MetricReading",
+    "MetricSample",
+    "MetricSpec",
+    "MetricType",
+    "Mode",
+    "PoolRequest",
+    "PrometheusMetric",
+    "ReadingStatus",
+    "Reason",
+    "Recommendation",
+    "ScaleEvent",
+    "ScalingBehavior",
+    "ScalingPolicy",
+    "ScalingState",
+    "UnavailablePolicy",
+    "budget_max_replicas",
+    "cost_per_hour",
+    "decide",
+    "share_pool_capacity",
+]
+
+# A pod whose GPUs average less than this shows no demand. Idle inference servers read 0 %;
+# the margin absorbs a stray kernel without keeping an idle service awake.
+IDLE_GPU_UTILIZATION_PERCENT = 1.0
+
+# A sample older than this is stale: two dcgm-exporter collection periods.
+DEFAULT_MAX_SAMPLE_AGE = timedelta(seconds=60)
+
+# Float ratios such as 0.07 / 0.01 = 7.000000000000001 must not add a replica, and a ratio of
+# exactly 1 + tolerance must count as inside it: compare and round with this slack.
+_EPSILON = 1e-9
+
+# A proposal above any possible maxReplicas (1000 in the schema); it also keeps an
+# enormous metric value from reaching math.ceil as infinity.
+_REPLICA_CEILING = 1_000_000
+
+
+class Mode(StrEnum):
+    AUTO = "Auto"
+    RECOMMEND = "Recommend"
+    OFF = "Off"
+
+
+class MetricType(StrEnum):
+    GPU_UTILIZATION = "GPUUtilization"
+    GPU_MEMORY = "GPUMemory"
+    PROMETHEUS = "Prometheus"
+
+
+class UnavailablePolicy(StrEnum):
+    HOLD = "Hold"
+    SCALE_UP_ONLY = "ScaleUpOnly"
+    FALLBACK = "Fallback"
+
+
+class Reason(StrEnum):
+    """What drove the recommendation (CamelCase, for status and Events)."""
+
+    ABOVE_TARGET = "MetricAboveTarget"
+    BELOW_TARGET = "MetricBelowTarget"
+    AT_TARGET = "MetricAtTarget"
+    IDLE = "IdleScaleToZero"
+    WOKEN = "DemandWakesFromZero"
+    NO_DEMAND = "NoDemandAtZero"
+    NO_WAKE_METRIC = "NoWakeMetric"
+    PODS_NOT_READY = "PodsNotReady"
+    NO_METRICS = "NoMetricsConfigured"
+    HOLD = "MetricsUnavailableHold"
+    SCALE_UP_ONLY = "MetricsUnavailableScaleUpOnly"
+    FALLBACK = "MetricsUnavailableFallback"
+    MANUAL = "ManualReplicas"
+
+
+class LimitingFactor(StrEnum):
+    """What kept the desired count from the metric recommendation: the last stage to move it."""
+
+    METRICS_UNAVAILABLE = "MetricsUnavailable"
+    NO_WAKE_METRIC = "NoWakeMetric"
+    PODS_NOT_READY = "PodsNotReady"
+    SCALE_TO_ZERO_DELAY = "ScaleToZeroDelay"
+    STABILIZATION_WINDOW = "StabilizationWindow"
+    RATE_LIMIT = "RateLimit"
+    MIN_REPLICAS = "MinReplicas"
+    MAX_REPLICAS = "MaxReplicas"
+    BUDGET = "Budget"
+    CAPACITY = "Capacity"
+
+
+class ReadingStatus(StrEnum):
+    OK = "Ok"
+    UNAVAILABLE = "Unavailable"
+    # Pods exist but none is ready: a model still loading has no meaningful GPU reading.
+    PODS_NOT_READY = "PodsNotReady"
+    # Zero replicas: a per-pod GPU metric has nothing to read and cannot show demand.
+    NO_PODS = "NoPods"
+
+
+@dataclass(frozen=True)
+class PrometheusMetric:
+    """``autoscaling.metrics[].prometheus``. Targets are floats: metric values are floats."""
+
+    metric: str
+    target_per_replica: float
+    labels: tuple[tuple[str, str], ...] = ()
+    aggregation: Aggregation = Aggregation.SUM
+    activation_value: float = 0.0
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.labels]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate label matcher in {names}")
+        # Sorted, so that specs equal as maps are equal (and hash equal) as dataclasses.
+        object.__setattr__(self, "labels", tuple(sorted(self.labels)))
+        validate_tenant_selector(self.metric, dict(self.labels))
+        if not (math.isfinite(self.target_per_replica) and self.target_per_replica > 0):
+            raise ValueError("targetPerReplica must be a positive finite number")
+        if not (math.isfinite(self.activation_value) and self.activation_value >= 0):
+            raise ValueError("activationValue must be a non-negative finite number")
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One entry of ``autoscaling.metrics``."""
+
+    type: MetricType
+    target_percent: int | None = None
+    prometheus: PrometheusMetric | None = None
+
+    def __post_init__(self) -> None:
+        if self.type is MetricType.PROMETHEUS:
+            if self.prometheus is None or self.target_percent is not None:
+                raise ValueError("a Prometheus metric takes `prometheus` and no targetPercent")
+        elif self.target_percent is None or not 1 <= self.target_percent <= 100:
+            raise ValueError(f"{self.type} needs targetPercent 1..100")
+        elif self.prometheus is not None:
+            raise ValueError(f"{self.type} takes no `prometheus` block")
+
+    @property
+    def name(self) -> str:
+        """How status and Events name the metric."""
+        if self.prometheus is None:
+            return self.type.value
+        labels = ",".join(f"{k}={v!r}" for k, v in self.prometheus.labels)
+        return self.prometheus.metric + (f"{{{labels}}}" if labels else "")
+
+    @property
+    def target(self) -> float:
+        if self.prometheus is not None:
+            return self.prometheus.target_per_replica
+        return float(self.target_percent or 0)
+
+
+@dataclass(frozen=True)
+class ScalingBehavior:
+    """``autoscaling.scaleUp`` / ``scaleDown``.
+
+    Per ``period_seconds`` the count may move by the larger of ``max_step_percent`` of the
+    count at the start of the period and ``max_step_replicas`` (HPA's ``selectPolicy: Max``);
+    both 0 disables the direction.
+    """
+
+    stabilization_window_seconds: int
+    max_step_percent: int = 100
+    max_step_replicas: int = 4
+    period_seconds: int = 15
+
+    def __post_init__(self) -> None:
+        if min(self.stabilization_window_seconds, self.max_step_percent) < 0:
+            raise ValueError("windows and steps cannot be negative")
+        if self.max_step_replicas < 0 or self.period_seconds < 1:
+            raise ValueError("maxStepReplicas >= 0 and periodSeconds >= 1 are required")
+
+
+DEFAULT_SCALE_UP = ScalingBehavior(stabilization_window_seconds=0)
+DEFAULT_SCALE_DOWN = ScalingBehavior(stabilization_window_seconds=300)
+
+
+@dataclass(frozen=True)
+class ScalingPolicy:
+    """An AIService's scaling fields, one to one with the API (see docs/api-draft.md).
+
+    ``manual_replicas`` is ``spec.replicas`` (mode Off); ``price_per_gpu_hour`` comes from
+    the pool; ``max_cost_per_hour`` is ``budget.maxCostPerHour``.
+    """
+
+    min_replicas: int = 1
+    max_replicas: int = 1
+    manual_replicas: int | None = None
+    mode: Mode = Mode.AUTO
+    tolerance_percent: int = 10
+    metrics: tuple[MetricSpec, ...] = ()
+    scale_up: ScalingBehavior = DEFAULT_SCALE_UP
+    scale_down: ScalingBehavior = DEFAULT_SCALE_DOWN
+    scale_to_zero_after_seconds: int = 300
+    on_metrics_unavailable: UnavailablePolicy = UnavailablePolicy.HOLD
+    fallback_replicas: int | None = None
+    gpus_per_replica: int = 1
+    price_per_gpu_hour: Decimal = Decimal(0)
+    max_cost_per_hour: Decimal | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError("0 <= minReplicas <= maxReplicas and maxReplicas >= 1 required")
+        if self.manual_replicas is not None and self.manual_replicas < 0:
+            raise ValueError("replicas cannot be negative")
+        if not 0 <= self.tolerance_percent <= 100:
+            raise ValueError("tolerancePercent must be 0..100")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError("the same metric is listed twice")
+        if self.scale_to_zero_after_seconds < 0 or self.gpus_per_replica < 1:
+            raise ValueError("scaleToZeroAfterSeconds >= 0 and gpusPerReplica >= 1 required")
+        fallback = self.on_metrics_unavailable is UnavailablePolicy.FALLBACK
+        if fallback != (self.fallback_replicas is not None):
+            raise ValueError("fallbackReplicas is required with Fallback and only with it")
+        if self.fallback_replicas is not None and self.fallback_replicas < 0:
+            raise ValueError("fallbackReplicas cannot be negative")
+        for amount in (self.price_per_gpu_hour, self.max_cost_per_hour):
+            if amount is not None and not (amount.is_finite() and amount >= 0):
+                raise ValueError("prices and budgets must be finite and non-negative")
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """What the tick read for one metric of one service. Build with the class methods.
+
+    GPU metrics carry ``pod_values``: each *ready* pod's average over its GPUs, in percent.
+    Pods still starting are left out, and :func:`decide` treats every pod it lacks a value
+    for conservatively (see :func:`decide`). Prometheus metrics carry the service's
+    ``total``. A failed query, or a series the caller could not map, is ``unavailable``
+    with a CamelCase reason.
+    """
+
+    pod_values: Mapping[str, float] | None = None
+    total: float | None = None
+    unavailable_reason: str | None = None
+    observed_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        kinds = [self.pod_values is not None, self.total is not None]
+        kinds.append(self.unavailable_reason is not None)
+        if sum(kinds) != 1:
+            raise ValueError("a sample is per-pod values, a total, or unavailable")
+        if self.unavailable_reason is None and self.observed_at is None:
+            raise ValueError("an available sample needs observed_at")
+
+    @classmethod
+    def per_pod(cls, values: Mapping[str, float], observed_at: datetime) -> MetricSample:
+        return cls(pod_values=dict(values), observed_at=observed_at)
+
+    @classmethod
+    def service_total(cls, value: float, observed_at: datetime) -> MetricSample:
+        return cls(total=value, observed_at=observed_at)
+
+    @classmethod
+    def unavailable(cls, reason: str) -> MetricSample:
+        return cls(unavailable_reason=reason)
+
+
+class Recommendation(NamedTuple):
+    time: datetime
+    replicas: int
+
+
+class ScaleEvent(NamedTuple):
+    time: datetime
+    from_replicas: int
+    to_replicas: int
+
+
+@dataclass(frozen=True)
+class ScalingState:
+    """What one tick hands to the next. Refresh ``current_replicas`` and ``ready_replicas``
+    from the Deployment before each call (:meth:`observed`)."""
+
+    current_replicas: int
+    ready_replicas: int
+    recommendations: tuple[Recommendation, ...] = ()
+    scale_events: tuple[ScaleEvent, ...] = ()
+    last_demand_time: datetime | None = None
+    last_scale_time: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.current_replicas < 0 or self.ready_replicas < 0:
+            raise ValueError("replica counts cannot be negative")
+
+    def observed(self, current_replicas: int, ready_replicas: int) -> ScalingState:
+        return replace(self, current_replicas=current_replicas, ready_replicas=ready_replicas)
+
+
+@dataclass(frozen=True)
+class MetricReading:
+    """How :func:`decide` judged one metric. ``value``: mean percent over the reporting pods
+    (GPU) or the service total (Prometheus); ``replicas``: what this metric alone asks for."""
+
+    metric: str
+    type: MetricType
+    status: ReadingStatus
+    target: float
+    value: float | None = None
+    replicas: int | None = None
+    # True/False: shows demand or not; None: this metric says nothing about demand.
+    demand: bool | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired_replicas: int
+    # After the metrics-unavailable policy, before windows, rate limits and caps.
+    recommended_replicas: int
+    current_replicas: int
+    mode: Mode
+    reason: Reason
+    limiting_factor: LimitingFactor | None
+    metric: str | None
+    current_value: float | None
+    target_value: float | None
+    capacity_limited: bool
+    # GPUs the pool lacks for what the policy wanted (before the budget), when capacity binds.
+    missing_gpus: int
+    budget_limited: bool
+    # None in mode Off: no metric was consulted (condition status Unknown).
+    metrics_available: bool | None
+    metrics_unavailable_reason: str | None
+    message: str
+    readings: tuple[MetricReading, ...]
+    state: ScalingState
+
+    @property
+    def apply(self) -> bool:
+        """Whether the caller should set the Deployment's replicas to ``desired_replicas``."""
+        return self.mode is not Mode.RECOMMEND and self.desired_replicas != self.current_replicas
+
+
+def _ceil(value: float) -> int:
+    if value >= _REPLICA_CEILING:
+        return _REPLICA_CEILING
+    return max(0, math.ceil(round(value, 9)))
+
+
+def _within(ratio: float, tolerance: float) -> bool:
+    return abs(ratio - 1.0) <= tolerance + _EPSILON
+
+
+def _unavailable(spec: MetricSpec, reason: str, demand: bool | None = True) -> MetricReading:
+    # An unreadable metric may hide demand, so it keeps the idle clock from running.
+    return MetricReading(
+        spec.name, spec.type, ReadingStatus.UNAVAILABLE, spec.target, demand=demand, reason=reason
+    )
+
+
+def _read_gpu(
+    spec: MetricSpec, values: Mapping[str, float], state: ScalingState, tolerance: float
+) -> MetricReading:
+    target = spec.target
+    # A negative or non-finite per-pod value is a broken series: that pod counts as missing.
+    valid = [v for v in values.values() if math.isfinite(v) and v >= 0]
+    if not valid:
+        if state.ready_replicas == 0:
+            return MetricReading(
+                spec.name, spec.type, ReadingStatus.PODS_NOT_READY, target, demand=True
+            )
+        return _unavailable(spec, "NoValidSeries" if values else "NoSeries")
+    current = state.current_replicas
+    total = sum(valid)
+    mean = total / len(valid)
+    ratio = mean / target
+    # HPA's rule for pods without a value (starting, unready, or not scraped): assume they
+    # run at the target when the others ask to scale down and idle when they ask to scale up,
+    # then drop any move that this reverses or brings within the tolerance.
+    missing = max(0, current - len(valid))
+    pods = len(valid) + missing
+    # At exactly the target, filling at target keeps the ratio at 1: no move either way.
+    filled_total = total + target * missing if ratio <= 1 else total
+    filled = filled_total / (pods * target)
+    if _within(filled, tolerance) or (ratio > 1) != (filled > 1):
+        replicas = current
+    else:
+        replicas = _ceil(filled * pods)
+        replicas = min(replicas, current) if filled < 1 else max(replicas, current)
+    demand: bool | None = None
+    if spec.type is MetricType.GPU_UTILIZATION:
+        demand = missing > 0 or any(v >= IDLE_GPU_UTILIZATION_PERCENT for v in valid)
+    # GPU memory stays high while a loaded model idles: it is no demand signal either way.
+    return MetricReading(spec.name, spec.type, ReadingStatus.OK, target, mean, replicas, demand)
+
+
+def _read_prometheus(
+    spec: MetricSpec, metric: PrometheusMetric, total: float, current: int, tolerance: float
+) -> MetricReading:
+    if not math.isfinite(total):
+        return _unavailable(spec, "NotFinite")
+    if total < 0:
+        # Queue lengths, in-flight requests and rates cannot be negative.
+        return _unavailable(spec, "NegativeValue")
+    target = metric.target_per_replica
+    demand = total > metric.activation_value
+    if current == 0:
+        replicas = max(1, _ceil(total / target)) if demand else 0
+    elif _within(total / (target * current), tolerance):
+        replicas = current
+    else:
+        replicas = _ceil(total / target)
+    return MetricReading(spec.name, spec.type, ReadingStatus.OK, target, total, replicas, demand)
+
+
+def _problem(sample: MetricSample | None, now: datetime, max_age: timedelta) -> str | None:
+    if sample is None:
+        return "NoSample"
+    if sample.unavailable_reason is not None:
+        return sample.unavailable_reason
+    if sample.observed_at is not None and now - sample.observed_at > max_age:
+        return "Stale"
+    return None
+
+
+def _read(
+    spec: MetricSpec,
+    sample: MetricSample | None,
+    state: ScalingState,
+    *,
+    tolerance: float,
+    now: datetime,
+    max_age: timedelta,
+) -> MetricReading:
+    gpu = spec.type is not MetricType.PROMETHEUS
+    available = sample is not None and sample.unavailable_reason is None
+    if available and sample is not None and gpu != (sample.pod_values is not None):
+        raise ValueError(f"{spec.name}: sample kind does not match the metric type")
+    if (
+        gpu
+        and state.current_replicas == 0
+        and (sample is None or sample.unavailable_reason is None)
+    ):
+        # Only a failed query marks a pod-less GPU metric unavailable: that is what lets the
+        # metrics-unavailable policy act at zero when Prometheus itself is down.
+        return MetricReading(spec.name, spec.type, ReadingStatus.NO_PODS, spec.target)
+    problem = _problem(sample, now, max_age)
+    if problem is not None or sample is None:
+        return _unavailable(spec, problem or "NoSample")
+    if sample.pod_values is not None:
+        return _read_gpu(spec, sample.pod_values, state, tolerance)
+    if spec.prometheus is None or sample.total is None:
+        raise ValueError(f"{spec.name}: sample kind does not match the metric type")
+    return _read_prometheus(spec, spec.prometheus, sample.total, state.current_replicas, tolerance)
+
+
+def budget_max_replicas(policy: ScalingPolicy) -> int | None:
+    """The most replicas ``budget.maxCostPerHour`` pays for, or None without a binding budget."""
+    if policy.max_cost_per_hour is None:
+        return None
+    per_replica = policy.price_per_gpu_hour * policy.gpus_per_replica
+    if per_replica == 0:
+        return None
+    # Decimal floor division is exact here: no float rounding at the budget's edge.
+    return int(policy.max_cost_per_hour // per_replica)
+
+
+def cost_per_hour(replicas: int, policy: ScalingPolicy) -> Decimal:
+    return replicas * policy.gpus_per_replica * policy.price_per_gpu_hour
+
+
+def _in_window(time: datetime, now: datetime, seconds: int) -> bool:
+    # HPA counts an entry while it is strictly newer than now - window: an entry exactly one
+    # window old has expired.
+    return now - timedelta(seconds=seconds) < time <= now
+
+
+def _stabilize(
+    current: int,
+    proposal: int,
+    history: Sequence[Recommendation],
+    now: datetime,
+    policy: ScalingPolicy,
+) -> int:
+    """HPA's stabilisation: never below the lowest recommendation of the scale-up window
+    nor above the highest of the scale-down window, the new one included in both."""
+    up_window = policy.scale_up.stabilization_window_seconds
+    down_window = policy.scale_down.stabilization_window_seconds
+    up_floor = min([proposal] + [r.replicas for r in history if _in_window(r.time, now, up_window)])
+    down_ceiling = max(
+        [proposal] + [r.replicas for r in history if _in_window(r.time, now, down_window)]
+    )
+    return min(max(current, up_floor), down_ceiling)
+
+
+def _rate_limited(
+    current: int, wanted: int, events: Sequence[ScaleEvent], now: datetime, policy: ScalingPolicy
+) -> int:
+    """HPA's rate rule: measured from the count at the start of the period, so several small
+    steps inside one period add up to at most one allowed step."""
+    if wanted > current:
+        rule = policy.scale_up
+        recent = [e for e in events if _in_window(e.time, now, rule.period_seconds)]
+        start = max(0, current - sum(max(0, e.to_replicas - e.from_replicas) for e in recent))
+        # From zero, percent is taken of one replica so that any positive percent can wake.
+        by_percent = start + -(-max(start, 1) * rule.max_step_percent // 100)
+        limit = max(by_percent, start + rule.max_step_replicas)
+        return min(wanted, max(limit, current))
+    if wanted < current:
+        rule = policy.scale_down
+        recent = [e for e in events if _in_window(e.time, now, rule.period_seconds)]
+        start = current + sum(max(0, e.from_replicas - e.to_replicas) for e in recent)
+        by_percent = start * (100 - rule.max_step_percent) // 100
+        limit = max(0, min(by_percent, start - rule.max_step_replicas))
+        return max(wanted, min(limit, current))
+    return wanted
+
+
+def _has_demand(readings: Sequence[MetricReading]) -> bool:
+    signals = [r.demand for r in readings if r.demand is not None]
+    # With no metric that can show demand (none configured, or GPU memory only), the service
+    # is never idle: scale-to-zero needs evidence of no demand, not absence of evidence.
+    return not signals or any(signals)
+
+
+class _Outcome:
+    """The value moving through the stages, with the last stage that moved it."""
+
+    def __init__(self, value: int, factor: LimitingFactor | None) -> None:
+        self.value = value
+        self.factor = factor
+
+    def stage(self, value: int, factor: LimitingFactor) -> None:
+        if value != self.value:
+            self.value = value
+            self.factor = factor
+
+
+@dataclass(frozen=True)
+class _Caps:
+    capacity_limited: bool
+    missing_gpus: int
+    budget_limited: bool
+
+
+def _apply_caps(
+    outcome: _Outcome, current: int, policy: ScalingPolicy, capacity_max_replicas: int | None
+) -> _Caps:
+    wanted = outcome.value
+    budget_cap = budget_max_replicas(policy)
+    # The budget is a promise about spend: it may cut below current replicas and below
+    # minReplicas. Capacity only stops growth: replicas already running keep their GPUs.
+    capacity_cap = None if capacity_max_replicas is None else max(capacity_max_replicas, current)
+    if budget_cap is not None:
+        outcome.stage(min(outcome.value, budget_cap), LimitingFactor.BUDGET)
+    if capacity_cap is not None:
+        # Applied after the budget, so it becomes the limiting factor only when strictly
+        # tighter; a tie reports Budget, the limit the owner chose.
+        outcome.stage(min(outcome.value, capacity_cap), LimitingFactor.CAPACITY)
+    capacity_limited = capacity_cap is not None and wanted > capacity_cap
+    missing = (wanted - capacity_cap) * policy.gpus_per_replica if capacity_cap is not None else 0
+    return _Caps(
+        capacity_limited=capacity_limited,
+        missing_gpus=max(0, missing),
+        budget_limited=budget_cap is not None and wanted > budget_cap,
+    )
+
+
+def _prune(state: ScalingState, policy: ScalingPolicy, now: datetime) -> ScalingState:
+    keep_recs = max(
+        policy.scale_up.stabilization_window_seconds, policy.scale_down.stabilization_window_seconds
+    )
+    keep_events = max(policy.scale_up.period_seconds, policy.scale_down.period_seconds)
+    return replace(
+        state,
+        recommendations=tuple(
+            r for r in state.recommendations if _in_window(r.time, now, keep_recs)
+        ),
+        scale_events=tuple(e for e in state.scale_events if _in_window(e.time, now, keep_events)),
+    )
+
+
+def _message(
+    base: str, desired: int, current: int, factor: LimitingFactor | None, caps: _Caps
+) -> str:
+    parts = [base]
+    if factor is not None:
+        parts.append(f"limited by {factor.value}")
+    if caps.capacity_limited:
+        parts.append(f"the pool lacks {caps.missing_gpus} GPU(s)")
+    if caps.budget_limited:
+        parts.append("the budget caps the replicas")
+    verb = "keep" if desired == current else f"scale from {current} to"
+    return f"{'; '.join(parts)}: {verb} {desired} replica(s)"
+
+
+def _finish(
+    *,
+    policy: ScalingPolicy,
+    state: ScalingState,
+    now: datetime,
+    outcome: _Outcome,
+    caps: _Caps,
+    recommended: int,
+    reason: Reason,
+    base_message: str,
+    readings: tuple[MetricReading, ...],
+    deciding: MetricReading | None,
+    metrics_available: bool | None,
+    unavailable_reason: str | None,
+    demand: bool,
+) -> Decision:
+    current = state.current_replicas
+    desired = outcome.value
+    applied = policy.mode is not Mode.RECOMMEND and desired != current
+    events = state.scale_events + ((ScaleEvent(now, current, desired),) if applied else ())
+    new_state = replace(
+        state,
+        current_replicas=desired if applied else current,
+        scale_events=events,
+        last_scale_time=now if applied else state.last_scale_time,
+        # The idle clock restarts on demand (or on doubt), at zero, and on a fresh state.
+        last_demand_time=now
+        if demand or state.last_demand_time is None
+        else state.last_demand_time,
+    )
+    return Decision(
+        desired_replicas=desired,
+        recommended_replicas=recommended,
+        current_replicas=current,
+        mode=policy.mode,
+        reason=reason,
+        limiting_factor=outcome.factor,
+        metric=deciding.metric if deciding else None,
+        current_value=deciding.value if deciding else None,
+        target_value=deciding.target if deciding else None,
+        capacity_limited=caps.capacity_limited,
+        missing_gpus=caps.missing_gpus,
+        budget_limited=caps.budget_limited,
+        metrics_available=metrics_available,
+        metrics_unavailable_reason=unavailable_reason,
+        message=_message(base_message, desired, current, outcome.factor, caps),
+        readings=readings,
+        state=new_state,
+    )
+
+
+def _decide_manual(
+    state: ScalingState, policy: ScalingPolicy, capacity_max_replicas: int | None, now: datetime
+) -> Decision:
+    # Mode Off: spec.replicas as `kubectl scale`, an HPA or KEDA set it, not clamped to
+    # min/max (those bound the autoscaler, and maxReplicas defaults to 1). Budget and pool
+    # capacity still apply: they are promises of the operator, whoever picks the count.
+    current = state.current_replicas
+    target = current if policy.manual_replicas is None else policy.manual_replicas
+    outcome = _Outcome(target, None)
+    caps = _apply_caps(outcome, current, policy, capacity_max_replicas)
+    return _finish(
+        policy=policy,
+        state=state,
+        now=now,
+        outcome=outcome,
+        caps=caps,
+        recommended=target,
+        reason=Reason.MANUAL,
+        base_message="autoscaling is Off; spec.replicas "
+        + ("is unset" if policy.manual_replicas is None else f"is {policy.manual_replicas}"),
+        readings=(),
+        deciding=None,
+        metrics_available=None,
+        unavailable_reason=None,
+        demand=True,
+    )
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    replicas: int
+    reason: Reason
+    message: str
+    factor: LimitingFactor | None = None
+    # Idle scale-to-zero runs on its own timer, so it skips the scale-down window.
+    idle: bool = False
+    # Hold keeps the count as it is: no window or rate limit applies to "no change".
+    hold: bool = False
+
+
+def _propose_at_zero(
+    readings: Sequence[MetricReading], deciding: MetricReading | None
+) -> _Proposal:
+    replicas = deciding.replicas if deciding and deciding.replicas is not None else 0
+    if not any(r.type is MetricType.PROMETHEUS for r in readings):
+        return _Proposal(
+            0,
+            Reason.NO_WAKE_METRIC,
+            "at zero replicas and no Prometheus metric can show demand (GPU metrics need pods)",
+            LimitingFactor.NO_WAKE_METRIC,
+        )
+    if deciding is not None and replicas > 0:
+        return _Proposal(replicas, Reason.WOKEN, f"{deciding.metric} shows demand at zero")
+    return _Proposal(0, Reason.NO_DEMAND, "no demand above the activation value at zero")
+
+
+def _propose_running(
+    state: ScalingState,
+    policy: ScalingPolicy,
+    judged: Sequence[MetricReading],
+    deciding: MetricReading | None,
+    now: datetime,
+) -> _Proposal:
+    current = state.current_replicas
+    if deciding is not None and deciding.replicas is not None:
+        replicas = deciding.replicas
+        reason = Reason.AT_TARGET
+        if replicas != current:
+            reason = Reason.ABOVE_TARGET if replicas > current else Reason.BELOW_TARGET
+        message = f"{deciding.metric} is {deciding.value:g} for a target of {deciding.target:g}"
+        proposal = _Proposal(replicas, reason, message)
+    elif any(r.status is ReadingStatus.PODS_NOT_READY for r in judged):
+        proposal = _Proposal(
+            current,
+            Reason.PODS_NOT_READY,
+            "no pod is ready to report GPU metrics yet",
+            LimitingFactor.PODS_NOT_READY,
+        )
+    else:
+        proposal = _Proposal(current, Reason.NO_METRICS, "no metric can be read")
+    if policy.min_replicas > 0:
+        return proposal
+    since = state.last_demand_time or now
+    idle_for = now - since
+    if not _has_demand(judged) and idle_for >= timedelta(
+        seconds=policy.scale_to_zero_after_seconds
+    ):
+        return _Proposal(
+            0, Reason.IDLE, f"no demand for {int(idle_for.total_seconds())}s", idle=True
+        )
+    if proposal.replicas == 0:
+        # Only the idle timer takes a service to zero, never the proportional rule.
+        return replace(proposal, replicas=1, factor=LimitingFactor.SCALE_TO_ZERO_DELAY)
+    return proposal
+
+
+def _on_unavailable(
+    unavailable: Sequence[MetricReading],
+    deciding: MetricReading | None,
+    policy: ScalingPolicy,
+    current: int,
+) -> _Proposal:
+    names = ", ".join(f"{r.metric} ({r.reason})" for r in unavailable)
+    readable = deciding.replicas if deciding and deciding.replicas is not None else None
+    factor = LimitingFactor.METRICS_UNAVAILABLE
+    rule = policy.on_metrics_unavailable
+    if rule is UnavailablePolicy.HOLD:
+        return _Proposal(
+            current, Reason.HOLD, f"metrics unavailable: {names}; holding", factor, hold=True
+        )
+    if rule is UnavailablePolicy.SCALE_UP_ONLY:
+        # The metrics still readable may scale up, never down: what cannot be seen may be the
+        # load that keeps the current replicas busy.
+        replicas = max(current, readable or 0)
+        return _Proposal(
+            replicas, Reason.SCALE_UP_ONLY, f"metrics unavailable: {names}; scaling up only", factor
+        )
+    # Fallback is a floor while blind, not a ceiling: a metric still readable that asks for
+    # more wins (KEDA's fallback overrides such a metric: kedacore/keda#6659).
+    fallback = policy.fallback_replicas or 0
+    return _Proposal(
+        max(fallback, readable or 0),
+        Reason.FALLBACK,
+        f"metrics unavailable: {names}; falling back to {fallback}",
+        factor,
+    )
+
+
+def _limit(
+    proposal: _Proposal,
+    state: ScalingState,
+    history: Sequence[Recommendation],
+    policy: ScalingPolicy,
+    now: datetime,
+) -> _Outcome:
+    current = state.current_replicas
+    outcome = _Outcome(proposal.replicas, proposal.factor)
+    if not proposal.hold and not proposal.idle:
+        stabilized = _stabilize(current, proposal.replicas, history, now, policy)
+        outcome.stage(stabilized, LimitingFactor.STABILIZATION_WINDOW)
+    if not proposal.hold:
+        limited = _rate_limited(current, outcome.value, state.scale_events, now, policy)
+        outcome.stage(limited, LimitingFactor.RATE_LIMIT)
+    if outcome.value < policy.min_replicas:
+        outcome.stage(policy.min_replicas, LimitingFactor.MIN_REPLICAS)
+    if outcome.value > policy.max_replicas:
+        outcome.stage(policy.max_replicas, LimitingFactor.MAX_REPLICAS)
+    return outcome
+
+
+def decide(
+    samples: Mapping[MetricSpec, MetricSample],
+    state: ScalingState,
+    policy: ScalingPolicy,
+    capacity_max_replicas: int | None,
+    now: datetime,
+    *,
+    max_sample_age: timedelta = DEFAULT_MAX_SAMPLE_AGE,
+) -> Decision:
+    """Decide one service's replica count for this tick.
+
+    ``samples`` maps each of ``policy.metrics`` to its sample (a missing entry reads as
+    unavailable, except a GPU metric at zero replicas, which has nothing to read).
+    ``capacity_max_replicas`` is this service's share of the pool from
+    :func:`share_pool_capacity`, or None when unknown. ``now`` must be timezone-aware.
+
+    Pods without a GPU value (``ready_replicas < current_replicas``, or a scrape gap) are
+    handled as the HPA handles missing pods: assumed at target when the others ask to scale
+    down, idle when they ask to scale up; while no pod is ready at all the service holds
+    (reason PodsNotReady), which does not count as metrics being unavailable.
+    """
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware")
+    if capacity_max_replicas is not None and capacity_max_replicas < 0:
+        raise ValueError("capacity_max_replicas cannot be negative")
+    unknown = [spec.name for spec in samples if spec not in policy.metrics]
+    if unknown:
+        raise ValueError(f"samples for metrics the policy does not list: {unknown}")
+    fresh = not state.recommendations
+    state = _prune(state, policy, now)
+    current = state.current_replicas
+    if policy.mode is Mode.OFF:
+        return _decide_manual(state, policy, capacity_max_replicas, now)
+
+    tolerance = policy.tolerance_percent / 100
+    readings = tuple(
+        _read(spec, samples.get(spec), state, tolerance=tolerance, now=now, max_age=max_sample_age)
+        for spec in policy.metrics
+    )
+    judged = readings
+    if current == 0 and any(r.type is MetricType.PROMETHEUS for r in readings):
+        # At zero only request-level metrics can speak; GPU metrics have no pods.
+        judged = tuple(r for r in readings if r.type is MetricType.PROMETHEUS)
+    unavailable = [r for r in judged if r.status is ReadingStatus.UNAVAILABLE]
+    ok = [r for r in judged if r.status is ReadingStatus.OK and r.replicas is not None]
+    # The metric asking for most replicas decides; the first listed wins a tie.
+    deciding = max(ok, key=lambda r: r.replicas or 0) if ok else None
+
+    if current == 0:
+        proposal = _propose_at_zero(readings, deciding)
+    else:
+        proposal = _propose_running(state, policy, judged, deciding, now)
+    if unavailable:
+        proposal = _on_unavailable(unavailable, deciding, policy, current)
+
+    history = state.recommendations
+    if fresh and current > 0:
+        # A fresh state (operator restart, mode switch) starts its windows now at the current
+        # count, so that losing the history cannot skip a scale-down window.
+        history = (Recommendation(now, current),)
+    outcome = _limit(proposal, state, history, policy, now)
+    caps = _apply_caps(outcome, current, policy, capacity_max_replicas)
+    # Only what the metrics said goes into the window history: a hold, a fallback or a
+    # pod-less guess is no observation of load.
+    if ok and not unavailable:
+        history = (*history, Recommendation(now, proposal.replicas))
+    return _finish(
+        policy=policy,
+        state=replace(state, recommendations=history),
+        now=now,
+        outcome=outcome,
+        caps=caps,
+        recommended=proposal.replicas,
+        reason=proposal.reason,
+        base_message=proposal.message,
+        readings=readings,
+        deciding=deciding,
+        metrics_available=not unavailable,
+        unavailable_reason=unavailable[0].reason if unavailable else None,
+        demand=current == 0 or _has_demand(judged),
+    )
+
+
+@dataclass(frozen=True)
+class PoolRequest:
+    """One service competing for a pool's free GPUs this tick."""
+
+    key: str
+    gpus_per_replica: int
+    current_replicas: int
+    # The count the service would run without the pool limit: the desired replicas of a
+    # decide() call with capacity_max_replicas=None.
+    wanted_replicas: int
+
+    def __post_init__(self) -> None:
+        if self.gpus_per_replica < 1 or min(self.current_replicas, self.wanted_replicas) < 0:
+            raise ValueError(f"{self.key}: gpusPerReplica >= 1 and counts >= 0 required")
+
+
+@dataclass(order=True)
+class _Bidder:
+    held_gpus: int
+    gpus_per_replica: int
+    key: str
+    replicas: int = field(compare=False)
+    wanted: int = field(compare=False)
+
+
+def share_pool_capacity(
+    pool_available_gpus: int, requests: Sequence[PoolRequest]
+) -> dict[str, int]:
+    """Share a pool's free GPUs among the services that want more; return each one's maximum
+    replica count for :func:`decide`.
+
+    Fairness is max-min on GPUs held (water-filling in whole replicas): the next replica goes
+    to the service holding the fewest GPUs, ties to the smaller replica and then to the key,
+    so the result does not depend on the order of ``requests``. A service whose replica no
+    longer fits in what is left drops out, and smaller replicas take the rest. Nothing is
+    taken back: every maximum is at least the current count. GPUs left after every want is
+    met are added to each maximum as headroom (what is left, in whole replicas of that
+    service), so a maximum below what a service wanted means the pool really was the limit.
+    """
+    keys = [r.key for r in requests]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate service key")
+    free = max(0, pool_available_gpus)
+    allocated = {r.key: r.current_replicas for r in requests}
+    heap = [
+        _Bidder(
+            r.current_replicas * r.gpus_per_replica,
+            r.gpus_per_replica,
+            r.key,
+            r.current_replicas,
+            r.wanted_replicas,
+        )
+        for r in requests
+        if r.wanted_replicas > r.current_replicas
+    ]
+    heapq.heapify(heap)
+    while heap and free > 0:
+        bidder = heapq.heappop(heap)
+        if bidder.gpus_per_replica > free:
+            continue
+        free -= bidder.gpus_per_replica
+        bidder.replicas += 1
+        bidder.held_gpus += bidder.gpus_per_replica
+        allocated[bidder.key] = bidder.replicas
+        if bidder.replicas < bidder.wanted:
+            heapq.heappush(heap, bidder)
+    return {r.key: allocated[r.key] + free // r.gpus_per_replica for r in requests}

@@ -1,0 +1,354 @@
+"""PromQL for the autoscaler: the constant set of GPU queries per tick, the tenant metric
+query, and the parser of Prometheus's instant-query responses.
+
+Every query is assembled from values the operator derives or validates; a label value is
+always emitted through :func:`quote_label_value`, so no tenant string can end a string
+literal or add a matcher. docs/autoscaling.md describes the scoping rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "DEFAULT_WINDOW_SECONDS",
+    "MAX_TENANT_LABELS",
+    "MAX_TENANT_LABEL_VALUE_LENGTH",
+    "RESERVED_TENANT_LABELS",
+    "Aggregation",
+    "GpuSeries",
+    "PodKey",
+    "PrometheusResponseError",
+    "gpu_memory_query",
+    "gpu_queries",
+    "gpu_utilization_query",
+    "parse_total_response",
+    "parse_vector_response",
+    "prometheus_metric_query",
+    "quote_label_value",
+    "validate_tenant_selector",
+]
+
+# dcgm-exporter collects every 30 s by default; a shorter window would often hold no sample.
+DEFAULT_WINDOW_SECONDS = 30
+
+# The AIService schema allows 8 label matchers of at most 256 characters per metric.
+MAX_TENANT_LABELS = 8
+MAX_TENANT_LABEL_VALUE_LENGTH = 256
+
+# The operator sets these itself; a tenant matcher on them could widen or move the scope.
+# `__name__` would replace the metric name and every `__*` name is reserved by Prometheus.
+RESERVED_TENANT_LABELS = frozenset({"namespace", "pod", "service"})
+
+# Series are keyed by these labels; an exporter matcher on them would break the keying.
+_KEY_LABELS = frozenset({"namespace", "pod", "exported_namespace", "exported_pod"})
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_MAX_METRIC_NAME_LENGTH = 200
+_MAX_WINDOW_SECONDS = 86_400
+
+# Prometheus formats sample values with Go's strconv.FormatFloat: a plain decimal number or
+# one of NaN, +Inf, -Inf. Python's float() is laxer ("1_0", " 1", "infinity"), so match first.
+_SAMPLE_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_SAMPLE_SPECIALS = {"NaN": math.nan, "+Inf": math.inf, "-Inf": -math.inf}
+
+PodKey = tuple[str, str]
+"""(namespace, pod) of the workload a GPU series belongs to."""
+
+
+class Aggregation(StrEnum):
+    """How a tenant metric's series are combined into the service's total."""
+
+    SUM = "sum"
+    AVG = "avg"
+    MAX = "max"
+
+
+class GpuSeries(StrEnum):
+    """The per-pod GPU series the autoscaler reads every tick, in percent (0..100)."""
+
+    GPU_UTIL = "DCGM_FI_DEV_GPU_UTIL"
+    GR_ENGINE_ACTIVE = "DCGM_FI_PROF_GR_ENGINE_ACTIVE"
+    MEMORY = "GPUMemory"
+
+
+class PrometheusResponseError(ValueError):
+    """A response that carries no usable result; ``reason`` is CamelCase for a condition."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message
+
+
+def quote_label_value(value: str) -> str:
+    """Return ``value`` as a PromQL double-quoted string literal.
+
+    PromQL strings use Go's escape rules. Only printable ASCII is emitted raw; every other
+    character becomes a ``\\u``/``\\U`` escape, so the query is plain ASCII whatever the
+    input: no raw newline (which ends a PromQL string with an error), no bidi control or
+    look-alike character for a human reading the query in a log.
+    """
+    out = ['"']
+    for char in value:
+        code = ord(char)
+        if char in {'"', "\\"}:
+            out.append("\\" + char)
+        elif 0x20 <= code < 0x7F:
+            out.append(char)
+        elif 0xD800 <= code <= 0xDFFF:
+            # A lone surrogate is not a Unicode scalar value: Go rejects its escape and it
+            # cannot be encoded as UTF-8 either, so no series can carry it.
+            raise ValueError(f"label value contains a lone surrogate U+{code:04X}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def _matchers(pairs: list[tuple[str, str]]) -> str:
+    return "{" + ",".join(f"{name}={quote_label_value(value)}" for name, value in pairs) + "}"
+
+
+def _window(window_seconds: int) -> str:
+    if isinstance(window_seconds, bool) or not 1 <= window_seconds <= _MAX_WINDOW_SECONDS:
+        raise ValueError(f"window must be 1..{_MAX_WINDOW_SECONDS} seconds, got {window_seconds!r}")
+    return f"[{window_seconds}s]"
+
+
+def _exporter_selector(metric: str, exporter_matchers: Mapping[str, str] | None) -> str:
+    pairs = sorted((exporter_matchers or {}).items())
+    for name, _ in pairs:
+        if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
+            raise ValueError(f"invalid exporter label name {name!r}")
+        if name in _KEY_LABELS:
+            raise ValueError(f"exporter matchers cannot constrain the key label {name!r}")
+    return metric + (_matchers(pairs) if pairs else "")
+
+
+def _keyed_by_pod(expression: str) -> str:
+    """Average ``expression`` per (namespace, pod) of the workload holding the GPU.
+
+    When Prometheus does not honour the exporter's labels, dcgm-exporter's ``namespace`` and
+    ``pod`` arrive as ``exported_namespace``/``exported_pod`` and the plain names hold the
+    exporter's own pod. ``label_replace`` with ``(.+)`` copies an exported label over the
+    plain one only where it is non-empty (an absent label reads as ""), so the same query
+    yields the workload's keys in both set-ups. Idle GPUs keep the exporter's key (or an
+    empty pod) and match no service.
+    """
+    relabelled = (
+        f'label_replace(label_replace({expression}, "namespace", "$1", "exported_namespace", '
+        f'"(.+)"), "pod", "$1", "exported_pod", "(.+)")'
+    )
+    return f"avg by (namespace, pod) ({relabelled})"
+
+
+def gpu_utilization_query(
+    source: GpuSeries = GpuSeries.GPU_UTIL,
+    *,
+    window_seconds: int = DEFAULT_WINDOW_SECONDS,
+    exporter_matchers: Mapping[str, str] | None = None,
+) -> str:
+    """Average GPU utilisation per pod, in percent.
+
+    ``DCGM_FI_DEV_GPU_UTIL`` is already a percentage; ``DCGM_FI_PROF_GR_ENGINE_ACTIVE`` (the
+    one that works on MIG slices) is a 0..1 ratio and is scaled by 100. ``exporter_matchers``
+    are operator settings such as ``{"job": "dcgm-exporter"}`` that keep other jobs from
+    posing as the exporter.
+    """
+    window = _window(window_seconds)
+    if source is GpuSeries.GPU_UTIL:
+        inner = f"avg_over_time({_exporter_selector(source.value, exporter_matchers)}{window})"
+    elif source is GpuSeries.GR_ENGINE_ACTIVE:
+        selector = _exporter_selector(source.value, exporter_matchers)
+        inner = f"100 * avg_over_time({selector}{window})"
+    else:
+        raise ValueError(f"{source} is not a utilisation series")
+    return _keyed_by_pod(inner)
+
+
+def gpu_memory_query(
+    *,
+    window_seconds: int = DEFAULT_WINDOW_SECONDS,
+    exporter_matchers: Mapping[str, str] | None = None,
+) -> str:
+    """Framebuffer memory in use per pod, in percent: ``100 * used / (used + free)``.
+
+    The two series of one GPU carry the same labels, so the division matches them one to
+    one; a GPU that reports 0 used and 0 free yields NaN, which the parser keeps and the
+    decision drops.
+    """
+    window = _window(window_seconds)
+    used = f"avg_over_time({_exporter_selector('DCGM_FI_DEV_FB_USED', exporter_matchers)}{window})"
+    free = f"avg_over_time({_exporter_selector('DCGM_FI_DEV_FB_FREE', exporter_matchers)}{window})"
+    return _keyed_by_pod(f"100 * {used} / ({used} + {free})")
+
+
+def gpu_queries(
+    *,
+    window_seconds: int = DEFAULT_WINDOW_SECONDS,
+    exporter_matchers: Mapping[str, str] | None = None,
+) -> dict[GpuSeries, str]:
+    """The GPU queries of one tick: always these three, whatever the number of services."""
+    return {
+        GpuSeries.GPU_UTIL: gpu_utilization_query(
+            GpuSeries.GPU_UTIL, window_seconds=window_seconds, exporter_matchers=exporter_matchers
+        ),
+        GpuSeries.GR_ENGINE_ACTIVE: gpu_utilization_query(
+            GpuSeries.GR_ENGINE_ACTIVE,
+            window_seconds=window_seconds,
+            exporter_matchers=exporter_matchers,
+        ),
+        GpuSeries.MEMORY: gpu_memory_query(
+            window_seconds=window_seconds, exporter_matchers=exporter_matchers
+        ),
+    }
+
+
+def validate_tenant_selector(metric: str, labels: Mapping[str, str]) -> None:
+    """Raise ``ValueError`` unless a tenant's metric name and label matchers are acceptable."""
+    if len(metric) > _MAX_METRIC_NAME_LENGTH or not _METRIC_NAME.fullmatch(metric):
+        raise ValueError(f"invalid metric name {metric!r}")
+    if len(labels) > MAX_TENANT_LABELS:
+        raise ValueError(f"at most {MAX_TENANT_LABELS} label matchers, got {len(labels)}")
+    for name, value in labels.items():
+        if not _LABEL_NAME.fullmatch(name):
+            raise ValueError(f"invalid label name {name!r}")
+        if name.startswith("__") or name in RESERVED_TENANT_LABELS:
+            raise ValueError(f"label {name!r} is reserved: the operator sets the scope")
+        if len(value) > MAX_TENANT_LABEL_VALUE_LENGTH:
+            raise ValueError(f"value of label {name!r} exceeds {MAX_TENANT_LABEL_VALUE_LENGTH}")
+
+
+def prometheus_metric_query(
+    metric: str,
+    labels: Mapping[str, str],
+    aggregation: Aggregation,
+    namespace: str,
+    service: str,
+    *,
+    window_seconds: int = DEFAULT_WINDOW_SECONDS,
+) -> str:
+    """The query of one tenant metric for one service, returning at most one sample.
+
+    Shape: ``sum(avg_over_time({__name__="m",namespace="ns",service="svc",k="v"}[30s]))``.
+    The scope is ``namespace`` plus ``service``, never ``pod``: a service at zero replicas
+    has no pods, and a request-level metric (from a gateway or a queue exporter that keeps
+    running) is what wakes it. The metric name goes in a ``__name__`` matcher so a name
+    such as ``sum`` or ``inf`` cannot be read as a keyword. Tenant matchers follow in name
+    order, so equal specs give byte-equal queries that the caller can de-duplicate.
+    """
+    validate_tenant_selector(metric, labels)
+    if len(namespace) > 63 or not _DNS_LABEL.fullmatch(namespace):
+        raise ValueError(f"invalid namespace {namespace!r}")
+    if len(service) > 253 or not _DNS_SUBDOMAIN.fullmatch(service):
+        raise ValueError(f"invalid service name {service!r}")
+    pairs = [("__name__", metric), ("namespace", namespace), ("service", service)]
+    pairs += sorted(labels.items())
+    selector = _matchers(pairs) + _window(window_seconds)
+    return f"{Aggregation(aggregation).value}(avg_over_time({selector}))"
+
+
+def _load(body: str | bytes | Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(body, Mapping):
+        payload: Any = body
+    else:
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise PrometheusResponseError("MalformedResponse", f"not JSON: {error}") from error
+    if not isinstance(payload, Mapping):
+        raise PrometheusResponseError("MalformedResponse", "the response is not a JSON object")
+    status = payload.get("status")
+    if status == "error":
+        kind = payload.get("errorType", "unknown")
+        raise PrometheusResponseError("PrometheusError", f"{kind}: {payload.get('error', '')}")
+    if status != "success":
+        raise PrometheusResponseError("MalformedResponse", f"unexpected status {status!r}")
+    data = payload.get("data")
+    if not isinstance(data, Mapping):
+        raise PrometheusResponseError("MalformedResponse", "no data object")
+    return data
+
+
+def _sample_value(value: Any) -> float:
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[1], str)):
+        raise PrometheusResponseError("MalformedResponse", f"bad sample {value!r}")
+    text = value[1]
+    if text in _SAMPLE_SPECIALS:
+        return _SAMPLE_SPECIALS[text]
+    if not _SAMPLE_NUMBER.fullmatch(text):
+        raise PrometheusResponseError("MalformedResponse", f"bad sample value {text!r}")
+    return float(text)
+
+
+def _vector(data: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], float]]:
+    if data.get("resultType") != "vector":
+        raise PrometheusResponseError(
+            "UnexpectedResultType", f"expected a vector, got {data.get('resultType')!r}"
+        )
+    result = data.get("result")
+    if not isinstance(result, list):
+        raise PrometheusResponseError("MalformedResponse", "the result is not a list")
+    series = []
+    for item in result:
+        labels = item.get("metric") if isinstance(item, Mapping) else None
+        if not isinstance(labels, Mapping):
+            raise PrometheusResponseError("MalformedResponse", f"bad series {item!r}")
+        series.append((labels, _sample_value(item.get("value"))))
+    return series
+
+
+def _label(labels: Mapping[str, Any], name: str) -> str:
+    # The exporter's own value moves to exported_<name> when Prometheus does not honour it;
+    # where both exist, the exported one names the workload.
+    for key in (f"exported_{name}", name):
+        value = labels.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return ""
+
+
+def parse_vector_response(body: str | bytes | Mapping[str, Any]) -> dict[PodKey, float]:
+    """Map an instant-query vector to ``{(namespace, pod): value}``.
+
+    Values are returned as Prometheus sent them, NaN and infinities included: judging them is
+    the decision's job. Series without a namespace or pod (idle GPUs) are skipped. Raises
+    :class:`PrometheusResponseError` for an error status, a non-vector result, a malformed
+    body, or two series with the same key (the queries here aggregate by the key, so that
+    means the query was not one of them).
+    """
+    values: dict[PodKey, float] = {}
+    for labels, value in _vector(_load(body)):
+        key = (_label(labels, "namespace"), _label(labels, "pod"))
+        if not all(key):
+            continue
+        if key in values:
+            raise PrometheusResponseError("DuplicateSeries", f"two series for {key}")
+        values[key] = value
+    return values
+
+
+def parse_total_response(body: str | bytes | Mapping[str, Any]) -> float | None:
+    """The single value of a tenant metric query, or ``None`` when no series matched.
+
+    An aggregation without ``by`` returns at most one series; more than one means the query
+    was not built by :func:`prometheus_metric_query` and is refused.
+    """
+    data = _load(body)
+    if data.get("resultType") == "scalar":
+        return _sample_value(data.get("result"))
+    series = _vector(data)
+    if len(series) > 1:
+        raise PrometheusResponseError("DuplicateSeries", f"{len(series)} series, expected one")
+    return series[0][1] if series else None
