@@ -1,0 +1,171 @@
+"""GPUPool: a cluster-scoped set of GPU nodes of one type, with a price per GPU-hour.
+
+The spec says which nodes belong to the pool (a node selector), how the pool's pods reach
+them (tolerations, the extended resource to request), who may use the pool and how much
+(namespace selector, per-namespace quota) and what a GPU-hour costs. The status is computed
+by the operator from real Nodes and Pods (see `gpuyard.logic.pool_accounting`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Annotated, Any, Final, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from gpuyard import API_GROUP, API_VERSION
+from gpuyard.api.common import (
+    CONDITIONS_LIST_MAP,
+    DNS1123_LABEL_PATTERN,
+    DNS_LABEL_MAX_LENGTH,
+    MAX_CONDITIONS,
+    ApiModel,
+    CelRule,
+    Condition,
+    CurrencyCode,
+    DecimalString,
+    DnsLabel,
+    ExtendedResourceName,
+    Generation,
+    LabelMap,
+    LabelSelector,
+    ObjectMeta,
+    Toleration,
+    parse_decimal,
+    plain_json,
+)
+
+KIND: Final = "GPUPool"
+PLURAL = "gpupools"
+DEFAULT_RESOURCE_NAME = "nvidia.com/gpu"
+#: GPU counts are bounded so that every sum the operator makes fits comfortably in an int64.
+MAX_GPU_COUNT = 10_000_000
+MAX_NODE_COUNT = 1_000_000
+
+#: A pool's name becomes the value of the `gpuyard.io/pool` label on every child, so it must
+#: be a valid label value as well as an object name: an RFC 1123 label.
+POOL_NAME_PATTERN = DNS1123_LABEL_PATTERN
+POOL_NAME_MAX_LENGTH = DNS_LABEL_MAX_LENGTH
+
+
+class Price(ApiModel):
+    """What one GPU of the pool costs per hour."""
+
+    per_gpu_hour: DecimalString
+    """Price of one GPU-hour, a decimal string such as "2.75" (never a float)."""
+    currency: CurrencyCode = "USD"
+    """ISO 4217 currency code of every amount derived from this price."""
+
+    @property
+    def per_gpu_hour_decimal(self) -> Decimal:
+        """The price as an exact decimal."""
+        return parse_decimal(self.per_gpu_hour)
+
+
+def _outside_kubernetes_io(spec: GPUPoolSpec) -> bool:
+    domain = spec.resource_name.split("/", 1)[0]
+    return domain != "kubernetes.io" and not domain.endswith(".kubernetes.io")
+
+
+class GPUPoolSpec(ApiModel):
+    """A set of GPU nodes of one type, with a price, offered to some or all namespaces."""
+
+    cel_rules = (
+        CelRule(
+            rule="!self.resourceName.startsWith('kubernetes.io/') && "
+            "!self.resourceName.contains('.kubernetes.io/')",
+            message="resourceName must be an extended resource outside the kubernetes.io "
+            "domain, such as nvidia.com/gpu",
+            holds=_outside_kubernetes_io,
+            field_path=".resourceName",
+        ),
+    )
+
+    gpu_type: DnsLabel
+    """GPU model of the pool's nodes, such as a100-80gb; shown to users and in usage records."""
+    resource_name: ExtendedResourceName = DEFAULT_RESOURCE_NAME
+    """Extended resource the pods request: nvidia.com/gpu, or a MIG resource such as
+    nvidia.com/mig-1g.10gb."""
+    node_selector: Annotated[LabelMap, Field(min_length=1, max_length=16)]
+    """Labels that select the pool's nodes; also the pods' nodeSelector."""
+    tolerations: Annotated[list[Toleration], Field(max_length=16)] | None = None
+    """Tolerations added to the pool's pods, typically for a taint on the GPU nodes."""
+    price: Price
+    """Price per GPU-hour used for usage records and budgets."""
+    namespace_selector: LabelSelector | None = None
+    """Namespaces allowed to use the pool; absent means every namespace."""
+    max_gpus_per_namespace: Annotated[int, Field(ge=0, le=MAX_GPU_COUNT)] | None = None
+    """Quota: most GPUs of this pool that one namespace may hold; absent means no quota."""
+    utilization_metric: Literal["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_PROF_GR_ENGINE_ACTIVE"] = (
+        "DCGM_FI_DEV_GPU_UTIL"
+    )
+    """DCGM series measuring utilisation; DCGM_FI_PROF_GR_ENGINE_ACTIVE for MIG slices,
+    where DCGM_FI_DEV_GPU_UTIL is not reported."""
+
+
+Count = Annotated[int, Field(ge=0, le=MAX_GPU_COUNT)]
+NodeCount = Annotated[int, Field(ge=0, le=MAX_NODE_COUNT)]
+
+
+class GPUPoolStatus(ApiModel):
+    """The pool as the operator last observed it."""
+
+    observed_generation: Generation | None = None
+    """The metadata.generation this status was computed from."""
+    nodes: NodeCount | None = None
+    """Nodes matching the node selector."""
+    ready_nodes: NodeCount | None = None
+    """Nodes that can take new pods: Ready, not cordoned, every blocking taint tolerated."""
+    capacity: Count | None = None
+    """Allocatable GPUs on the ready nodes."""
+    allocated: Count | None = None
+    """GPUs requested by pods that run, or are about to run, on the pool's nodes."""
+    available: Count | None = None
+    """GPUs free on the ready nodes."""
+    largest_node_gpus: Count | None = None
+    """Most allocatable GPUs on one ready node: the largest replica the pool can hold."""
+    conditions: (
+        Annotated[
+            list[Condition],
+            Field(max_length=MAX_CONDITIONS, json_schema_extra=CONDITIONS_LIST_MAP),
+        ]
+        | None
+    ) = None
+    """Ready tells whether the pool has nodes to schedule on."""
+
+
+class PoolMeta(ObjectMeta):
+    """GPUPool metadata, with the name restricted to what a label value can hold."""
+
+    name: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=POOL_NAME_MAX_LENGTH, pattern=POOL_NAME_PATTERN),
+    ]
+
+
+class GPUPool(BaseModel):
+    """A whole GPUPool object as the API returns it (the CRD is built from the spec and
+    status models, not from this one)."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True
+    )
+
+    api_version: str = Field(default=f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
+    kind: Literal["GPUPool"] = KIND
+    metadata: PoolMeta
+    spec: GPUPoolSpec
+    status: dict[str, Any] | None = None
+    """Kept as plain data: a status written by another version must never stop the spec
+    from being read."""
+
+    @classmethod
+    def from_mapping(cls, body: Mapping[str, Any]) -> Self:
+        """Validate the object as Kopf or the Kubernetes client hands it over."""
+        return cls.model_validate(plain_json(body))
+
+    @property
+    def name(self) -> str:
+        """The pool's object name."""
+        return self.metadata.name

@@ -1,0 +1,218 @@
+"""The Kubernetes objects an AIService owns, as plain dicts ready for server-side apply.
+
+A builder returns the whole desired object and nothing the operator does not mean to own:
+server-side apply computes the difference with what exists, so no spec hash and no
+read-modify-write are needed, and a field the builder stops setting is removed.
+
+Security choices for pods the operator creates on a tenant's behalf:
+- privilege escalation is off, every capability is dropped and the runtime's default seccomp
+  profile applies, so the pods pass the Pod Security "baseline" level and most of
+  "restricted";
+- `runAsNonRoot` is *not* forced: most published inference images (vLLM, Triton, TGI) run as
+  root, and forcing it would leave them failing with CreateContainerConfigError. A cluster
+  that wants non-root everywhere enforces Pod Security "restricted" on the namespace, which
+  then requires images that declare a non-root user;
+- no service-account token is mounted (the workload never needs the Kubernetes API) and no
+  service-link environment variables are injected (they leak other Services' addresses and
+  slow pod start in big namespaces).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gpuyard import API_GROUP, API_VERSION, FIELD_MANAGER
+from gpuyard.api.pool import GPUPool
+from gpuyard.api.service import KIND as SERVICE_KIND
+from gpuyard.api.service import AIService, ContainerSpec
+
+#: Name of the single container in every replica.
+CONTAINER_NAME = "inference"
+#: Name of the container port and of the Service port that targets it.
+PORT_NAME = "http"
+COMPONENT = "inference"
+
+SERVICE_LABEL = f"{API_GROUP}/service"
+POOL_LABEL = f"{API_GROUP}/pool"
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+
+#: Old ReplicaSets only serve rollbacks; a few suffice, and each one is an object in etcd.
+REVISION_HISTORY_LIMIT = 3
+
+
+def owner_reference(service: AIService) -> dict[str, Any]:
+    """The owner reference that makes a child part of `service`: the garbage collector
+    deletes it with the service, and only one controller may claim it."""
+    if not service.metadata.uid:
+        msg = f"AIService {service.namespace}/{service.name} has no uid; read it from the API"
+        raise ValueError(msg)
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": SERVICE_KIND,
+        "name": service.name,
+        "uid": service.metadata.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def selector_labels(service: AIService) -> dict[str, str]:
+    """Labels that select the service's pods. A Deployment's selector is immutable, so this
+    holds only what never changes for a given service: its name."""
+    return {SERVICE_LABEL: service.name, INSTANCE_LABEL: service.name}
+
+
+def selector_string(service: AIService) -> str:
+    """The pod selector in the string form status.selector (and the scale subresource) use."""
+    return ",".join(f"{key}={value}" for key, value in sorted(selector_labels(service).items()))
+
+
+def child_labels(service: AIService, pool: GPUPool) -> dict[str, str]:
+    """Labels on every child and on the pods."""
+    return {
+        NAME_LABEL: service.name,
+        INSTANCE_LABEL: service.name,
+        COMPONENT_LABEL: COMPONENT,
+        MANAGED_BY_LABEL: FIELD_MANAGER,
+        SERVICE_LABEL: service.name,
+        POOL_LABEL: pool.name,
+    }
+
+
+def _metadata(service: AIService, pool: GPUPool, owner: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": service.name,
+        "namespace": service.namespace,
+        "labels": child_labels(service, pool),
+        "ownerReferences": [owner],
+    }
+
+
+def _resources(service: AIService, pool: GPUPool) -> dict[str, dict[str, str]]:
+    # Requests equal limits: an extended resource must be requested exactly as limited
+    # anyway, and equal CPU and memory make the pod Guaranteed, so the kubelet evicts it last
+    # under node pressure; evicting a pod that holds GPUs wastes the most money.
+    # Quantities are strings, as the API server returns them, so a built object compares
+    # equal to the one read back.
+    amounts = {pool.spec.resource_name: str(service.spec.gpus_per_replica)}
+    resources = service.spec.container.resources
+    if resources is not None:
+        if resources.cpu is not None:
+            amounts["cpu"] = resources.cpu
+        if resources.memory is not None:
+            amounts["memory"] = resources.memory
+    return {"limits": dict(amounts), "requests": dict(amounts)}
+
+
+def _readiness_probe(container: ContainerSpec) -> dict[str, Any] | None:
+    probe = container.readiness_probe
+    if probe is None:
+        return None
+    port = probe.http_get.port if probe.http_get.port is not None else container.port
+    return {
+        "httpGet": {"path": probe.http_get.path, "port": port},
+        "initialDelaySeconds": probe.initial_delay_seconds,
+        "periodSeconds": probe.period_seconds,
+        "failureThreshold": probe.failure_threshold,
+    }
+
+
+def _container(service: AIService, pool: GPUPool) -> dict[str, Any]:
+    spec = service.spec.container
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image,
+        "resources": _resources(service, pool),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        # The last log lines become the termination message, so `kubectl describe` shows why
+        # a model server crashed without a trip to the logs.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.command:
+        container["command"] = list(spec.command)
+    if spec.args:
+        container["args"] = list(spec.args)
+    if spec.env:
+        container["env"] = [{"name": item.name, "value": item.value} for item in spec.env]
+    if spec.port is not None:
+        container["ports"] = [
+            {"name": PORT_NAME, "containerPort": spec.port, "protocol": "TCP"},
+        ]
+    probe = _readiness_probe(spec)
+    if probe is not None:
+        container["readinessProbe"] = probe
+    return container
+
+
+def _pod_spec(service: AIService, pool: GPUPool) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "containers": [_container(service, pool)],
+        "nodeSelector": dict(pool.spec.node_selector),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if pool.spec.tolerations:
+        pod["tolerations"] = [toleration.to_json() for toleration in pool.spec.tolerations]
+    return pod
+
+
+def build_deployment(
+    service: AIService, pool: GPUPool, replicas: int, owner: dict[str, Any]
+) -> dict[str, Any]:
+    """The Deployment running `replicas` replicas of `service` on `pool`'s nodes.
+
+    `owner` is the service's owner reference (see `owner_reference`).
+    """
+    if replicas < 0:
+        msg = f"replicas must not be negative, got {replicas}"
+        raise ValueError(msg)
+    labels = child_labels(service, pool)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(service, pool, owner),
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": REVISION_HISTORY_LIMIT,
+            "selector": {"matchLabels": selector_labels(service)},
+            # No surge: a surge pod needs GPUs the pool may not have, and a rollout waiting
+            # for them never finishes. Replacing one replica at a time needs none.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+            },
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": _pod_spec(service, pool),
+            },
+        },
+    }
+
+
+def build_service(
+    service: AIService, pool: GPUPool, owner: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The ClusterIP Service in front of the replicas, or None when the container has no port
+    (the caller then deletes a Service left from an earlier spec)."""
+    port = service.spec.container.port
+    if port is None:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(service, pool, owner),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(service),
+            "ports": [
+                {"name": PORT_NAME, "port": port, "targetPort": PORT_NAME, "protocol": "TCP"},
+            ],
+        },
+    }

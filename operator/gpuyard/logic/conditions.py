@@ -1,0 +1,239 @@
+"""Conditions, kept the way the Kubernetes API conventions (and Flux, and `kubectl wait`)
+expect: one entry per type, a CamelCase reason, a message for people, and a
+`lastTransitionTime` that moves only when the status does, so that re-deciding the same thing
+writes nothing.
+
+The `*_condition` functions decide what a condition says; `set_condition` and
+`apply_conditions` merge those decisions into the list already stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from gpuyard.api.common import Condition, format_timestamp
+from gpuyard.logic.admission import AdmissionResult
+from gpuyard.logic.pool_accounting import PoolUsage
+
+READY = "Ready"
+ACCEPTED = "Accepted"
+CAPACITY_LIMITED = "CapacityLimited"
+BUDGET_LIMITED = "BudgetLimited"
+METRICS_AVAILABLE = "MetricsAvailable"
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+
+
+@dataclass(frozen=True)
+class ConditionUpdate:
+    """What a condition should say now; its timestamps come from `set_condition`."""
+
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str
+
+
+def find_condition(
+    conditions: Sequence[Mapping[str, Any]] | None, condition_type: str
+) -> Mapping[str, Any] | None:
+    """The condition of `condition_type`, or None."""
+    return next((c for c in conditions or () if c.get("type") == condition_type), None)
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]] | None,
+    condition_type: str,
+    *,
+    status: ConditionStatus,
+    reason: str,
+    message: str,
+    observed_generation: int | None,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """`conditions` with the `condition_type` entry set; the input is left untouched.
+
+    `lastTransitionTime` becomes `now` only when the status changes (or the condition is
+    new); other entries and the order of the list are kept, so an unchanged decision yields
+    an equal list.
+    """
+    previous = find_condition(conditions, condition_type)
+    if previous is not None and previous.get("status") == status:
+        transition_time = str(previous.get("lastTransitionTime") or format_timestamp(now))
+    else:
+        transition_time = format_timestamp(now)
+    # Validating through the model refuses a reason that is not CamelCase or a message that
+    # is too long here, in a unit test, rather than as a failed status write.
+    updated = Condition(
+        type=condition_type,
+        status=status,
+        observed_generation=observed_generation,
+        last_transition_time=transition_time,
+        reason=reason,
+        message=message,
+    ).to_json()
+    result = [dict(c) for c in conditions or ()]
+    for index, condition in enumerate(result):
+        if condition.get("type") == condition_type:
+            result[index] = updated
+            return result
+    result.append(updated)
+    return result
+
+
+def apply_conditions(
+    conditions: Sequence[Mapping[str, Any]] | None,
+    updates: Iterable[ConditionUpdate],
+    observed_generation: int | None,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    """`conditions` with every update set, in order."""
+    result = [dict(c) for c in conditions or ()]
+    for update in updates:
+        result = set_condition(
+            result,
+            update.type,
+            status=update.status,
+            reason=update.reason,
+            message=update.message,
+            observed_generation=observed_generation,
+            now=now,
+        )
+    return result
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def accepted_condition(admission: AdmissionResult) -> ConditionUpdate:
+    """`Accepted`: the admission verdict as a condition."""
+    return ConditionUpdate(
+        type=ACCEPTED,
+        status="True" if admission.accepted else "False",
+        reason=admission.reason,
+        message=admission.message,
+    )
+
+
+def capacity_condition(
+    *,
+    wanted_replicas: int,
+    placed_replicas: int,
+    gpus_per_replica: int,
+    available_gpus: int,
+    pool_name: str,
+    resource_name: str,
+    fitting_replicas: int | None = None,
+) -> ConditionUpdate:
+    """`CapacityLimited`: whether the pool can place the replicas the service wants.
+
+    `wanted_replicas` is what the service would run if the pool were big enough (the
+    recommendation before the capacity limit), `placed_replicas` the replicas already holding
+    GPUs. `fitting_replicas`, when known (see `PoolUsage.replicas_that_fit`), accounts for
+    free GPUs scattered over nodes such that no node has enough for one replica; without it
+    the free GPUs are treated as one block.
+    """
+    unplaced = max(0, wanted_replicas - placed_replicas)
+    fitting = available_gpus // gpus_per_replica if fitting_replicas is None else fitting_replicas
+    short_replicas = max(0, unplaced - fitting)
+    if short_replicas == 0:
+        return ConditionUpdate(
+            type=CAPACITY_LIMITED,
+            status="False",
+            reason="SufficientGPUs",
+            # No counts here: they change with every pod in the pool, and a message that
+            # changes would rewrite the status of every service in it.
+            message=f'GPUPool "{pool_name}" can place every wanted replica',
+        )
+    missing_gpus = max(0, unplaced * gpus_per_replica - available_gpus)
+    waiting = (
+        f"{_plural(unplaced, 'replica')} of {gpus_per_replica} {resource_name} "
+        f"{'waits' if unplaced == 1 else 'wait'} for placement"
+    )
+    if missing_gpus > 0:
+        message = (
+            f'GPUPool "{pool_name}" needs {missing_gpus} more {resource_name}: {waiting} and '
+            f"{available_gpus} {'is' if available_gpus == 1 else 'are'} free"
+        )
+        reason = "InsufficientGPUs"
+    else:
+        message = (
+            f'GPUPool "{pool_name}" has {available_gpus} {resource_name} free, but spread over '
+            f"nodes so that only {_plural(fitting, 'more replica')} of {gpus_per_replica} "
+            f"fit: {waiting}"
+        )
+        reason = "FragmentedGPUs"
+    return ConditionUpdate(type=CAPACITY_LIMITED, status="True", reason=reason, message=message)
+
+
+def ready_condition(
+    *,
+    admission: AdmissionResult,
+    desired_replicas: int,
+    ready_replicas: int,
+    current_replicas: int,
+    updated_replicas: int,
+    capacity: ConditionUpdate | None = None,
+) -> ConditionUpdate:
+    """`Ready`: whether the service serves as its current spec says.
+
+    `current_replicas` and `updated_replicas` are the Deployment's status.replicas (pods that
+    exist) and status.updatedReplicas (those of them on the current pod template): fewer
+    updated than existing means old pods still run, a rollout. `capacity` is the
+    CapacityLimited decision, whose message explains replicas that wait for GPUs.
+    """
+    if not admission.accepted:
+        return ConditionUpdate(READY, "False", admission.reason, admission.message)
+    if desired_replicas == 0:
+        return ConditionUpdate(READY, "True", "ScaledToZero", "scaled to zero replicas")
+    progress = f"{ready_replicas}/{desired_replicas} replicas ready"
+    if updated_replicas < current_replicas:
+        return ConditionUpdate(
+            READY,
+            "False",
+            "RollingOut",
+            f"{updated_replicas}/{current_replicas} replicas run the current spec, {progress}",
+        )
+    if ready_replicas >= desired_replicas:
+        return ConditionUpdate(READY, "True", "ReplicasReady", progress)
+    if capacity is not None and capacity.status == "True":
+        return ConditionUpdate(READY, "False", "WaitingForGPUs", f"{progress}; {capacity.message}")
+    return ConditionUpdate(READY, "False", "ReplicasNotReady", progress)
+
+
+def pool_ready_condition(usage: PoolUsage, *, resource_name: str) -> ConditionUpdate:
+    """`Ready` of a GPUPool: whether any node can take the pool's pods."""
+    if usage.nodes == 0:
+        return ConditionUpdate(
+            READY,
+            "False",
+            "NoMatchingNodes",
+            "no node matches spec.nodeSelector: label the GPU nodes or fix the selector",
+        )
+    if usage.ready_nodes == 0:
+        return ConditionUpdate(
+            READY,
+            "False",
+            "NoReadyNodes",
+            f"none of the {_plural(usage.nodes, 'matching node')} can take pods: each is "
+            "NotReady, cordoned, or has a NoSchedule/NoExecute taint the pool does not tolerate",
+        )
+    if usage.capacity == 0:
+        return ConditionUpdate(
+            READY,
+            "False",
+            "NoAllocatableGPUs",
+            f"no ready node reports allocatable {resource_name}: check the device plugin "
+            "on the nodes, or spec.resourceName",
+        )
+    return ConditionUpdate(
+        READY,
+        "True",
+        "NodesReady",
+        f"{usage.ready_nodes}/{usage.nodes} nodes ready, {usage.available}/{usage.capacity} "
+        f"{resource_name} free",
+    )

@@ -1,0 +1,343 @@
+"""How many GPUs a pool has, holds and can still give, computed from Nodes and Pods.
+
+The handlers pass the Kubernetes JSON of Nodes and Pods straight from the API; the
+converters below keep only what accounting needs, so the arithmetic is tested on small
+frozen records rather than on whole API objects.
+
+The numbers follow what the scheduler will actually do:
+- a node counts as *ready* only if a new pod could land on it: Ready, not cordoned, and every
+  NoSchedule/NoExecute taint tolerated by the pool's tolerations;
+- a pod holds GPUs from the moment it is bound to a node until it has finished (Succeeded or
+  Failed), terminating pods included, because the kubelet frees its devices only then;
+- a pod's request is the *effective* request the scheduler computes: the larger of the
+  regular containers (plus restartable init containers, "sidecars") and the largest init
+  container, with the limit standing in for a missing request of an extended resource.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from gpuyard.api.common import LabelSelector, Toleration
+from gpuyard.api.pool import GPUPool
+from gpuyard.logic.children import POOL_LABEL, SERVICE_LABEL
+
+FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
+#: Taint effects that keep new pods off a node; PreferNoSchedule only discourages.
+BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
+
+_QUANTITY_SUFFIXES: dict[str, int] = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+
+
+def parse_integer_quantity(value: object) -> int | None:
+    """A Kubernetes quantity as a whole number, or None when it is not one (such as `500m`
+    CPU) or does not parse. Extended resources are always whole numbers."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str) or not value:
+        return None
+    number, suffix = value, ""
+    for candidate in sorted(_QUANTITY_SUFFIXES, key=len, reverse=True):
+        if candidate and value.endswith(candidate):
+            number, suffix = value[: -len(candidate)], candidate
+            break
+    try:
+        amount = Decimal(number) * _QUANTITY_SUFFIXES[suffix]
+    except InvalidOperation:
+        return None
+    if not amount.is_finite() or amount != amount.to_integral_value():
+        return None
+    return int(amount)
+
+
+# --- Records -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Taint:
+    """A node taint."""
+
+    key: str
+    effect: str
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What accounting needs to know about a Node."""
+
+    name: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ready: bool = False
+    unschedulable: bool = False
+    #: Whole-number allocatable resources, by resource name.
+    allocatable: Mapping[str, int] = field(default_factory=dict)
+    taints: tuple[Taint, ...] = ()
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    """What accounting needs to know about a Pod."""
+
+    name: str
+    namespace: str
+    node_name: str | None = None
+    phase: str = "Pending"
+    #: Effective whole-number requests, by resource name (only those that are whole numbers).
+    requests: Mapping[str, int] = field(default_factory=dict)
+    #: The `gpuyard.io/service` label: which AIService the pod belongs to, if any.
+    service: str | None = None
+    #: The `gpuyard.io/pool` label: which pool the pod asked for, if any.
+    pool: str | None = None
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _sequence(value: object) -> Sequence[Any]:
+    return value if isinstance(value, list | tuple) else ()
+
+
+def node_info_from_dict(obj: Mapping[str, Any]) -> NodeInfo:
+    """A NodeInfo from a Node's Kubernetes JSON."""
+    metadata, spec, status = (_mapping(obj.get(key)) for key in ("metadata", "spec", "status"))
+    ready = any(
+        _mapping(condition).get("type") == "Ready" and _mapping(condition).get("status") == "True"
+        for condition in _sequence(status.get("conditions"))
+    )
+    allocatable = {
+        name: amount
+        for name, quantity in _mapping(status.get("allocatable")).items()
+        if (amount := parse_integer_quantity(quantity)) is not None
+    }
+    taints = tuple(
+        Taint(
+            key=str(_mapping(taint).get("key", "")),
+            effect=str(_mapping(taint).get("effect", "")),
+            value=str(_mapping(taint).get("value") or ""),
+        )
+        for taint in _sequence(spec.get("taints"))
+    )
+    return NodeInfo(
+        name=str(metadata.get("name", "")),
+        labels={str(k): str(v) for k, v in _mapping(metadata.get("labels")).items()},
+        ready=ready,
+        unschedulable=bool(spec.get("unschedulable", False)),
+        allocatable=allocatable,
+        taints=taints,
+    )
+
+
+def _container_requests(container: Mapping[str, Any]) -> dict[str, int]:
+    resources = _mapping(container.get("resources"))
+    # An extended resource given only as a limit is requested at that limit (the API
+    # server defaults requests from limits).
+    merged = {**_mapping(resources.get("limits")), **_mapping(resources.get("requests"))}
+    return {
+        name: amount
+        for name, quantity in merged.items()
+        if (amount := parse_integer_quantity(quantity)) is not None
+    }
+
+
+def effective_requests(spec: Mapping[str, Any]) -> dict[str, int]:
+    """A pod's effective requests as the scheduler computes them (KEP-753 sidecars included):
+    the larger of the regular containers plus sidecars, and of each init container plus the
+    sidecars started before it."""
+    sidecars: dict[str, int] = defaultdict(int)
+    init_peak: dict[str, int] = defaultdict(int)
+    for raw in _sequence(spec.get("initContainers")):
+        container = _mapping(raw)
+        requests = _container_requests(container)
+        if container.get("restartPolicy") == "Always":
+            for name, amount in requests.items():
+                sidecars[name] += amount
+                init_peak[name] = max(init_peak[name], sidecars[name])
+        else:
+            for name in requests.keys() | sidecars.keys():
+                init_peak[name] = max(init_peak[name], requests.get(name, 0) + sidecars[name])
+    regular: dict[str, int] = defaultdict(int)
+    for raw in _sequence(spec.get("containers")):
+        for name, amount in _container_requests(_mapping(raw)).items():
+            regular[name] += amount
+    names = regular.keys() | sidecars.keys() | init_peak.keys()
+    totals = {name: max(regular[name] + sidecars[name], init_peak[name]) for name in names}
+    return {name: amount for name, amount in totals.items() if amount}
+
+
+def pod_info_from_dict(obj: Mapping[str, Any]) -> PodInfo:
+    """A PodInfo from a Pod's Kubernetes JSON."""
+    metadata, spec, status = (_mapping(obj.get(key)) for key in ("metadata", "spec", "status"))
+    labels = _mapping(metadata.get("labels"))
+    node_name = spec.get("nodeName")
+    service = labels.get(SERVICE_LABEL)
+    pool = labels.get(POOL_LABEL)
+    return PodInfo(
+        name=str(metadata.get("name", "")),
+        namespace=str(metadata.get("namespace", "")),
+        node_name=str(node_name) if node_name else None,
+        phase=str(status.get("phase") or "Pending"),
+        requests=effective_requests(spec),
+        service=str(service) if service is not None else None,
+        pool=str(pool) if pool is not None else None,
+    )
+
+
+# --- Selectors and taints ------------------------------------------------------------------
+
+
+def namespace_matches(selector: LabelSelector | None, labels: Mapping[str, str]) -> bool:
+    """Whether a namespace with `labels` is selected. No selector selects every namespace,
+    and so does an empty one, as in Kubernetes."""
+    if selector is None:
+        return True
+    for key, value in (selector.match_labels or {}).items():
+        if labels.get(key) != value:
+            return False
+    for requirement in selector.match_expressions or ():
+        present = requirement.key in labels
+        values = requirement.values or []
+        if requirement.operator == "Exists":
+            holds = present
+        elif requirement.operator == "DoesNotExist":
+            holds = not present
+        elif requirement.operator == "In":
+            holds = present and labels[requirement.key] in values
+        else:  # NotIn: also satisfied when the label is absent
+            holds = not present or labels[requirement.key] not in values
+        if not holds:
+            return False
+    return True
+
+
+def tolerates(toleration: Toleration, taint: Taint) -> bool:
+    """Whether `toleration` tolerates `taint`, with Kubernetes' matching rules."""
+    if toleration.effect is not None and toleration.effect != taint.effect:
+        return False
+    if toleration.key is None:
+        # Only operator Exists may omit the key; it then tolerates every taint.
+        return toleration.operator == "Exists"
+    if toleration.key != taint.key:
+        return False
+    return toleration.operator == "Exists" or (toleration.value or "") == taint.value
+
+
+def node_in_pool(node: NodeInfo, pool: GPUPool) -> bool:
+    """Whether the pool's node selector selects `node`."""
+    return all(node.labels.get(key) == value for key, value in pool.spec.node_selector.items())
+
+
+def node_accepts_pool_pods(node: NodeInfo, pool: GPUPool) -> bool:
+    """Whether a new pod of the pool could be scheduled on `node` (capacity aside)."""
+    if not node.ready or node.unschedulable:
+        return False
+    tolerations = pool.spec.tolerations or ()
+    return all(
+        any(tolerates(toleration, taint) for toleration in tolerations)
+        for taint in node.taints
+        if taint.effect in BLOCKING_EFFECTS
+    )
+
+
+# --- The pool's numbers --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PoolUsage:
+    """A pool's GPUs as observed: the numbers of its status and the per-namespace split
+    that quota checks need."""
+
+    nodes: int
+    ready_nodes: int
+    capacity: int
+    allocated: int
+    available: int
+    largest_node_gpus: int
+    #: Free GPUs on each ready node, by node name: whether a replica fits depends on one
+    #: node having enough, not on the pool's total.
+    free_gpus_by_node: Mapping[str, int]
+    #: GPUs of the pool held or awaited by each namespace's pods.
+    allocated_by_namespace: Mapping[str, int]
+    #: The same, by (namespace, AIService name), for pods of an AIService.
+    allocated_by_service: Mapping[tuple[str, str], int]
+
+    def namespace_allocated(self, namespace: str, *, excluding_service: str | None = None) -> int:
+        """GPUs `namespace` holds in the pool, leaving out one service's own pods (so a
+        service is not counted against itself when its admission is checked again)."""
+        total = self.allocated_by_namespace.get(namespace, 0)
+        if excluding_service is not None:
+            total -= self.allocated_by_service.get((namespace, excluding_service), 0)
+        return total
+
+    def replicas_that_fit(self, gpus_per_replica: int) -> int:
+        """How many more replicas of `gpus_per_replica` GPUs the free GPUs can hold."""
+        if gpus_per_replica <= 0:
+            msg = f"gpus_per_replica must be positive, got {gpus_per_replica}"
+            raise ValueError(msg)
+        return sum(free // gpus_per_replica for free in self.free_gpus_by_node.values())
+
+
+def compute_pool_usage(
+    pool: GPUPool, nodes: Iterable[NodeInfo], pods: Iterable[PodInfo]
+) -> PoolUsage:
+    """The pool's usage from every Node and every (GPU-requesting) Pod of the cluster.
+
+    Pods count against a namespace once bound to one of the pool's nodes, or, while still
+    pending, when labelled for the pool: a quota must also hold the replicas waiting for
+    GPUs, or a namespace could queue past it.
+    """
+    resource = pool.spec.resource_name
+    pool_nodes = {node.name: node for node in nodes if node_in_pool(node, pool)}
+    usable = {name for name, node in pool_nodes.items() if node_accepts_pool_pods(node, pool)}
+
+    held_on_node: dict[str, int] = defaultdict(int)
+    by_namespace: dict[str, int] = defaultdict(int)
+    by_service: dict[tuple[str, str], int] = defaultdict(int)
+    for pod in pods:
+        amount = pod.requests.get(resource, 0)
+        if amount <= 0 or pod.phase in FINISHED_PHASES:
+            continue
+        if pod.node_name is not None:
+            if pod.node_name not in pool_nodes:
+                continue
+            held_on_node[pod.node_name] += amount
+        elif pod.pool != pool.name:
+            continue
+        by_namespace[pod.namespace] += amount
+        if pod.service is not None:
+            by_service[(pod.namespace, pod.service)] += amount
+
+    allocatable = {name: pool_nodes[name].allocatable.get(resource, 0) for name in usable}
+    free = {name: max(0, allocatable[name] - held_on_node[name]) for name in usable}
+    return PoolUsage(
+        nodes=len(pool_nodes),
+        ready_nodes=len(usable),
+        capacity=sum(allocatable.values()),
+        allocated=sum(held_on_node.values()),
+        available=sum(free.values()),
+        largest_node_gpus=max(allocatable.values(), default=0),
+        free_gpus_by_node=free,
+        allocated_by_namespace=dict(by_namespace),
+        allocated_by_service=dict(by_service),
+    )

@@ -1,0 +1,106 @@
+"""Status documents of both kinds, and the patch that brings a stored status up to date.
+
+Statuses are assembled through the status models, so a field the CRD would prune or refuse
+fails here, in a unit test, instead of vanishing on the way to the API server. The patch
+holds only the top-level fields that differ: an empty patch means the handler writes
+nothing, which keeps a second reconcile with nothing changed free of write calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from gpuyard.api.common import Condition, format_timestamp
+from gpuyard.api.pool import GPUPoolStatus
+from gpuyard.api.service import AIServiceStatus, Recommendation, UsageTotals
+from gpuyard.logic.conditions import apply_conditions, pool_ready_condition
+from gpuyard.logic.pool_accounting import PoolUsage
+
+
+def pool_status(
+    usage: PoolUsage,
+    *,
+    previous: Mapping[str, Any] | None,
+    observed_generation: int | None,
+    resource_name: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """The GPUPool status for `usage`, its Ready condition merged into `previous`'s."""
+    previous_conditions = (previous or {}).get("conditions")
+    conditions = apply_conditions(
+        previous_conditions,
+        [pool_ready_condition(usage, resource_name=resource_name)],
+        observed_generation,
+        now,
+    )
+    return GPUPoolStatus(
+        observed_generation=observed_generation,
+        nodes=usage.nodes,
+        ready_nodes=usage.ready_nodes,
+        capacity=usage.capacity,
+        allocated=usage.allocated,
+        available=usage.available,
+        largest_node_gpus=usage.largest_node_gpus,
+        conditions=_condition_models(conditions),
+    ).to_json()
+
+
+def service_status(
+    *,
+    observed_generation: int | None = None,
+    replicas: int | None = None,
+    ready_replicas: int | None = None,
+    desired_replicas: int | None = None,
+    selector: str | None = None,
+    gpu_type: str | None = None,
+    recommendation: Recommendation | None = None,
+    last_scale_time: datetime | None = None,
+    usage: UsageTotals | None = None,
+    conditions: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The AIService status fields a writer owns, as Kubernetes JSON.
+
+    Several loops write parts of this status (reconcile, autoscaler, metering); each passes
+    only its own fields, and `status_patch` leaves the others alone.
+    """
+    return AIServiceStatus(
+        observed_generation=observed_generation,
+        replicas=replicas,
+        ready_replicas=ready_replicas,
+        desired_replicas=desired_replicas,
+        selector=selector,
+        gpu_type=gpu_type,
+        recommendation=recommendation,
+        last_scale_time=format_time(last_scale_time),
+        usage=usage,
+        conditions=_condition_models(conditions),
+    ).to_json()
+
+
+def _condition_models(conditions: Sequence[Mapping[str, Any]] | None) -> list[Condition] | None:
+    if conditions is None:
+        return None
+    return [Condition.model_validate(condition) for condition in conditions]
+
+
+def format_time(moment: datetime | None) -> str | None:
+    """`moment` as a status timestamp, None staying None."""
+    return None if moment is None else format_timestamp(moment)
+
+
+def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch for the status subresource: the top-level fields of `desired` whose
+    values differ from `current`. Fields `desired` does not mention are left alone.
+
+    Whole top-level values are sent, never a nested diff: a merge patch replaces lists, so
+    `conditions` must always travel complete.
+    """
+    existing = current or {}
+    return {key: value for key, value in desired.items() if existing.get(key) != value}
+
+
+def status_changed(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
+    """Whether writing `desired` would change the stored status."""
+    return bool(status_patch(current, desired))
