@@ -115,7 +115,7 @@ Timestamp = Annotated[
     StringConstraints(max_length=TIMESTAMP_MAX_LENGTH, pattern=TIMESTAMP_PATTERN),
     Field(json_schema_extra={"format": "date-time"}),
 ]
-Generation = Annotated[int, Field(ge=0, le=INT64_MAX)]
+Generation = Annotated[int, Field(ge=0, le=INT64_MAX, json_schema_extra={"format": "int64"})]
 
 #: The description names the key in the CEL message that checks map keys (see api.crd).
 LabelMap = dict[Annotated[LabelKey, Field(description="a label key")], LabelValue]

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from gpuyard import API_GROUP, API_VERSION
 from gpuyard.api import pool, service
+from gpuyard.api.common import INT64_MAX
 
 CATEGORY = "gpuyard"
 GENERATED_HEADER = (
@@ -67,6 +68,13 @@ def _merge(target: Mapping[str, Any], node: Mapping[str, Any], used_key: str) ->
     return merged
 
 
+def _drop_int64_maximum(schema: JsonSchema) -> None:
+    # The API server holds schema bounds as float64, in which 2**63 - 1 is no integer: it
+    # would refuse every value. `format: int64` states that bound in a way it understands.
+    if schema.get("format") == "int64" and schema.get("maximum") == INT64_MAX:
+        del schema["maximum"]
+
+
 @dataclass
 class _Converter:
     definitions: Mapping[str, JsonSchema]
@@ -100,6 +108,7 @@ class _Converter:
             else:
                 result[key] = copy.deepcopy(value)
         self._convert_map_keys(node, result)
+        _drop_int64_maximum(result)
         return result
 
     def _resolve(self, node: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -1,0 +1,90 @@
+"""The ``gpuyard`` command: ``run`` the operator, print or write the ``crds``, report ``usage``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from gpuyard import __version__
+from gpuyard.api.crd import render_crds_yaml, write_crds
+from gpuyard.config import Settings
+from gpuyard.handlers.runtime import run_operator
+from gpuyard.usage_cli import add_usage_parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = {
+        key: value
+        for key, value in {
+            "kubeconfig": args.kubeconfig,
+            "impersonate": args.impersonate,
+            "cluster_id": args.cluster_id,
+            "metrics_port": args.metrics_port,
+            "health_port": args.health_port,
+            "prometheus_url": args.prometheus_url,
+            "workers": args.workers,
+            "log_level": args.log_level,
+            "log_format": args.log_format,
+        }.items()
+        if value is not None
+    }
+    settings = Settings(**overrides)
+    run_operator(settings)
+    return 0
+
+
+def _crds(args: argparse.Namespace) -> int:
+    if args.output_dir:
+        write_crds(Path(args.output_dir))
+    else:
+        sys.stdout.write(render_crds_yaml())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpuyard",
+        description="GPU scheduling, autoscaling and per-second usage billing for Kubernetes.",
+    )
+    parser.add_argument("--version", action="version", version=f"gpuyard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run the operator",
+        description=(
+            "Run the operator. Every option can also be set with a GPUYARD_* environment "
+            "variable (GPUYARD_METRICS_PORT, GPUYARD_PROMETHEUS_URL, ...); flags win."
+        ),
+    )
+    run.add_argument(
+        "--kubeconfig", help="kubeconfig file (default: in-cluster, else ~/.kube/config)"
+    )
+    run.add_argument("--impersonate", help="act as this user, e.g. system:serviceaccount:NS:NAME")
+    run.add_argument("--cluster-id", help="names this cluster in usage records")
+    run.add_argument("--metrics-port", type=int, help="port of /metrics (default 8080; 0: none)")
+    run.add_argument("--health-port", type=int, help="port of /healthz (default 8081)")
+    run.add_argument("--prometheus-url", help="Prometheus to read GPU metrics from")
+    run.add_argument("--workers", type=int, help="concurrent reconciles (default 8)")
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-format", choices=["plain", "json"])
+    run.set_defaults(func=_run)
+
+    crds = commands.add_parser("crds", help="print the CRDs (or write them to a directory)")
+    crds.add_argument("--output-dir", help="write one YAML file per CRD here instead")
+    crds.set_defaults(func=_crds)
+    add_usage_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

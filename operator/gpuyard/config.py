@@ -1,0 +1,48 @@
+"""Operator configuration: ``GPUYARD_*`` environment variables, overridden by CLI flags.
+
+Read once at start-up (``gpuyard run``), never at import, and handed to the handlers
+through Kopf's memo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of a running operator, with the defaults a production install wants."""
+
+    model_config = SettingsConfigDict(env_prefix="GPUYARD_", extra="ignore", frozen=True)
+
+    kubeconfig: Path | None = Field(
+        default=None,
+        description="kubeconfig to use out of cluster; in cluster the ServiceAccount is used",
+    )
+    impersonate: str | None = Field(
+        default=None,
+        description="act as this user (e.g. system:serviceaccount:NS:NAME) to prove RBAC",
+    )
+    cluster_id: str = Field(
+        default="default",
+        min_length=1,
+        max_length=63,
+        description="names this cluster in usage records and their ids",
+    )
+    metrics_address: str = Field(default="0.0.0.0", description="address of /metrics")  # noqa: S104
+    metrics_port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port")
+    health_address: str = Field(default="0.0.0.0", description="address of /healthz")  # noqa: S104
+    health_port: int = Field(default=8081, ge=0, le=65535, description="0 picks a free port")
+    workers: int = Field(default=8, ge=1, le=64, description="concurrent reconciles")
+    resync_seconds: float = Field(
+        default=300.0,
+        ge=5,
+        description="every object is reconciled at least this often, events or not",
+    )
+    prometheus_url: str | None = Field(default=None, description="Prometheus for GPU metrics")
+    autoscale_interval: float = Field(default=5.0, ge=0.5, le=300)
+    log_format: Literal["plain", "json"] = "plain"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -1,0 +1,1 @@
+"""Glue between Kopf events, the pure core and I/O."""

@@ -1,0 +1,114 @@
+"""What every reconciler gets: settings, the API client, metrics and the informer caches."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
+
+from gpuyard.config import Settings
+from gpuyard.handlers.workqueue import WorkQueue
+from gpuyard.io.kube import Kube
+from gpuyard.io.metrics import OperatorMetrics
+from gpuyard.logic.autoscale import Decision
+from gpuyard.logic.pool_accounting import PoolUsage
+
+ServiceKey = tuple[str, str]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _single(store: Any) -> Any | None:
+    # Keys of these indices are object names, so each store holds at most one value.
+    return next(iter(store), None) if store else None
+
+
+@dataclass
+class Caches:
+    """Kopf's indices, read-only views kept current by the watch streams."""
+
+    pools: Any
+    services: Any
+    services_by_pool: Any
+    nodes: Any
+    gpu_pods: Any
+    deployments: Any
+    network_services: Any
+    namespaces: Any
+
+    def pool(self, name: str) -> dict[str, Any] | None:
+        return _single(self.pools.get(name))
+
+    def service(self, key: ServiceKey) -> dict[str, Any] | None:
+        return _single(self.services.get(key))
+
+    def deployment(self, key: ServiceKey) -> dict[str, Any] | None:
+        return _single(self.deployments.get(key))
+
+    def network_service(self, key: ServiceKey) -> dict[str, Any] | None:
+        return _single(self.network_services.get(key))
+
+    def namespace_labels(self, name: str) -> dict[str, str] | None:
+        return _single(self.namespaces.get(name))
+
+    def pool_names(self) -> list[str]:
+        return list(self.pools)
+
+    def service_keys(self) -> list[ServiceKey]:
+        return list(self.services)
+
+    def services_of_pool(self, pool: str) -> list[ServiceKey]:
+        return list(self.services_by_pool.get(pool, ()))
+
+    def services_in_namespace(self, namespace: str) -> list[ServiceKey]:
+        return [key for key in self.services if key[0] == namespace]
+
+    def all_nodes(self) -> Iterator[Any]:
+        for name in list(self.nodes):
+            node = _single(self.nodes.get(name))
+            if node is not None:
+                yield node
+
+    def all_gpu_pods(self) -> Iterator[Any]:
+        for node in list(self.gpu_pods):
+            yield from list(self.gpu_pods.get(node, ()))
+
+
+@dataclass
+class Operator:
+    """One running operator; Kopf's memo holds it."""
+
+    settings: Settings
+    kube: Kube
+    metrics: OperatorMetrics
+    caches: Caches
+    pool_queue: WorkQueue[str] = field(init=False)
+    service_queue: WorkQueue[ServiceKey] = field(init=False)
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    #: Each pool's usage as its last reconcile computed it (services read it, O(1)).
+    pool_usage: dict[str, PoolUsage] = field(default_factory=dict)
+    #: The autoscaler's latest decision per service (applied by the service reconcile).
+    decisions: dict[ServiceKey, Decision] = field(default_factory=dict)
+    #: Services refused at the last reconcile, with the reason (for logs and metrics).
+    not_accepted: dict[ServiceKey, str] = field(default_factory=dict)
+
+    async def io(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a blocking API call in a worker thread.
+
+        Reconciles run on the event loop, where reading Kopf's caches is safe; only the
+        network calls of the (synchronous) Kubernetes client leave it.
+        """
+        return await asyncio.to_thread(call, *args, **kwargs)
+
+    def forget_pool(self, name: str) -> None:
+        self.pool_usage.pop(name, None)
+        self.metrics.pool_gpus.clear()
+
+    def forget_service(self, key: ServiceKey) -> None:
+        self.decisions.pop(key, None)
+        self.not_accepted.pop(key, None)
+
+    def record_reconcile(self, kind: str, seconds: float, ok: bool) -> None:
+        self.metrics.reconciles.labels(kind=kind, result="ok" if ok else "error").inc()
+        self.metrics.reconcile_seconds.labels(kind=kind).observe(seconds)

@@ -1,0 +1,256 @@
+"""Start-up and the Kopf wiring: every Kopf registration of gpuyard is in ``build_registry``.
+
+Kopf does the watching; its in-memory indices are gpuyard's informer caches (nodes, GPU
+pods, pools, services, children, namespaces), kept current from the watch streams, so
+no reconcile ever lists the cluster. Watch events only enqueue keys; the work queues
+(``workqueue.py``) run the reconcilers in ``pools.py`` and ``services.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from prometheus_client import start_http_server
+from pythonjsonlogger.json import JsonFormatter
+
+from gpuyard import API_GROUP, API_VERSION
+from gpuyard.config import Settings
+from gpuyard.handlers.context import Caches, Operator, ServiceKey
+from gpuyard.handlers.pools import reconcile_pool
+from gpuyard.handlers.services import reconcile_service
+from gpuyard.handlers.workqueue import WorkQueue
+from gpuyard.io.kube import Kube, connection_info, make_api_client
+from gpuyard.io.metrics import OperatorMetrics
+from gpuyard.logic.pool_accounting import node_info_from_dict, pod_info_from_dict
+
+logger = logging.getLogger("gpuyard")
+
+MANAGED = {"app.kubernetes.io/managed-by": "gpuyard"}
+SERVICE_LABEL = "gpuyard.io/service"
+CACHE_IDS = (
+    "pools",
+    "services",
+    "services_by_pool",
+    "nodes",
+    "gpu_pods",
+    "deployments",
+    "network_services",
+    "namespaces",
+)
+
+
+def holds_extended_resource(spec: Any, **_: Any) -> bool:
+    """Only pods that ask for an extended resource (a GPU, a MIG slice) can count against
+    a pool; leaving every other pod out keeps the cache small on a busy cluster."""
+    for container in spec.get("containers", []):
+        limits = (container.get("resources") or {}).get("limits") or {}
+        if any("/" in resource for resource in limits):
+            return True
+    return False
+
+
+# -- caches: each returns {key: value} for one object; Kopf keeps the index current ------
+
+
+def index_pool(name: str, body: Any, **_: Any) -> dict[str, Any]:
+    return {name: dict(body)}
+
+
+def index_service(namespace: str | None, name: str, body: Any, **_: Any) -> dict[ServiceKey, Any]:
+    return {(namespace or "", name): dict(body)}
+
+
+def index_service_by_pool(
+    namespace: str | None, name: str, spec: Any, **_: Any
+) -> dict[str, ServiceKey]:
+    return {str(spec.get("pool", "")): (namespace or "", name)}
+
+
+def index_node(name: str, body: Any, **_: Any) -> dict[str, Any]:
+    return {name: node_info_from_dict(dict(body))}
+
+
+def index_gpu_pod(body: Any, spec: Any, **_: Any) -> dict[str, Any] | None:
+    node = spec.get("nodeName")
+    return {node: pod_info_from_dict(dict(body))} if node else None
+
+
+def index_child(namespace: str | None, name: str, body: Any, **_: Any) -> dict[ServiceKey, Any]:
+    return {(namespace or "", name): dict(body)}
+
+
+def index_namespace(name: str, labels: Any, **_: Any) -> dict[str, dict[str, str]]:
+    return {name: dict(labels)}
+
+
+# -- start-up and shutdown ---------------------------------------------------------------
+
+
+def login(memo: Any, **_: Any) -> Any:
+    """Kopf's watches use the same identity as gpuyard's own calls."""
+    config: Settings = memo["config"]
+    kubeconfig = str(config.kubeconfig) if config.kubeconfig else None
+    return connection_info(make_api_client(kubeconfig, None, pool_size=1))
+
+
+async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) -> None:
+    config: Settings = memo["config"]
+    settings.peering.standalone = True
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    metrics = OperatorMetrics()
+    kubeconfig = str(config.kubeconfig) if config.kubeconfig else None
+    client = make_api_client(kubeconfig, config.impersonate, pool_size=config.workers * 2)
+    caches = Caches(**{name: indices[name] for name in CACHE_IDS})
+    operator = Operator(settings=config, kube=Kube(client, metrics), metrics=metrics, caches=caches)
+    operator.pool_queue = WorkQueue("pool", lambda key: reconcile_pool(operator, key))
+    operator.service_queue = WorkQueue("service", lambda key: reconcile_service(operator, key))
+    for queue in (operator.pool_queue, operator.service_queue):
+        queue.on_result = operator.record_reconcile
+    memo["operator"] = operator
+    if config.metrics_port:
+        start_http_server(config.metrics_port, config.metrics_address, registry=metrics.registry)
+        logger.info("metrics on %s:%d/metrics", config.metrics_address, config.metrics_port)
+
+
+async def cleanup(memo: Any, **_: Any) -> None:
+    operator: Operator | None = memo.get("operator")
+    if operator is not None:
+        for task in operator.tasks:
+            task.cancel()
+
+
+def started(memo: Any) -> Operator:
+    """The operator, its queues running.
+
+    Kopf delivers no event before every index is filled, so the first event is the moment
+    the caches are complete and reconciles may start.
+    """
+    operator: Operator = memo["operator"]
+    if not operator.tasks:
+        workers = operator.settings.workers
+        operator.tasks = [
+            asyncio.create_task(operator.pool_queue.run(max(2, workers // 4))),
+            asyncio.create_task(operator.service_queue.run(workers)),
+            asyncio.create_task(_resync(operator)),
+        ]
+    return operator
+
+
+# -- events only enqueue keys (level-triggered reconciles do the work) -------------------
+
+
+async def on_service_event(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
+    started(memo).service_queue.add((namespace or "", name))
+
+
+async def on_child_event(namespace: str | None, labels: Any, memo: Any, **_: Any) -> None:
+    owner = labels.get(SERVICE_LABEL)
+    if owner:
+        started(memo).service_queue.add((namespace or "", owner))
+
+
+async def on_pool_event(name: str, memo: Any, **_: Any) -> None:
+    operator = started(memo)
+    operator.pool_queue.add(name)
+    for key in operator.caches.services_of_pool(name):
+        operator.service_queue.add(key)
+
+
+async def on_capacity_event(memo: Any, **_: Any) -> None:
+    """A node or a GPU pod changed: every pool recounts (the queue folds bursts)."""
+    operator = started(memo)
+    for pool in operator.caches.pool_names():
+        operator.pool_queue.add(pool)
+
+
+async def on_namespace_event(name: str, memo: Any, **_: Any) -> None:
+    operator = started(memo)
+    for key in operator.caches.services_in_namespace(name):
+        operator.service_queue.add(key)
+
+
+def queue_depths(memo: Any, **_: Any) -> dict[str, int]:
+    operator: Operator | None = memo.get("operator")
+    if operator is None:
+        return {}
+    return {"pools": len(operator.pool_queue), "services": len(operator.service_queue)}
+
+
+async def _resync(operator: Operator) -> None:
+    """Reconcile everything now and then, so a lost event costs minutes, not forever."""
+    while True:
+        await asyncio.sleep(operator.settings.resync_seconds)
+        for pool in operator.caches.pool_names():
+            operator.pool_queue.add(pool)
+        for key in operator.caches.service_keys():
+            operator.service_queue.add(key)
+
+
+def build_registry() -> kopf.OperatorRegistry:
+    """All handlers, on a registry of their own (nothing is registered at import)."""
+    registry = kopf.OperatorRegistry()
+    r = registry
+    kopf.index(API_GROUP, API_VERSION, "gpupools", id="pools", registry=r)(index_pool)
+    kopf.index(API_GROUP, API_VERSION, "aiservices", id="services", registry=r)(index_service)
+    kopf.index(API_GROUP, API_VERSION, "aiservices", id="services_by_pool", registry=r)(
+        index_service_by_pool
+    )
+    kopf.index("", "v1", "nodes", id="nodes", registry=r)(index_node)
+    kopf.index("", "v1", "pods", when=holds_extended_resource, id="gpu_pods", registry=r)(
+        index_gpu_pod
+    )
+    kopf.index("apps", "v1", "deployments", labels=MANAGED, id="deployments", registry=r)(
+        index_child
+    )
+    kopf.index("", "v1", "services", labels=MANAGED, id="network_services", registry=r)(index_child)
+    kopf.index("", "v1", "namespaces", id="namespaces", registry=r)(index_namespace)
+
+    kopf.on.login(registry=r)(login)
+    kopf.on.startup(registry=r)(startup)
+    kopf.on.cleanup(registry=r)(cleanup)
+    kopf.on.probe(id="queues", registry=r)(queue_depths)
+
+    kopf.on.event(API_GROUP, API_VERSION, "aiservices", registry=r)(on_service_event)
+    kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=r)(on_child_event)
+    kopf.on.event("", "v1", "services", labels=MANAGED, registry=r)(on_child_event)
+    kopf.on.event(API_GROUP, API_VERSION, "gpupools", registry=r)(on_pool_event)
+    kopf.on.event("", "v1", "nodes", registry=r)(on_capacity_event)
+    kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_capacity_event)
+    kopf.on.event("", "v1", "namespaces", registry=r)(on_namespace_event)
+    return registry
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+    # Kopf logs every watch event at DEBUG and every handler at INFO; gpuyard logs what matters.
+    logging.getLogger("kopf").setLevel(max(logging.WARNING, root.level))
+
+
+def run_operator(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT: watch, reconcile, serve /healthz and /metrics."""
+    configure_logging(settings)
+    logger.info("gpuyard starting (cluster id %s)", settings.cluster_id)
+    liveness = (
+        f"http://{settings.health_address}:{settings.health_port}/healthz"
+        if settings.health_port
+        else None
+    )
+    kopf.run(
+        registry=build_registry(),
+        clusterwide=True,
+        standalone=True,
+        liveness_endpoint=liveness,
+        memo=kopf.Memo(config=settings),
+    )

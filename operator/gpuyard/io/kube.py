@@ -1,0 +1,202 @@
+"""Kubernetes calls: server-side apply of children, status patches, events.
+
+The only module that writes to the API server. Every write is counted in
+``gpuyard_kubernetes_writes_total`` so that "a reconcile with nothing to do writes
+nothing" is observable in production, not only in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client import ApiClient, ApiException
+
+from gpuyard import API_GROUP, API_VERSION, FIELD_MANAGER, __version__
+from gpuyard.io.metrics import OperatorMetrics
+
+logger = logging.getLogger(__name__)
+
+USER_AGENT = f"gpuyard/{__version__}"
+REQUEST_TIMEOUT = 30
+
+
+def make_api_client(kubeconfig: str | None, impersonate: str | None, pool_size: int) -> ApiClient:
+    """A client from a kubeconfig, else from the in-cluster ServiceAccount."""
+    configuration = kubernetes.client.Configuration()
+    if kubeconfig:
+        kubernetes.config.load_kube_config(
+            config_file=kubeconfig, client_configuration=configuration
+        )
+    else:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(client_configuration=configuration)
+    # One connection per concurrent reconcile, or the workers queue behind each other.
+    configuration.connection_pool_maxsize = max(pool_size, 4)
+    client = ApiClient(configuration)
+    client.user_agent = USER_AGENT
+    if impersonate:
+        client.set_default_header("Impersonate-User", impersonate)
+    return client
+
+
+def connection_info(client: ApiClient) -> Any:
+    """Kopf's view of the same credentials, so its watches and our calls agree."""
+    configuration = client.configuration
+    token = (configuration.api_key or {}).get("authorization", "")
+    scheme, _, token = token.partition(" ") if " " in token else ("Bearer", "", token)
+    return kopf.ConnectionInfo(
+        server=configuration.host,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        scheme=scheme if token else None,
+        token=token or None,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+    )
+
+
+class Kube:
+    """The handful of calls gpuyard makes, each with a clear name."""
+
+    def __init__(self, client: ApiClient, metrics: OperatorMetrics) -> None:
+        self.client = client
+        self._writes = metrics.kubernetes_writes
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.core = kubernetes.client.CoreV1Api(client)
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str | None = None,
+        query: list[tuple[str, str]] | None = None,
+    ) -> Any:
+        """One request as plain JSON; raises ApiException on a status outside 2xx.
+
+        The generated typed methods would turn every Deployment into client models and
+        back; the reconciler speaks Kubernetes JSON, so the raw request is both simpler
+        and cheaper.
+        """
+        headers = {"Accept": "application/json"}
+        if content_type:
+            headers["Content-Type"] = content_type
+        method, url, headers, payload, _ = self.client.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        response = self.client.call_api(
+            method, url, header_params=headers, body=payload, _request_timeout=REQUEST_TIMEOUT
+        )
+        data = response.read()
+        if not 200 <= response.status < 300:
+            raise ApiException(http_resp=response)
+        return json.loads(data) if data else None
+
+    def apply(self, obj: Mapping[str, Any]) -> Any:
+        """Server-side apply ``obj`` as field manager ``gpuyard`` (forcing our own fields)."""
+        path = _object_path(obj)
+        self._writes.labels(verb="apply", resource=obj["kind"]).inc()
+        return self._call(
+            "PATCH", path, body=dict(obj), content_type="application/apply-patch+yaml",
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+        )  # fmt: skip
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self._writes.labels(verb="delete", resource=kind).inc()
+        path = _object_path(
+            {
+                "apiVersion": api_version,
+                "kind": kind,
+                "metadata": {"namespace": namespace, "name": name},
+            }
+        )
+        try:
+            self._call("DELETE", path, body={"propagationPolicy": "Background"})
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def patch_status(
+        self, plural: str, namespace: str | None, name: str, status: Mapping[str, Any]
+    ) -> None:
+        """Merge-patch the status subresource of one of our own objects."""
+        self._writes.labels(verb="patch-status", resource=plural).inc()
+        base = f"/apis/{API_GROUP}/{API_VERSION}"
+        scope = f"/namespaces/{namespace}" if namespace else ""
+        try:
+            self._call(
+                "PATCH", f"{base}{scope}/{plural}/{name}/status", body={"status": status},
+                content_type="application/merge-patch+json",
+            )  # fmt: skip
+        except ApiException as error:
+            if error.status == 404:  # deleted meanwhile: nothing left to report on
+                logger.debug("%s %s/%s is gone; status not written", plural, namespace, name)
+                return
+            raise
+
+    def get(self, path: str) -> Any | None:
+        try:
+            return self._call("GET", path)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def post_event(
+        self,
+        involved: Mapping[str, Any],
+        reason: str,
+        message: str,
+        now: datetime,
+        type_: str = "Normal",
+    ) -> None:
+        """A Kubernetes Event on ``involved``; failures are logged, never raised."""
+        meta = involved["metadata"]
+        namespace = meta.get("namespace") or "default"
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"], "kind": involved["kind"],
+                "name": meta["name"], "namespace": meta.get("namespace"), "uid": meta["uid"],
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": type_,
+            "source": {"component": "gpuyard"},
+            "firstTimestamp": now.isoformat().replace("+00:00", "Z"),
+            "lastTimestamp": now.isoformat().replace("+00:00", "Z"),
+            "count": 1,
+            "reportingComponent": "gpuyard",
+        }  # fmt: skip
+        try:
+            self._call("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
+        except ApiException as error:
+            logger.warning("could not post event %s on %s: %s", reason, meta["name"], error.reason)
+
+
+_PLURALS = {"Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps"}
+
+
+def _object_path(obj: Mapping[str, Any]) -> str:
+    api_version: str = obj["apiVersion"]
+    prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    meta = obj["metadata"]
+    plural = _PLURALS[obj["kind"]]
+    namespace = meta.get("namespace")
+    scope = f"/namespaces/{namespace}" if namespace else ""
+    return f"{prefix}{scope}/{plural}/{meta['name']}"

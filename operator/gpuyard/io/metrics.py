@@ -1,0 +1,49 @@
+"""The operator's own Prometheus metrics, on a registry made at start-up (not at import)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class OperatorMetrics:
+    """Everything gpuyard exports about itself; one instance per running operator."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.reconciles = Counter(
+            "gpuyard_reconciles_total",
+            "Reconciles run, by kind and result.",
+            ["kind", "result"],
+            registry=self.registry,
+        )
+        self.reconcile_seconds = Histogram(
+            "gpuyard_reconcile_duration_seconds",
+            "Time one reconcile took, by kind.",
+            ["kind"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.kubernetes_writes = Counter(
+            "gpuyard_kubernetes_writes_total",
+            "Write calls made to the Kubernetes API, by verb and resource.",
+            ["verb", "resource"],
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "gpuyard_workqueue_depth",
+            "Keys waiting for a reconcile, by queue.",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.pool_gpus = Gauge(
+            "gpuyard_pool_gpus",
+            "GPUs of a pool, by state (capacity, allocated, available).",
+            ["pool", "gpu_type", "state"],
+            registry=self.registry,
+        )
+        self.services_not_accepted = Gauge(
+            "gpuyard_services_not_accepted",
+            "AIServices whose spec the operator refuses (Accepted=False), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
