@@ -51,7 +51,8 @@ def contains(live: Any, desired: Any) -> bool:
     """Whether every field of ``desired`` has the same value in ``live``."""
     if isinstance(desired, Mapping):
         return isinstance(live, Mapping) and all(
-            key in live and contains(live[key], value) for key, value in desired.items()
+            contains(live[key], value) if key in live else _omitted_when_empty(value)
+            for key, value in desired.items()
         )
     if isinstance(desired, list):
         return (
@@ -63,6 +64,12 @@ def contains(live: Any, desired: Any) -> bool:
         return True
     # The API server stores quantities canonically ("0.5" comes back as "500m").
     return _quantity(desired) is not None and _quantity(desired) == _quantity(live)
+
+
+def _omitted_when_empty(value: Any) -> bool:
+    # Most Kubernetes fields are `omitempty`: a 0, "", false or empty list we set comes
+    # back absent, and that is no drift.
+    return value in (0, "", False, None, [], {})
 
 
 def _quantity(value: Any) -> Decimal | None:

@@ -1,0 +1,162 @@
+"""The operator under test: ``gpuyard run`` as a real process against the local cluster.
+
+One operator serves the whole session (it is cluster-wide, like a real install); tests
+that restart or kill it use ``operator.restart()`` / ``operator.kill()`` and get it back
+running for the next test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localcluster.cluster import REPO_ROOT, ClusterState, audit_writes, free_port
+from support import Kubectl, wait_until
+
+OPERATOR_USER_AGENT = "gpuyard/"
+
+
+class OperatorProcess:
+    """A running ``gpuyard run``; its log is kept for the test report."""
+
+    def __init__(self, cluster: ClusterState, log_dir: Path, extra_env: dict[str, str]) -> None:
+        self.cluster = cluster
+        self.log_path = log_dir / "operator.log"
+        self.extra_env = extra_env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.metrics_port = 0
+        self.health_port = 0
+
+    def start(self) -> None:
+        self.metrics_port, self.health_port = free_port(), free_port()
+        env = {
+            **os.environ,
+            "GPUYARD_KUBECONFIG": self.cluster.kubeconfig,
+            "GPUYARD_METRICS_PORT": str(self.metrics_port),
+            "GPUYARD_METRICS_ADDRESS": "127.0.0.1",
+            "GPUYARD_HEALTH_PORT": str(self.health_port),
+            "GPUYARD_HEALTH_ADDRESS": "127.0.0.1",
+            "GPUYARD_PROMETHEUS_URL": self.cluster.prometheus_url,
+            "GPUYARD_LOG_LEVEL": "INFO",
+            **self.extra_env,
+        }
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gpuyard.cli", "run"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        wait_until(self.healthy, timeout=60, what="the operator's /healthz")
+
+    def healthy(self) -> bool:
+        if self.process is None or self.process.poll() is not None:
+            raise AssertionError(f"the operator exited; log:\n{self.log_tail()}")
+        try:
+            url = f"http://127.0.0.1:{self.health_port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def writes(self) -> list[dict[str, Any]]:
+        """Write requests the API server answered for the operator (from its audit log)."""
+        return audit_writes(self.cluster, OPERATOR_USER_AGENT)
+
+
+@pytest.fixture(scope="session")
+def crds(kubectl: Kubectl) -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
+    for name in ("aiservices.gpuyard.io", "gpupools.gpuyard.io"):
+        kubectl("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+
+
+@pytest.fixture(scope="session")
+def pools(kubectl: Kubectl, crds: None) -> None:
+    """The example pools, matching the local cluster's default topology."""
+    kubectl("apply", "-f", str(REPO_ROOT / "examples" / "pools.yaml"))
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: ClusterState, crds: None, pools: None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"), {})
+    process.start()
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def running_operator(operator: OperatorProcess) -> OperatorProcess:
+    """The session's operator, started again if an earlier test stopped it."""
+    if operator.process is None or operator.process.poll() is not None:
+        operator.process = None
+        operator.start()
+    return operator
+
+
+def reconciles(operator: OperatorProcess, kind: str = "service") -> float:
+    """How many reconciles of ``kind`` the operator has finished (from its /metrics)."""
+    total = 0.0
+    for line in operator.metrics().splitlines():
+        if line.startswith("gpuyard_reconciles_total{") and f'kind="{kind}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def flush_audit(kubectl: Kubectl, operator: OperatorProcess, namespace: str) -> None:
+    """Wait until the audit log holds everything written so far.
+
+    The API server writes its audit log in batches; a write of our own that shows up
+    in the log proves every earlier one is there too.
+    """
+    marker = f"audit-marker-{time.monotonic_ns()}"
+    kubectl("create", "configmap", marker, "-n", namespace)
+    wait_until(
+        lambda: any(
+            e.get("objectRef", {}).get("name") == marker
+            for e in audit_writes(operator.cluster, "kubectl")
+        ),
+        timeout=30,
+        what="the audit log to catch up",
+    )
