@@ -24,6 +24,8 @@ def _run(args: argparse.Namespace) -> int:
             "metrics_port": args.metrics_port,
             "health_port": args.health_port,
             "prometheus_url": args.prometheus_url,
+            "autoscale_interval": args.autoscale_interval,
+            "metrics_window_seconds": args.metrics_window,
             "workers": args.workers,
             "log_level": args.log_level,
             "log_format": args.log_format,
@@ -67,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--metrics-port", type=int, help="port of /metrics (default 8080; 0: none)")
     run.add_argument("--health-port", type=int, help="port of /healthz (default 8081)")
     run.add_argument("--prometheus-url", help="Prometheus to read GPU metrics from")
+    run.add_argument("--autoscale-interval", type=float, help="seconds between ticks (default 5)")
+    run.add_argument(
+        "--metrics-window", type=int, help="seconds GPU metrics are averaged over (default 30)"
+    )
     run.add_argument("--workers", type=int, help="concurrent reconciles (default 8)")
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.add_argument("--log-format", choices=["plain", "json"])

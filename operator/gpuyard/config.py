@@ -43,6 +43,17 @@ class Settings(BaseSettings):
         description="every object is reconciled at least this often, events or not",
     )
     prometheus_url: str | None = Field(default=None, description="Prometheus for GPU metrics")
-    autoscale_interval: float = Field(default=5.0, ge=0.5, le=300)
+    autoscale_interval: float = Field(
+        default=5.0, ge=0.5, le=300, description="seconds between autoscaler ticks"
+    )
+    metrics_window_seconds: int = Field(
+        default=30,
+        ge=1,
+        le=3600,
+        description=(
+            "GPU metrics are averaged over this window; at least dcgm-exporter's collection "
+            "interval (30 s by default), or a window can hold no sample at all"
+        ),
+    )
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -11,7 +11,8 @@ from gpuyard.config import Settings
 from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube
 from gpuyard.io.metrics import OperatorMetrics
-from gpuyard.logic.autoscale import Decision
+from gpuyard.io.prometheus import Prometheus
+from gpuyard.logic.autoscale import Decision, ScalingState
 from gpuyard.logic.pool_accounting import PoolUsage
 
 ServiceKey = tuple[str, str]
@@ -83,6 +84,7 @@ class Operator:
     kube: Kube
     metrics: OperatorMetrics
     caches: Caches
+    prometheus: Prometheus | None = None
     pool_queue: WorkQueue[str] = field(init=False)
     service_queue: WorkQueue[ServiceKey] = field(init=False)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -90,6 +92,8 @@ class Operator:
     pool_usage: dict[str, PoolUsage] = field(default_factory=dict)
     #: The autoscaler's latest decision per service (applied by the service reconcile).
     decisions: dict[ServiceKey, Decision] = field(default_factory=dict)
+    #: What each service's autoscaling carries from one tick to the next.
+    scaling_states: dict[ServiceKey, ScalingState] = field(default_factory=dict)
     #: Services refused at the last reconcile, with the reason (for logs and metrics).
     not_accepted: dict[ServiceKey, str] = field(default_factory=dict)
 
@@ -107,6 +111,7 @@ class Operator:
 
     def forget_service(self, key: ServiceKey) -> None:
         self.decisions.pop(key, None)
+        self.scaling_states.pop(key, None)
         self.not_accepted.pop(key, None)
 
     def record_reconcile(self, kind: str, seconds: float, ok: bool) -> None:

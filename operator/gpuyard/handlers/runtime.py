@@ -18,12 +18,14 @@ from pythonjsonlogger.json import JsonFormatter
 
 from gpuyard import API_GROUP, API_VERSION
 from gpuyard.config import Settings
+from gpuyard.handlers.autoscaler import autoscale_forever
 from gpuyard.handlers.context import Caches, Operator, ServiceKey
 from gpuyard.handlers.pools import reconcile_pool
 from gpuyard.handlers.services import reconcile_service
 from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube, connection_info, make_api_client
 from gpuyard.io.metrics import OperatorMetrics
+from gpuyard.io.prometheus import Prometheus
 from gpuyard.logic.pool_accounting import node_info_from_dict, pod_info_from_dict
 
 logger = logging.getLogger("gpuyard")
@@ -106,7 +108,13 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) ->
     kubeconfig = str(config.kubeconfig) if config.kubeconfig else None
     client = make_api_client(kubeconfig, config.impersonate, pool_size=config.workers * 2)
     caches = Caches(**{name: indices[name] for name in CACHE_IDS})
-    operator = Operator(settings=config, kube=Kube(client, metrics), metrics=metrics, caches=caches)
+    operator = Operator(
+        settings=config,
+        kube=Kube(client, metrics),
+        metrics=metrics,
+        caches=caches,
+        prometheus=Prometheus(config.prometheus_url) if config.prometheus_url else None,
+    )
     operator.pool_queue = WorkQueue("pool", lambda key: reconcile_pool(operator, key))
     operator.service_queue = WorkQueue("service", lambda key: reconcile_service(operator, key))
     for queue in (operator.pool_queue, operator.service_queue):
@@ -137,6 +145,7 @@ def started(memo: Any) -> Operator:
             asyncio.create_task(operator.pool_queue.run(max(2, workers // 4))),
             asyncio.create_task(operator.service_queue.run(workers)),
             asyncio.create_task(_resync(operator)),
+            asyncio.create_task(autoscale_forever(operator)),
         ]
     return operator
 

@@ -9,6 +9,7 @@ what should exist, and writes only differences. A service the pool refuses gets
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ from gpuyard.api.pool import GPUPool, GPUPoolStatus
 from gpuyard.api.service import AIService
 from gpuyard.handlers.context import Operator, ServiceKey
 from gpuyard.logic.admission import AdmissionResult, check_service
+from gpuyard.logic.autoscale import Decision
 from gpuyard.logic.children import build_deployment, build_service, owner_reference, selector_string
 from gpuyard.logic.conditions import (
     accepted_condition,
@@ -28,106 +30,132 @@ from gpuyard.logic.conditions import (
 from gpuyard.logic.drift import needs_apply, with_applied_hash
 from gpuyard.logic.pool_accounting import PoolUsage, compute_pool_usage
 from gpuyard.logic.replicas import target_replicas
+from gpuyard.logic.scaling_status import autoscaler_conditions, recommendation
 from gpuyard.logic.status import service_status, status_patch
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _Accepted:
+    """An accepted service, with everything its reconcile read from the caches."""
+
+    key: ServiceKey
+    body: dict[str, Any]
+    service: AIService
+    pool: GPUPool
+    usage: PoolUsage
+    admission: AdmissionResult
+    decision: Decision | None
+    live: dict[str, Any] | None
+    now: datetime
+
+
 async def reconcile_service(op: Operator, key: ServiceKey) -> None:
-    namespace, name = key
     body = op.caches.service(key)
     if body is None:
         # Deleted: the garbage collector removes the children through their owner reference.
         op.forget_service(key)
         return
     now = datetime.now(UTC)
-    generation = body["metadata"].get("generation")
-    current_status: dict[str, Any] = body.get("status") or {}
-
     try:
         service = AIService.from_mapping(body)
     except ValidationError as error:
         await _refuse(op, key, body, AdmissionResult(False, "InvalidSpec", _explain(error)), now)
         return
-    pool_body = op.caches.pool(service.spec.pool)
-    pool = None
-    if pool_body is not None:
-        try:
-            pool = GPUPool.from_mapping(pool_body)
-        except ValidationError:
-            pool = None
+    pool = _pool(op, service.spec.pool)
     usage = _pool_usage(op, pool) if pool is not None else None
-    pool_status = _status_of(usage) if usage is not None else None
-    namespace_allocated = (
-        usage.namespace_allocated(namespace, excluding_service=name) if usage else 0
-    )
     admission = check_service(
-        service, pool, pool_status, op.caches.namespace_labels(namespace) or {}, namespace_allocated
+        service,
+        pool,
+        _status_of(usage) if usage is not None else None,
+        op.caches.namespace_labels(key[0]) or {},
+        usage.namespace_allocated(key[0], excluding_service=key[1]) if usage else 0,
     )
     if not admission.accepted or pool is None or usage is None:
         await _refuse(op, key, body, admission, now)
         return
     op.not_accepted.pop(key, None)
+    accepted = _Accepted(
+        key, body, service, pool, usage, admission, op.decisions.get(key),
+        op.caches.deployment(key), now,
+    )  # fmt: skip
+    replicas = await _apply_children(op, accepted)
+    await _write_status(op, key, body.get("status") or {}, _desired_status(accepted, replicas))
 
-    live = op.caches.deployment(key)
-    live_replicas = live["spec"].get("replicas") if live else None
-    decision = op.decisions.get(key)
+
+async def _apply_children(op: Operator, it: _Accepted) -> int:
+    """Apply the Deployment (and Service) where they differ; return the replica count."""
+    live_replicas = it.live["spec"].get("replicas") if it.live else None
     replicas = target_replicas(
-        service.spec,
-        decided=decision.desired_replicas if decision is not None else None,
-        persisted=current_status.get("desiredReplicas"),
+        it.service.spec,
+        decided=it.decision.desired_replicas if it.decision is not None else None,
+        persisted=(it.body.get("status") or {}).get("desiredReplicas"),
         live=live_replicas,
     )
-    owner = owner_reference(service)
-    deployment = with_applied_hash(build_deployment(service, pool, replicas, owner))
-    if needs_apply(deployment, live):
+    owner = owner_reference(it.service)
+    deployment = with_applied_hash(build_deployment(it.service, it.pool, replicas, owner))
+    if needs_apply(deployment, it.live):
         await op.io(op.kube.apply, deployment)
-    network = build_service(service, pool, owner)
-    live_network = op.caches.network_service(key)
+        if live_replicas is not None and live_replicas != replicas:
+            await _announce_scale(op, it, live_replicas, replicas)
+    network = build_service(it.service, it.pool, owner)
+    live_network = op.caches.network_service(it.key)
     if network is not None:
         network = with_applied_hash(network)
         if needs_apply(network, live_network):
             await op.io(op.kube.apply, network)
     elif live_network is not None:
-        await op.io(op.kube.delete, "v1", "Service", namespace, name)
+        await op.io(op.kube.delete, "v1", "Service", it.key[0], it.key[1])
+    return replicas
 
-    live_status = (live or {}).get("status") or {}
+
+def _desired_status(it: _Accepted, replicas: int) -> dict[str, Any]:
+    current_status: dict[str, Any] = it.body.get("status") or {}
+    live_status = (it.live or {}).get("status") or {}
     current_replicas = int(live_status.get("replicas") or 0)
     ready_replicas = int(live_status.get("readyReplicas") or 0)
-    placed = usage.allocated_by_service.get(key, 0) // service.spec.gpus_per_replica
-    capacity = capacity_condition(
+    gpus = it.service.spec.gpus_per_replica
+    placement = capacity_condition(
         wanted_replicas=replicas,
-        placed_replicas=placed,
-        gpus_per_replica=service.spec.gpus_per_replica,
-        available_gpus=usage.available,
-        pool_name=pool.name,
-        resource_name=pool.spec.resource_name,
-        fitting_replicas=usage.replicas_that_fit(service.spec.gpus_per_replica),
+        placed_replicas=it.usage.allocated_by_service.get(it.key, 0) // gpus,
+        gpus_per_replica=gpus,
+        available_gpus=it.usage.available,
+        pool_name=it.pool.name,
+        resource_name=it.pool.spec.resource_name,
+        fitting_replicas=it.usage.replicas_that_fit(gpus),
     )
+    scaling = autoscaler_conditions(it.decision)
+    # The autoscaler's verdict on capacity (the pool cut what it wanted) outranks the
+    # placement check, which only sees replicas already asked for.
+    capacity = next((c for c in scaling if c.type == placement.type), placement)
     ready = ready_condition(
-        admission=admission,
+        admission=it.admission,
         desired_replicas=replicas,
         ready_replicas=ready_replicas,
         current_replicas=current_replicas,
         updated_replicas=int(live_status.get("updatedReplicas") or 0),
         capacity=capacity,
     )
+    generation = it.body["metadata"].get("generation")
     conditions = apply_conditions(
         current_status.get("conditions"),
-        [accepted_condition(admission), capacity, ready],
+        [accepted_condition(it.admission), ready, capacity]
+        + [c for c in scaling if c.type != capacity.type],
         generation,
-        now,
+        it.now,
     )
-    desired_status = service_status(
+    return service_status(
         observed_generation=generation,
         replicas=current_replicas,
         ready_replicas=ready_replicas,
         desired_replicas=replicas,
-        selector=selector_string(service),
-        gpu_type=pool.spec.gpu_type,
+        selector=selector_string(it.service),
+        gpu_type=it.pool.spec.gpu_type,
+        recommendation=recommendation(it.decision, current_status.get("recommendation"), it.now),
+        last_scale_time=it.decision.state.last_scale_time if it.decision else None,
         conditions=conditions,
     )
-    await _write_status(op, key, current_status, desired_status)
 
 
 async def _refuse(
@@ -168,6 +196,16 @@ async def _write_status(
         await op.io(op.kube.patch_status, "aiservices", key[0], key[1], patch)
 
 
+def _pool(op: Operator, name: str) -> GPUPool | None:
+    body = op.caches.pool(name)
+    if body is None:
+        return None
+    try:
+        return GPUPool.from_mapping(body)
+    except ValidationError:
+        return None  # the pool reconcile logs it; for its services it is as good as absent
+
+
 def _pool_usage(op: Operator, pool: GPUPool) -> PoolUsage:
     # The pool reconcile keeps this current on every node or pod event; computing it here
     # only covers a service reconciled before its pool's first reconcile.
@@ -195,3 +233,11 @@ def _explain(error: ValidationError) -> str:
         where = ".".join(str(part) for part in item["loc"])
         parts.append(f"{where}: {item['msg']}")
     return "spec is invalid: " + "; ".join(parts)
+
+
+async def _announce_scale(op: Operator, it: _Accepted, before: int, after: int) -> None:
+    """A Kubernetes Event on the AIService for each scale, saying why."""
+    why = it.decision.message if it.decision is not None else "spec changed"
+    reason = "ScaledUp" if after > before else "ScaledDown"
+    message = f"{before} -> {after} replicas: {why}"
+    await op.io(op.kube.post_event, it.body, reason, message, it.now)

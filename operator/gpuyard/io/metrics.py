@@ -41,6 +41,46 @@ class OperatorMetrics:
             ["pool", "gpu_type", "state"],
             registry=self.registry,
         )
+        self.autoscaler_tick_seconds = Histogram(
+            "gpuyard_autoscaler_tick_duration_seconds",
+            "Wall time of one autoscaler tick (queries and decisions for every service).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.autoscaler_last_tick = Gauge(
+            "gpuyard_autoscaler_last_tick_timestamp_seconds",
+            "Unix time the last autoscaler tick ended (alert when it stops moving).",
+            registry=self.registry,
+        )
+        self.autoscaler_errors = Counter(
+            "gpuyard_autoscaler_errors_total",
+            "Autoscaler failures, by stage (query, tick).",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.autoscaler_decisions = Counter(
+            "gpuyard_autoscaler_decisions_total",
+            "Decisions that changed what a service's status shows, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.autoscaler_desired_replicas = Gauge(
+            "gpuyard_autoscaler_desired_replicas",
+            "Replicas the autoscaler decided for a service.",
+            ["namespace", "service"],
+            registry=self.registry,
+        )
+        self.prometheus_queries = Counter(
+            "gpuyard_prometheus_queries_total",
+            "PromQL queries sent (a constant number per tick).",
+            registry=self.registry,
+        )
+        self.prometheus_query_seconds = Histogram(
+            "gpuyard_prometheus_query_duration_seconds",
+            "Wall time of one tick's concurrent PromQL queries.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
         self.services_not_accepted = Gauge(
             "gpuyard_services_not_accepted",
             "AIServices whose spec the operator refuses (Accepted=False), by reason.",

@@ -109,6 +109,8 @@ class PodInfo:
     service: str | None = None
     #: The `gpuyard.io/pool` label: which pool the pod asked for, if any.
     pool: str | None = None
+    #: The pod's Ready condition: the autoscaler reads GPU metrics of ready pods only.
+    ready: bool = False
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
@@ -201,6 +203,10 @@ def pod_info_from_dict(obj: Mapping[str, Any]) -> PodInfo:
         requests=effective_requests(spec),
         service=str(service) if service is not None else None,
         pool=str(pool) if pool is not None else None,
+        ready=any(
+            _mapping(c).get("type") == "Ready" and _mapping(c).get("status") == "True"
+            for c in _sequence(status.get("conditions"))
+        ),
     )
 
 

@@ -259,6 +259,47 @@ def prometheus_metric_query(
     return f"{Aggregation(aggregation).value}(avg_over_time({selector}))"
 
 
+ServiceKey = tuple[str, str]
+"""(namespace, service) a tenant metric's series belong to."""
+
+
+def prometheus_metric_group_query(
+    metric: str,
+    labels: Mapping[str, str],
+    aggregation: Aggregation,
+    *,
+    window_seconds: int = DEFAULT_WINDOW_SECONDS,
+) -> str:
+    """One query for every service that declares the same tenant metric.
+
+    ``sum by (namespace, service) (avg_over_time({__name__="m",k="v"}[30s]))`` answers for
+    all of them at once, so a tick sends one query per distinct metric declaration, not one
+    per service. Scope comes from the grouping: a service reads only the series keyed by
+    its own namespace and name (see :func:`parse_grouped_response`), so one tenant's
+    matchers can never show it another namespace's values.
+    """
+    validate_tenant_selector(metric, labels)
+    pairs = [("__name__", metric), *sorted(labels.items())]
+    selector = _matchers(pairs) + _window(window_seconds)
+    return f"{Aggregation(aggregation).value} by (namespace, service) (avg_over_time({selector}))"
+
+
+def parse_grouped_response(body: str | bytes | Mapping[str, Any]) -> dict[ServiceKey, float]:
+    """Map a :func:`prometheus_metric_group_query` result to ``{(namespace, service): value}``.
+
+    Series without both labels belong to no service and are skipped.
+    """
+    values: dict[ServiceKey, float] = {}
+    for labels, value in _vector(_load(body)):
+        key = (_label(labels, "namespace"), _label(labels, "service"))
+        if not all(key):
+            continue
+        if key in values:
+            raise PrometheusResponseError("DuplicateSeries", f"two series for {key}")
+        values[key] = value
+    return values
+
+
 def _load(body: str | bytes | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(body, Mapping):
         payload: Any = body
