@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/hack
 CLUSTER := $(BIN)/python -m localcluster
 
-.PHONY: help venv binaries cluster-up cluster-down cluster-env crds lint test test-unit demo clean
+.PHONY: help venv binaries cluster-up cluster-down cluster-env crds dist chart-lint lint test test-unit demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -38,8 +38,19 @@ cluster-down: venv ## stop the local cluster and remove its files
 cluster-env: venv ## print `export` lines for the running local cluster
 	$(CLUSTER) env
 
-crds: venv ## regenerate crds/ from the pydantic models
+crds: venv ## regenerate crds/ (and the chart's copy) from the pydantic models
 	$(BIN)/gpuyard crds --output-dir crds
+	$(BIN)/gpuyard crds --output-dir charts/gpuyard/files/crds
+
+dist: binaries ## render dist/install.yaml from the chart (after `make crds` or a chart change)
+	bash hack/render-install.sh
+
+chart-lint: venv binaries ## helm lint the chart; shellcheck and hadolint the packaging
+	scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && \
+	  HELM_CACHE_HOME=$$scratch/c HELM_CONFIG_HOME=$$scratch/f HELM_DATA_HOME=$$scratch/d \
+	  "$$(bash hack/build-binaries.sh --print-dir)/helm" lint --strict charts/gpuyard
+	$(BIN)/shellcheck -x -P SCRIPTDIR hack/*.sh
+	$(BIN)/hadolint Dockerfile
 
 lint: venv ## ruff, mypy (strict) and the import-layer contracts
 	$(BIN)/ruff check .

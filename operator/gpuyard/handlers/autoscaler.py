@@ -100,7 +100,14 @@ async def tick(op: Operator, now: datetime) -> None:
         gpu_values[series.value] = _parsed(answers[series.value], parse_vector_response)
     pods_by_service = _ready_pods_by_service(op)
     for candidate in candidates:
-        candidate.samples = _samples(candidate, gpu_values, answers, pods_by_service, now, window)
+        candidate.samples = _samples(
+            candidate,
+            gpu_values=gpu_values,
+            answers=answers,
+            pods_by_service=pods_by_service,
+            now=now,
+            window_seconds=window,
+        )
 
     # Pass 1: what each service wants, ignoring the pool. Pass 2: each one's fair share.
     wanted = {c.key: decide(c.samples, c.state, c.policy, None, now) for c in candidates}
