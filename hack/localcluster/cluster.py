@@ -87,6 +87,10 @@ class ClusterState:
     topology: str
     kubernetes_version: str
     pids: dict[str, int] = field(default_factory=dict)
+    # How each process was started, so one can be stopped and started again (a test that
+    # takes Prometheus away, say) by any process that reads this state.
+    commands: dict[str, list[str]] = field(default_factory=dict)
+    environments: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def save(self) -> None:
         path = Path(self.state_dir) / STATE_FILE
@@ -280,8 +284,28 @@ class LocalCluster:
             )  # fmt: skip
         self._children[process.pid] = process
         state.pids[name] = process.pid
+        state.commands[name] = list(args)
+        if env is not None:
+            state.environments[name] = {k: v for k, v in env.items() if k == "PYTHONPATH"}
         state.save()
         return process
+
+    def stop_component(self, name: str) -> None:
+        """Stop one process of the cluster (to test what happens without it)."""
+        state = ClusterState.load(self.state_dir)
+        pid = state.pids[name]
+        _terminate(name, pid)
+        child = self._children.pop(pid, None)
+        if child is not None:
+            child.wait()
+
+    def start_component(self, name: str) -> None:
+        """Start a stopped process again, with the command line it first had."""
+        state = ClusterState.load(self.state_dir)
+        if process_alive(state.pids[name]):
+            raise RuntimeError(f"{name} is running already")
+        env = state.environments.get(name)
+        self._start(state, name, state.commands[name], {**os.environ, **env} if env else None)
 
     def up(self, topology: str = DEFAULT_TOPOLOGY, scrape_seconds: int = 1) -> ClusterState:
         pools = parse_topology(topology)

@@ -47,6 +47,9 @@ class OperatorProcess:
             "GPUYARD_HEALTH_ADDRESS": "127.0.0.1",
             "GPUYARD_PROMETHEUS_URL": self.cluster.prometheus_url,
             "GPUYARD_LOG_LEVEL": "INFO",
+            # The simulator is scraped every second: react in seconds, as a test should.
+            "GPUYARD_AUTOSCALE_INTERVAL": "1",
+            "GPUYARD_METRICS_WINDOW_SECONDS": "5",
             **self.extra_env,
         }
         with self.log_path.open("ab") as log:
