@@ -55,5 +55,16 @@ class Settings(BaseSettings):
             "interval (30 s by default), or a window can hold no sample at all"
         ),
     )
+    usage_window_seconds: int = Field(
+        default=60, ge=1, le=3600, description="usage records are cut per pod per window"
+    )
+    meter_interval: float = Field(default=5.0, ge=0.5, le=300, description="seconds between ticks")
+    usage_stdout: bool = Field(default=True, description="print usage records as JSON lines")
+    usage_ledger: Path | None = Field(
+        default=None, description="append usage records to this file (fsync'ed)"
+    )
+    usage_http_url: str | None = Field(
+        default=None, description="POST usage records as CloudEvents batches to this URL"
+    )
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

@@ -55,9 +55,10 @@ CAMEL_CASE_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
 #: Decimal amounts in specs: never floats, so a price survives YAML round trips exactly.
 DECIMAL_PATTERN = r"^[0-9]{1,9}([.][0-9]{1,6})?$"
 DECIMAL_MAX_LENGTH = 16
-#: Accumulated amounts in status (costs so far) need more integer digits than a price.
-AMOUNT_PATTERN = r"^[0-9]{1,15}([.][0-9]{1,6})?$"
-AMOUNT_MAX_LENGTH = 22
+#: Accumulated amounts in status (costs so far) need more integer digits than a price, and
+#: the nine decimals usage records carry (docs/metering.md), so the total equals the ledger.
+AMOUNT_PATTERN = r"^[0-9]{1,15}([.][0-9]{1,9})?$"
+AMOUNT_MAX_LENGTH = 25
 #: Measured metric values in status may be negative (a custom Prometheus series can be).
 MEASUREMENT_PATTERN = r"^-?[0-9]{1,15}([.][0-9]{1,6})?$"
 MEASUREMENT_MAX_LENGTH = 23

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 from gpuyard.config import Settings
@@ -12,7 +13,10 @@ from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube
 from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
+from gpuyard.io.sinks import MultiSink
 from gpuyard.logic.autoscale import Decision, ScalingState
+from gpuyard.logic.metering import PoolPricing, ServiceMark
+from gpuyard.logic.metering import ServiceKey as MeteredService
 from gpuyard.logic.pool_accounting import PoolUsage
 
 ServiceKey = tuple[str, str]
@@ -37,6 +41,7 @@ class Caches:
     deployments: Any
     network_services: Any
     namespaces: Any
+    metered_pods: Any
 
     def pool(self, name: str) -> dict[str, Any] | None:
         return _single(self.pools.get(name))
@@ -71,6 +76,12 @@ class Caches:
             if node is not None:
                 yield node
 
+    def all_metered_pods(self) -> Iterator[dict[str, Any]]:
+        for uid in list(self.metered_pods):
+            pod = _single(self.metered_pods.get(uid))
+            if pod is not None:
+                yield pod
+
     def all_gpu_pods(self) -> Iterator[Any]:
         for node in list(self.gpu_pods):
             yield from list(self.gpu_pods.get(node, ()))
@@ -85,6 +96,7 @@ class Operator:
     metrics: OperatorMetrics
     caches: Caches
     prometheus: Prometheus | None = None
+    sinks: MultiSink | None = None
     pool_queue: WorkQueue[str] = field(init=False)
     service_queue: WorkQueue[ServiceKey] = field(init=False)
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
@@ -94,6 +106,12 @@ class Operator:
     decisions: dict[ServiceKey, Decision] = field(default_factory=dict)
     #: What each service's autoscaling carries from one tick to the next.
     scaling_states: dict[ServiceKey, ScalingState] = field(default_factory=dict)
+    #: The last usage mark the meter wrote per service (the cache may lag it).
+    marks: dict[MeteredService, ServiceMark] = field(default_factory=dict)
+    #: Each pool's price schedule as observed since start-up.
+    price_schedules: dict[str, PoolPricing] = field(default_factory=dict)
+    #: Pods seen deleted but not yet fully billed: uid -> (last state, when seen gone).
+    gone_pods: dict[str, tuple[dict[str, Any], datetime]] = field(default_factory=dict)
     #: Services refused at the last reconcile, with the reason (for logs and metrics).
     not_accepted: dict[ServiceKey, str] = field(default_factory=dict)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -20,12 +21,21 @@ from gpuyard import API_GROUP, API_VERSION
 from gpuyard.config import Settings
 from gpuyard.handlers.autoscaler import autoscale_forever
 from gpuyard.handlers.context import Caches, Operator, ServiceKey
+from gpuyard.handlers.meter import meter_forever, slim_pod
 from gpuyard.handlers.pools import reconcile_pool
 from gpuyard.handlers.services import reconcile_service
 from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube, connection_info, make_api_client
 from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
+from gpuyard.io.sinks import (
+    HttpCloudEventsSink,
+    LedgerFileSink,
+    MultiSink,
+    PrometheusSink,
+    StdoutSink,
+    UsageSink,
+)
 from gpuyard.logic.pool_accounting import node_info_from_dict, pod_info_from_dict
 
 logger = logging.getLogger("gpuyard")
@@ -41,7 +51,9 @@ CACHE_IDS = (
     "deployments",
     "network_services",
     "namespaces",
+    "metered_pods",
 )
+METERED = {SERVICE_LABEL: kopf.PRESENT}
 
 
 def holds_extended_resource(spec: Any, **_: Any) -> bool:
@@ -88,6 +100,10 @@ def index_namespace(name: str, labels: Any, **_: Any) -> dict[str, dict[str, str
     return {name: dict(labels)}
 
 
+def index_metered_pod(uid: str, body: Any, **_: Any) -> dict[str, dict[str, Any]]:
+    return {uid: slim_pod(body)}
+
+
 # -- start-up and shutdown ---------------------------------------------------------------
 
 
@@ -115,6 +131,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) ->
         caches=caches,
         prometheus=Prometheus(config.prometheus_url) if config.prometheus_url else None,
     )
+    operator.sinks = build_sinks(config, metrics)
     operator.pool_queue = WorkQueue("pool", lambda key: reconcile_pool(operator, key))
     operator.service_queue = WorkQueue("service", lambda key: reconcile_service(operator, key))
     for queue in (operator.pool_queue, operator.service_queue):
@@ -146,6 +163,7 @@ def started(memo: Any) -> Operator:
             asyncio.create_task(operator.service_queue.run(workers)),
             asyncio.create_task(_resync(operator)),
             asyncio.create_task(autoscale_forever(operator)),
+            asyncio.create_task(meter_forever(operator)),
         ]
     return operator
 
@@ -175,6 +193,13 @@ async def on_capacity_event(memo: Any, **_: Any) -> None:
     operator = started(memo)
     for pool in operator.caches.pool_names():
         operator.pool_queue.add(pool)
+
+
+async def on_metered_pod_event(type: str, uid: str, body: Any, memo: Any, **_: Any) -> None:
+    """Keep a deleted pod until its last seconds are billed (a finalizer usually keeps it
+    in the cache; a pod without one, or force-deleted, still has its last state here)."""
+    if type == "DELETED":
+        started(memo).gone_pods[uid] = (slim_pod(body), datetime.now(UTC))
 
 
 async def on_namespace_event(name: str, memo: Any, **_: Any) -> None:
@@ -218,6 +243,7 @@ def build_registry() -> kopf.OperatorRegistry:
     )
     kopf.index("", "v1", "services", labels=MANAGED, id="network_services", registry=r)(index_child)
     kopf.index("", "v1", "namespaces", id="namespaces", registry=r)(index_namespace)
+    kopf.index("", "v1", "pods", labels=METERED, id="metered_pods", registry=r)(index_metered_pod)
 
     kopf.on.login(registry=r)(login)
     kopf.on.startup(registry=r)(startup)
@@ -231,7 +257,22 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.on.event("", "v1", "nodes", registry=r)(on_capacity_event)
     kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_capacity_event)
     kopf.on.event("", "v1", "namespaces", registry=r)(on_namespace_event)
+    kopf.on.event("", "v1", "pods", labels=METERED, registry=r)(on_metered_pod_event)
     return registry
+
+
+def build_sinks(config: Settings, metrics: OperatorMetrics) -> MultiSink:
+    """Where usage records go: Prometheus counters always, plus the configured sinks."""
+    sinks: dict[str, UsageSink] = {"prometheus": PrometheusSink(metrics.registry)}
+    if config.usage_stdout:
+        sinks["stdout"] = StdoutSink()
+    if config.usage_ledger is not None:
+        sinks["ledger"] = LedgerFileSink(config.usage_ledger)
+    if config.usage_http_url:
+        sinks["http"] = HttpCloudEventsSink(
+            config.usage_http_url, source=f"gpuyard/{config.cluster_id}"
+        )
+    return MultiSink(sinks)
 
 
 def configure_logging(settings: Settings) -> None:

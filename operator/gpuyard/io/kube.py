@@ -147,6 +147,26 @@ class Kube:
                 return
             raise
 
+    def remove_finalizer(
+        self, namespace: str, name: str, uid: str, finalizers: list[str], finalizer: str
+    ) -> None:
+        """Remove ``finalizer`` from a pod, only if it is still the pod we saw (``uid``)
+        with the finalizers we saw: a JSON patch with tests, so nothing else is lost."""
+        self._writes.labels(verb="patch", resource="pods").inc()
+        patch = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+            {
+                "op": "replace",
+                "path": "/metadata/finalizers",
+                "value": [f for f in finalizers if f != finalizer],
+            },
+        ]
+        self._call(
+            "PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}", body=patch,
+            content_type="application/json-patch+json",
+        )  # fmt: skip
+
     def get(self, path: str) -> Any | None:
         try:
             return self._call("GET", path)

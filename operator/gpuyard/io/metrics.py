@@ -81,6 +81,24 @@ class OperatorMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=self.registry,
         )
+        self.meter_tick_seconds = Histogram(
+            "gpuyard_meter_tick_duration_seconds",
+            "Wall time of one metering tick (cut, deliver, advance marks).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.meter_errors = Counter(
+            "gpuyard_meter_errors_total",
+            "Metering failures, by stage (sink, tick).",
+            ["stage"],
+            registry=self.registry,
+        )
+        self.metering_lag = Gauge(
+            "gpuyard_metering_lag_seconds",
+            "How far a service's reported usage trails the present (alert when it grows).",
+            ["namespace", "service"],
+            registry=self.registry,
+        )
         self.services_not_accepted = Gauge(
             "gpuyard_services_not_accepted",
             "AIServices whose spec the operator refuses (Accepted=False), by reason.",

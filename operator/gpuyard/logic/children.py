@@ -43,6 +43,9 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 REVISION_HISTORY_LIMIT = 3
 
 
+METERING_FINALIZER = "gpuyard.io/metering"
+
+
 def owner_reference(service: AIService) -> dict[str, Any]:
     """The owner reference that makes a child part of `service`: the garbage collector
     deletes it with the service, and only one controller may claim it."""
@@ -189,7 +192,10 @@ def build_deployment(
                 "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
             },
             "template": {
-                "metadata": {"labels": labels},
+                # The ReplicaSet controller copies template finalizers onto every pod: the
+                # meter removes this one once the pod's last second is billed, so a pod
+                # that ends while the operator is down is still there to be metered.
+                "metadata": {"labels": labels, "finalizers": [METERING_FINALIZER]},
                 "spec": _pod_spec(service, pool),
             },
         },

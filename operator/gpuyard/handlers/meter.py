@@ -1,0 +1,209 @@
+"""The meter: one loop that bills every GPU-second of every AIService's pods.
+
+Each tick turns the cached pods into lifetimes (bound-at to ended-at, from the pods' own
+timestamps), asks the pure ``plan_tick`` which closed windows each service has not yet
+reported, hands those records to the sinks, and only after every sink acknowledged moves
+the service's high-water mark in ``status.usage``. A crash between emit and mark re-emits
+the same records with the same ids; a sink that is down holds the mark where it is.
+
+The mark lives in the AIService's status because it belongs to the service, is read back
+with the service at no extra cost, survives operator restarts, and disappears with the
+service. Pods carry a finalizer (see ``logic.children``) that the meter removes once a
+pod's last second is behind the mark, so a pod that ends while the operator is down is
+still there, with its timestamps, when the operator returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client import ApiException
+from pydantic import ValidationError
+
+from gpuyard.api.pool import GPUPool
+from gpuyard.handlers.context import Operator
+from gpuyard.io.sinks import SinkError
+from gpuyard.logic.children import METERING_FINALIZER
+from gpuyard.logic.metering import (
+    MeterConfig,
+    MeteringError,
+    PodLifetime,
+    PoolPricing,
+    PricePoint,
+    ServiceKey,
+    ServiceMark,
+    advance_mark,
+    is_fully_reported,
+    mark_from_status,
+    mark_to_status,
+    parse_time,
+    plan_tick,
+    pod_lifetime_from_dict,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a Pod the meter reads; the cache keeps only these."""
+    metadata = body.get("metadata", {})
+    spec = body.get("spec", {})
+    status = body.get("status", {})
+    return {
+        "metadata": {
+            key: metadata.get(key)
+            for key in ("name", "namespace", "uid", "labels", "deletionTimestamp", "finalizers")
+        },
+        "spec": {
+            "nodeName": spec.get("nodeName"),
+            "containers": [
+                {"resources": c.get("resources", {})} for c in spec.get("containers", [])
+            ],
+            "initContainers": [
+                {"resources": c.get("resources", {}), "restartPolicy": c.get("restartPolicy")}
+                for c in spec.get("initContainers", [])
+            ],
+        },
+        "status": {key: status.get(key) for key in ("phase", "conditions", "containerStatuses")},
+    }
+
+
+async def meter_forever(op: Operator) -> None:
+    while True:
+        started = time.monotonic()
+        try:
+            await meter_tick(op, datetime.now(UTC))
+        except Exception:  # the loop must outlive any one bad tick
+            logger.exception("meter tick failed")
+            op.metrics.meter_errors.labels(stage="tick").inc()
+        op.metrics.meter_tick_seconds.observe(time.monotonic() - started)
+        await asyncio.sleep(max(0.0, op.settings.meter_interval - (time.monotonic() - started)))
+
+
+def _pricing(op: Operator, now: datetime) -> dict[str, PoolPricing]:
+    """Every pool's price schedule. A price change applies from the first window that
+    starts after the operator saw it; the schedule is kept in memory, and after a restart
+    the current price applies from the mark on (see docs/metering.md)."""
+    pricing: dict[str, PoolPricing] = {}
+    for name in op.caches.pool_names():
+        body = op.caches.pool(name)
+        if body is None:
+            continue
+        try:
+            pool = GPUPool.from_mapping(body)
+        except ValidationError:
+            continue
+        price = pool.spec.price.per_gpu_hour_decimal
+        known = op.price_schedules.get(name)
+        if known is None:
+            created = body["metadata"].get("creationTimestamp")
+            since = parse_time(created) if created else now
+            known = PoolPricing(
+                name, pool.spec.gpu_type, pool.spec.price.currency,
+                (PricePoint(since, price),), pool.spec.resource_name,
+            )  # fmt: skip
+        elif known.prices[-1].per_gpu_hour != price:
+            known = known.with_price(PricePoint(now, price))
+        op.price_schedules[name] = known
+        pricing[name] = known
+    return pricing
+
+
+def _mark(op: Operator, key: ServiceKey) -> ServiceMark | None:
+    """The newer of the mark we wrote last and the one in the cached status (the cache
+    may lag our own write by a watch event)."""
+    body = op.caches.service((key.namespace, key.service))
+    stored = mark_from_status((body or {}).get("status", {}).get("usage")) if body else None
+    written = op.marks.get(key)
+    if written is None:
+        return stored
+    if stored is None or stored.reported_through < written.reported_through:
+        return written
+    return stored
+
+
+async def meter_tick(op: Operator, now: datetime) -> None:
+    sinks = op.sinks
+    if sinks is None:
+        return
+    pricing = _pricing(op, now)
+    config = MeterConfig(window_seconds=op.settings.usage_window_seconds)
+    lifetimes: list[PodLifetime] = []
+    pods_by_uid: dict[str, dict[str, Any]] = {}
+    pods: list[tuple[dict[str, Any], datetime | None]]
+    pods = [(pod, None) for pod in op.caches.all_metered_pods()]
+    pods += [(pod, gone_at) for pod, gone_at in op.gone_pods.values()]
+    for pod, gone_at in pods:
+        uid = pod["metadata"]["uid"]
+        try:
+            lifetime = pod_lifetime_from_dict(
+                pod, pricing, cluster_id=op.settings.cluster_id, gone_at=gone_at
+            )
+        except MeteringError as error:
+            logger.warning("pod %s not metered: %s", pod["metadata"].get("name"), error)
+            continue
+        if lifetime is not None:
+            lifetimes.append(lifetime)
+            pods_by_uid[uid] = pod
+    services = {lifetime.key for lifetime in lifetimes}
+    for namespace, name in op.caches.service_keys():
+        services.add(ServiceKey(namespace, name))
+    marks = {key: mark for key in services if (mark := _mark(op, key)) is not None}
+
+    for batch in plan_tick(lifetimes, marks, now, config):
+        try:
+            await sinks.emit(batch.records)
+        except SinkError as error:
+            op.metrics.meter_errors.labels(stage="sink").inc()
+            logger.warning("usage of %s/%s not delivered, will retry: %s", *batch.key, error)
+            continue
+        mark = advance_mark(marks.get(batch.key), batch.records, batch.through)
+        if await _save_mark(op, batch.key, mark):
+            marks[batch.key] = mark
+            op.metrics.metering_lag.labels(namespace=batch.key[0], service=batch.key[1]).set(
+                (now - mark.reported_through).total_seconds()
+            )
+
+    for lifetime in lifetimes:
+        if is_fully_reported(lifetime, marks.get(lifetime.key)):
+            await _release(op, pods_by_uid[lifetime.pod_uid], lifetime)
+
+
+async def _save_mark(op: Operator, key: ServiceKey, mark: ServiceMark) -> bool:
+    if op.caches.service((key.namespace, key.service)) is None:
+        # The service is gone: there is no status to keep a mark in. Its pods' records
+        # were delivered; until their finalizers are released a restart re-sends them
+        # with the same ids, which is what ids are for.
+        op.marks[key] = mark
+        return True
+    await op.io(
+        op.kube.patch_status,
+        "aiservices",
+        key.namespace,
+        key.service,
+        {"usage": mark_to_status(mark)},
+    )
+    op.marks[key] = mark
+    return True
+
+
+async def _release(op: Operator, pod: dict[str, Any], lifetime: PodLifetime) -> None:
+    """Forget a fully billed pod, and let it go if our finalizer holds it."""
+    metadata = pod["metadata"]
+    finalizers = list(metadata.get("finalizers") or [])
+    if METERING_FINALIZER in finalizers:
+        try:
+            await op.io(
+                op.kube.remove_finalizer, metadata["namespace"], metadata["name"],
+                lifetime.pod_uid, finalizers, METERING_FINALIZER,
+            )  # fmt: skip
+        except ApiException as error:
+            if error.status not in (404, 409, 422):
+                raise
+            return  # changed or gone meanwhile: the next tick looks again
+    op.gone_pods.pop(lifetime.pod_uid, None)
