@@ -1,0 +1,129 @@
+{{/*
+The chart name, or nameOverride; a DNS label, so at most 63 characters.
+*/}}
+{{- define "gpuyard.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every object name: fullnameOverride, else "<release>-<name>", or the release
+name alone when it already contains the chart name (release "gpuyard" gives "gpuyard").
+*/}}
+{{- define "gpuyard.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Chart name and version, as the helm.sh/chart label wants them.
+*/}}
+{{- define "gpuyard.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels on every object the chart makes.
+*/}}
+{{- define "gpuyard.labels" -}}
+helm.sh/chart: {{ include "gpuyard.chart" . }}
+{{ include "gpuyard.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: gpuyard
+{{- end }}
+
+{{/*
+Labels that select the operator pod. They never change between upgrades: a Deployment's
+selector is immutable.
+*/}}
+{{- define "gpuyard.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "gpuyard.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+The ServiceAccount the operator runs as.
+*/}}
+{{- define "gpuyard.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "gpuyard.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator image: repository@digest when a digest is given, else repository:tag with the
+tag defaulting to the chart's appVersion.
+*/}}
+{{- define "gpuyard.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The name of the metrics Service (also the `job` label a ServiceMonitor gives its targets).
+*/}}
+{{- define "gpuyard.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "gpuyard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The PromQL label matchers that pick this release's operator out of a shared Prometheus:
+the scrape job (as the ServiceMonitor or PodMonitor names it, or prometheusRule.job) and
+the namespace.
+*/}}
+{{- define "gpuyard.promSelector" -}}
+{{- $job := .Values.prometheusRule.job }}
+{{- if not $job }}
+{{- if and .Values.podMonitor.enabled (not .Values.serviceMonitor.enabled) }}
+{{- $job = printf "%s/%s" .Release.Namespace (include "gpuyard.fullname" .) }}
+{{- else }}
+{{- $job = include "gpuyard.metricsServiceName" . }}
+{{- end }}
+{{- end }}
+{{- printf "job=%q, namespace=%q" $job .Release.Namespace }}
+{{- end }}
+
+{{/*
+The operator's settings as GPUYARD_* environment variables (see operator/gpuyard/config.py),
+then extraEnv.
+*/}}
+{{- define "gpuyard.env" -}}
+- name: GPUYARD_CLUSTER_ID
+  value: {{ .Values.operator.clusterId | quote }}
+{{- with .Values.operator.prometheusUrl }}
+- name: GPUYARD_PROMETHEUS_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: GPUYARD_AUTOSCALE_INTERVAL
+  value: {{ .Values.operator.autoscaleIntervalSeconds | quote }}
+- name: GPUYARD_RESYNC_SECONDS
+  value: {{ .Values.operator.resyncSeconds | quote }}
+- name: GPUYARD_WORKERS
+  value: {{ .Values.operator.workers | quote }}
+- name: GPUYARD_LOG_LEVEL
+  value: {{ .Values.operator.logLevel | quote }}
+- name: GPUYARD_LOG_FORMAT
+  value: {{ .Values.operator.logFormat | quote }}
+- name: GPUYARD_METRICS_PORT
+  value: {{ .Values.operator.metricsPort | quote }}
+- name: GPUYARD_HEALTH_PORT
+  value: {{ .Values.operator.healthPort | quote }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

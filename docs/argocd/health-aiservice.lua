@@ -1,0 +1,74 @@
+-- Argo CD health check for gpuyard.io/AIService (key resource.customizations.health.gpuyard.io_AIService).
+-- It reads what Flux's kstatus and `kubectl wait --for=condition=Ready` read: the Ready
+-- condition, trusted only once status.observedGeneration has caught up with the spec.
+-- Ready=False while replicas roll out, start or wait for GPUs is Progressing; a refused
+-- spec (Accepted=False) or any other Ready=False reason is Degraded.
+local hs = {}
+
+-- Ready=False reasons that resolve by themselves: replicas roll out, start, or wait for GPUs
+-- a full pool will free (the CapacityLimited condition says how many are missing).
+local progressing_reasons = {
+  RollingOut = true,
+  ReplicasNotReady = true,
+  WaitingForGPUs = true,
+}
+
+local function condition(status, condition_type)
+  if status.conditions == nil then
+    return nil
+  end
+  for _, c in ipairs(status.conditions) do
+    if c.type == condition_type then
+      return c
+    end
+  end
+  return nil
+end
+
+local function describe(c)
+  if c.message ~= nil and c.message ~= "" then
+    return c.reason .. ": " .. c.message
+  end
+  return c.reason
+end
+
+local generation = obj.metadata.generation
+local status = obj.status
+if status == nil or status.observedGeneration == nil then
+  hs.status = "Progressing"
+  hs.message = "Waiting for gpuyard to observe the service"
+  return hs
+end
+if generation ~= nil and status.observedGeneration < generation then
+  hs.status = "Progressing"
+  hs.message = "Waiting for gpuyard to observe generation " .. generation
+  return hs
+end
+
+local accepted = condition(status, "Accepted")
+if accepted ~= nil and accepted.status == "False" then
+  hs.status = "Degraded"
+  hs.message = describe(accepted)
+  return hs
+end
+
+local ready = condition(status, "Ready")
+if ready == nil or ready.reason == nil then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the Ready condition"
+  return hs
+end
+if ready.observedGeneration ~= nil and generation ~= nil and ready.observedGeneration < generation then
+  hs.status = "Progressing"
+  hs.message = "Waiting for the Ready condition of generation " .. generation
+  return hs
+end
+if ready.status == "True" then
+  hs.status = "Healthy"
+elseif ready.status == "False" and not progressing_reasons[ready.reason] then
+  hs.status = "Degraded"
+else
+  hs.status = "Progressing"
+end
+hs.message = describe(ready)
+return hs

@@ -1,0 +1,701 @@
+"""charts/gpuyard rendered by the pinned helm, without a cluster: lint, the objects and their
+hardening, the exact RBAC, the values schema, monitoring (checked with promtool), and that
+the CRDs and dist/install.yaml are what the generators make of the current sources."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from chart_support import (
+    CHART,
+    DIST_INSTALL,
+    DIST_NAMESPACE,
+    RENDER_INSTALL,
+    REPO_ROOT,
+    Helm,
+    documents,
+    helm_binary,
+    kinds_and_names,
+    of_kind,
+    one,
+)
+from gpuyard import __version__
+from gpuyard.api.crd import crd_files
+from gpuyard.config import Settings
+
+RULES_SNAPSHOT = REPO_ROOT / "tests" / "data" / "clusterrole-rules.yaml"
+ALL_FEATURES: dict[str, Any] = {
+    "serviceMonitor": {"enabled": True},
+    "podMonitor": {"enabled": True},
+    "prometheusRule": {"enabled": True},
+    "grafanaDashboard": {"enabled": True},
+    "networkPolicy": {"enabled": True},
+    "operator": {"prometheusUrl": "http://prometheus.monitoring.svc:9090"},
+}
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    binary = helm_binary()
+    if binary is None:
+        pytest.skip("helm is not built yet: run `make binaries`")
+    return Helm(binary, tmp_path_factory.mktemp("helm-home"))
+
+
+@pytest.fixture(scope="module")
+def default_objects(helm: Helm) -> list[dict[str, Any]]:
+    return helm.template()
+
+
+def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    containers: list[dict[str, Any]] = one(objects, "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    [container] = containers
+    return container
+
+
+# --- lint and the objects ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", [None, ALL_FEATURES], ids=["defaults", "all-features"])
+def test_helm_lint_strict_passes(helm: Helm, values: dict[str, Any] | None) -> None:
+    args = ["lint", "--strict", str(CHART)]
+    if values is not None:
+        args += ["-f", helm.values_file(values)]
+
+    result = helm.run(*args, check=False)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_default_render_has_exactly_the_operators_objects(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    assert kinds_and_names(default_objects) == {
+        ("CustomResourceDefinition", "aiservices.gpuyard.io"),
+        ("CustomResourceDefinition", "gpupools.gpuyard.io"),
+        ("ServiceAccount", "gpuyard"),
+        ("ClusterRole", "gpuyard"),
+        ("ClusterRoleBinding", "gpuyard"),
+        ("Service", "gpuyard-metrics"),
+        ("Deployment", "gpuyard"),
+        ("Pod", "gpuyard-test-metrics"),
+    }
+    for obj in default_objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "gpuyard", obj["kind"]
+        assert labels["app.kubernetes.io/instance"] == "gpuyard", obj["kind"]
+        assert labels["app.kubernetes.io/version"] == "0.1.0", obj["kind"]
+        if obj["kind"] not in {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}:
+            assert obj["metadata"]["namespace"] == DIST_NAMESPACE, obj["kind"]
+
+
+def test_names_follow_the_release(helm: Helm) -> None:
+    objects = helm.template(None, "--skip-tests", release="prod")
+
+    assert {name for _, name in kinds_and_names(objects)} >= {
+        "prod-gpuyard",
+        "prod-gpuyard-metrics",
+    }
+    binding = one(objects, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == "prod-gpuyard"
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "prod-gpuyard", "namespace": DIST_NAMESPACE}
+    ]
+
+
+def test_chart_metadata() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] == "0.1.0"
+    assert chart["kubeVersion"] == ">=1.30.0-0"
+    assert chart["appVersion"] == __version__
+
+
+def test_deployment_runs_one_hardened_replica(default_objects: list[dict[str, Any]]) -> None:
+    deployment = one(default_objects, "Deployment")
+    spec = deployment["spec"]
+    pod = spec["template"]["spec"]
+    container = operator_container(default_objects)
+
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    assert pod["serviceAccountName"] == "gpuyard"
+    assert pod["enableServiceLinks"] is False
+    assert container["image"] == "ghcr.io/gpuyard/gpuyard:0.1.0"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "metrics": 8080,
+        "health": 8081,
+    }
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
+    assert container["resources"]["limits"] == {"memory": "512Mi"}
+    # Pod Security "restricted", field by field.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["runAsNonRoot"] is True
+    assert security["runAsUser"] == 65532
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert pod["volumes"] == [
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}
+    ]
+    assert "hostNetwork" not in pod
+    assert "nodeSelector" not in pod  # the tainted GPU nodes keep it off by themselves
+
+
+def test_operator_settings_come_from_values_and_parse(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = {
+        "operator": {
+            "clusterId": "prod-eu-1",
+            "prometheusUrl": "http://prometheus.monitoring.svc:9090",
+            "autoscaleIntervalSeconds": 2.5,
+            "resyncSeconds": 120,
+            "workers": 16,
+            "logLevel": "DEBUG",
+            "metricsPort": 9100,
+            "healthPort": 9101,
+        },
+        "extraEnv": [{"name": "EXTRA", "value": "1"}],
+    }
+    objects = helm.template(values)
+    container = operator_container(objects)
+    env = {item["name"]: item["value"] for item in container["env"]}
+
+    assert env.pop("EXTRA") == "1"
+    # Every variable names a setting: a typo would be ignored by the operator, not refused.
+    assert set(env) <= {f"GPUYARD_{name.upper()}" for name in Settings.model_fields}
+    # The developer's shell may export GPUYARD_* for the local cluster: start from none.
+    for name in [name for name in os.environ if name.startswith("GPUYARD_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.cluster_id == "prod-eu-1"
+    assert settings.prometheus_url == "http://prometheus.monitoring.svc:9090"
+    assert settings.autoscale_interval == 2.5
+    assert settings.resync_seconds == 120
+    assert settings.workers == 16
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
+    assert (settings.metrics_port, settings.health_port) == (9100, 9101)
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "metrics": 9100,
+        "health": 9101,
+    }
+
+
+def test_default_settings_leave_prometheus_unset(default_objects: list[dict[str, Any]]) -> None:
+    names = {item["name"] for item in operator_container(default_objects)["env"]}
+
+    assert "GPUYARD_PROMETHEUS_URL" not in names
+    assert "GPUYARD_LOG_FORMAT" in names
+
+
+def test_metrics_service_selects_only_the_operator(default_objects: list[dict[str, Any]]) -> None:
+    service = one(default_objects, "Service")
+    pod_labels = one(default_objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    test_pod_labels = one(default_objects, "Pod")["metadata"]["labels"]
+
+    selector = service["spec"]["selector"]
+    assert selector.items() <= pod_labels.items()
+    assert not selector.items() <= test_pod_labels.items()
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+
+
+def test_test_pod_is_a_restricted_helm_test_hook(default_objects: list[dict[str, Any]]) -> None:
+    pod = one(default_objects, "Pod")
+    [container] = pod["spec"]["containers"]
+
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert pod["spec"]["restartPolicy"] == "Never"
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert container["image"] == operator_container(default_objects)["image"]
+    assert container["securityContext"] == operator_container(default_objects)["securityContext"]
+    assert "http://gpuyard-metrics.gpuyard-system.svc:8080/metrics" in container["command"][-1]
+    # The script it runs is valid Python (a typo would only show at `helm test`).
+    compile(container["command"][-1], "test-connection", "exec")
+
+
+def test_service_account_and_rbac_can_be_left_to_the_user(helm: Helm) -> None:
+    objects = helm.template(
+        {"serviceAccount": {"create": False, "name": "platform-sa"}, "rbac": {"create": False}}
+    )
+
+    kinds = {kind for kind, _ in kinds_and_names(objects)}
+    assert kinds.isdisjoint({"ServiceAccount", "ClusterRole", "ClusterRoleBinding"})
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "platform-sa"
+
+
+def test_image_digest_wins_over_tag(helm: Helm) -> None:
+    digest = "sha256:" + "a" * 64
+    objects = helm.template({"image": {"tag": "0.2.0", "digest": digest}})
+
+    assert operator_container(objects)["image"] == f"ghcr.io/gpuyard/gpuyard@{digest}"
+
+
+# --- RBAC ----------------------------------------------------------------------------------
+
+
+def test_clusterrole_equals_the_committed_snapshot(default_objects: list[dict[str, Any]]) -> None:
+    rules = one(default_objects, "ClusterRole")["rules"]
+
+    assert rules == yaml.safe_load(RULES_SNAPSHOT.read_text())
+
+
+def test_clusterrole_grants_nothing_dangerous(default_objects: list[dict[str, Any]]) -> None:
+    forbidden_verbs = {"*", "escalate", "bind", "impersonate", "deletecollection"}
+    for rule in one(default_objects, "ClusterRole")["rules"]:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule
+        assert "*" not in rule["apiGroups"], rule
+        assert not any("*" in resource for resource in rule["resources"]), rule
+        assert not {"secrets", "serviceaccounts/token"} & set(rule["resources"]), rule
+        assert not forbidden_verbs & set(rule["verbs"]), rule
+        assert rule["resources"] != ["customresourcedefinitions"] or set(rule["verbs"]) <= {
+            "get",
+            "list",
+            "watch",
+        }
+
+
+def test_clusterrole_rules_each_carry_a_reason() -> None:
+    # Every rule in the template is preceded by a comment saying why gpuyard needs it.
+    lines = (CHART / "templates" / "clusterrole.yaml").read_text().splitlines()
+    starts = [index for index, line in enumerate(lines) if line.strip().startswith("- apiGroups")]
+    assert len(starts) == len(yaml.safe_load(RULES_SNAPSHOT.read_text()))
+    for index in starts:
+        assert lines[index - 1].strip().startswith("#"), lines[index]
+
+
+# --- values and their schema ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicaCount": "two"}, "at '/replicaCount': got string, want integer"),
+        ({"replicaCount": 2}, "at '/replicaCount': maximum: got 2, want 1"),
+        ({"replicaCas": 1}, "additional properties 'replicaCas' not allowed"),
+        ({"operator": {"logLevel": "debug"}}, "at '/operator/logLevel': value must be one of"),
+        ({"operator": {"workers": 0}}, "at '/operator/workers': minimum: got 0, want 1"),
+        ({"operator": {"prometheusUrl": "prometheus:9090"}}, "at '/operator/prometheusUrl'"),
+        ({"operator": {"clusterId": ""}}, "at '/operator/clusterId'"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy': value must be one of"),
+        ({"image": {"digest": "latest"}}, "at '/image/digest'"),
+        ({"serviceMonitor": {"interval": "30 seconds"}}, "at '/serviceMonitor/interval'"),
+        ({"resources": {"limits": {"memory": "lots"}}}, "at '/resources/limits/memory'"),
+        ({"networkPolicy": {"apiServer": {"ports": []}}}, "at '/networkPolicy/apiServer/ports'"),
+        ({"prometheusRule": {"poolNearlyFullPercent": 150}}, "poolNearlyFullPercent"),
+        (
+            {"operator": {"metricsPort": 9000, "healthPort": 9000}},
+            "operator.metricsPort and operator.healthPort must differ",
+        ),
+    ],
+)
+def test_wrong_values_fail_with_a_readable_message(
+    helm: Helm, values: dict[str, Any], message: str
+) -> None:
+    result = helm.template_text(values, check=False)
+
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_values_as_a_parent_chart_passes_them_are_accepted(helm: Helm) -> None:
+    # Helm hands every subchart the parent's `global` values; a strict schema must allow it.
+    objects = helm.template({"global": {"imageRegistry": "mirror.example.com"}})
+
+    assert of_kind(objects, "Deployment")
+
+
+def _schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
+    return schema
+
+
+def _resolve(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = schema["definitions"][node["$ref"].removeprefix("#/definitions/")]
+    return node
+
+
+def _strict_objects(
+    schema: dict[str, Any], node: dict[str, Any], path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], dict[str, Any]]]:
+    node = _resolve(schema, node)
+    if "properties" in node:
+        assert node.get("additionalProperties") is False, f"{'.'.join(path)} is not strict"
+        yield path, node
+        for name, child in node["properties"].items():
+            yield from _strict_objects(schema, child, (*path, name))
+
+
+def test_every_strict_schema_object_has_its_keys_in_values_yaml() -> None:
+    schema = _schema()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    for path, node in _strict_objects(schema, schema):
+        current = values
+        for name in path:
+            current = current[name]
+        declared = set(node["properties"]) - {"global"}
+        assert declared == set(current), (path, declared ^ set(current))
+
+
+def test_every_value_is_documented_by_a_comment_that_starts_with_its_name() -> None:
+    schema = _schema()
+    documented_parents = {path for path, _ in _strict_objects(schema, schema)}
+    stack: list[tuple[int, str]] = []
+    comment: list[str] = []  # the comment block right above the current line
+    undocumented = []
+    for line in (CHART / "values.yaml").read_text().splitlines():
+        if line.strip().startswith("#"):
+            comment.append(line.strip())
+            continue
+        match = re.match(r"^(\s*)([A-Za-z_][A-Za-z0-9_]*):", line)
+        if match:
+            indent, key = len(match.group(1)), match.group(2)
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            parent = tuple(name for _, name in stack)
+            if parent in documented_parents and not (
+                comment and re.match(rf"# {key}\b", comment[0])
+            ):
+                undocumented.append(".".join((*parent, key)))
+            stack.append((indent, key))
+        comment = []
+    assert undocumented == []
+
+
+# --- CRDs ----------------------------------------------------------------------------------
+
+
+def test_chart_crd_files_are_what_make_crds_writes() -> None:
+    chart_files = {path.name: path.read_text() for path in (CHART / "files" / "crds").iterdir()}
+    repo_files = {path.name: path.read_text() for path in (REPO_ROOT / "crds").glob("*.yaml")}
+
+    assert chart_files == repo_files, "run `make crds` (it writes both copies)"
+    assert chart_files == crd_files(), "run `make crds`: the models changed"
+
+
+def test_rendered_crds_equal_crds_dir_plus_helm_metadata(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    rendered = {
+        crd["metadata"]["name"]: crd for crd in of_kind(default_objects, "CustomResourceDefinition")
+    }
+    expected = {}
+    for path in (REPO_ROOT / "crds").glob("*.yaml"):
+        [crd] = documents(path.read_text())
+        expected[crd["metadata"]["name"]] = crd
+
+    assert rendered.keys() == expected.keys()
+    for name, rendered_crd in rendered.items():
+        crd = copy.deepcopy(rendered_crd)
+        metadata = crd["metadata"]
+        assert metadata.pop("annotations") == {"helm.sh/resource-policy": "keep"}
+        assert metadata.pop("labels")["app.kubernetes.io/part-of"] == "gpuyard"
+        # Equal to the last digit: the files are inserted as text, never parsed and dumped.
+        assert crd == expected[name], name
+
+
+def test_crds_can_be_left_out_or_given_annotations(helm: Helm) -> None:
+    assert not of_kind(helm.template({"crds": {"install": False}}), "CustomResourceDefinition")
+    # "$1" would be expanded by a regexp replacement; the text must arrive as given.
+    annotations = {"argocd.argoproj.io/sync-options": "Prune=false", "example.com/note": "$1"}
+    objects = helm.template({"crds": {"keep": False, "annotations": annotations}})
+    for crd in of_kind(objects, "CustomResourceDefinition"):
+        assert crd["metadata"]["annotations"] == annotations
+
+
+# --- dist/install.yaml ---------------------------------------------------------------------
+
+
+def test_dist_install_yaml_is_a_fresh_render(helm: Helm, tmp_path: Path) -> None:
+    fresh = tmp_path / "install.yaml"
+
+    subprocess.run(
+        ["bash", str(RENDER_INSTALL), str(fresh)],
+        env={**helm.env, "HELM": str(helm.binary)},
+        check=True,
+        capture_output=True,
+    )
+
+    assert fresh.read_text() == DIST_INSTALL.read_text(), "run `make dist`"
+
+
+def test_dist_install_yaml_is_the_chart_in_a_restricted_namespace(helm: Helm) -> None:
+    objects = documents(DIST_INSTALL.read_text())
+    namespace = objects[0]
+
+    assert namespace["kind"] == "Namespace"
+    assert namespace["metadata"]["name"] == DIST_NAMESPACE
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    chart_objects = helm.template(None, "--skip-tests")
+    assert objects[1:] == chart_objects
+
+
+# --- monitoring ----------------------------------------------------------------------------
+
+
+def test_monitoring_objects_are_off_by_default(default_objects: list[dict[str, Any]]) -> None:
+    kinds = {kind for kind, _ in kinds_and_names(default_objects)}
+
+    assert kinds.isdisjoint({"ServiceMonitor", "PodMonitor", "PrometheusRule", "ConfigMap"})
+    assert "NetworkPolicy" not in kinds
+
+
+def test_monitors_scrape_the_metrics_port(helm: Helm) -> None:
+    objects = helm.template(ALL_FEATURES)
+    service = one(objects, "Service")
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+    monitor = one(objects, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    pod_monitor = one(objects, "PodMonitor")
+    assert pod_monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert pod_monitor["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool (Debian's prometheus package) is not installed")
+    return path
+
+
+def _rule_groups(helm: Helm) -> dict[str, Any]:
+    rule = one(helm.template({"prometheusRule": {"enabled": True}}), "PrometheusRule")
+    return {"groups": rule["spec"]["groups"]}
+
+
+def test_alert_rules_pass_promtool_check(helm: Helm, promtool: str, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(_rule_groups(helm)))
+
+    result = subprocess.run(
+        [promtool, "check", "rules", str(rules)], check=False, capture_output=True, text=True
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    alerts = {rule["alert"] for rule in _rule_groups(helm)["groups"][0]["rules"]}
+    assert alerts == {
+        "GpuyardOperatorDown",
+        "GpuyardAutoscalerStale",
+        "GpuyardMeteringLag",
+        "GpuyardPoolNearlyFull",
+        "GpuyardReconcileErrors",
+    }
+
+
+def test_alerts_fire_on_the_series_the_operator_exports(
+    helm: Helm, promtool: str, tmp_path: Path
+) -> None:
+    # promtool compares annotations too; they are templates checked by `check rules`, so the
+    # behaviour test leaves them out.
+    groups = _rule_groups(helm)
+    for rule in groups["groups"][0]["rules"]:
+        rule.pop("annotations")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(groups))
+    target = 'job="gpuyard-metrics", namespace="gpuyard-system"'
+
+    def series(name: str, labels: str, values: str) -> dict[str, str]:
+        return {"series": f"{name}{{{target}{labels}}}", "values": values}
+
+    test = {
+        "rule_files": ["rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    # Scrapes fail from the start.
+                    series("up", "", "0x40"),
+                    # a100 is 15/16 allocated, l4 4/8.
+                    series("gpuyard_pool_gpus", ', pool="a100", state="capacity"', "16x40"),
+                    series("gpuyard_pool_gpus", ', pool="a100", state="allocated"', "15x40"),
+                    series("gpuyard_pool_gpus", ', pool="l4", state="capacity"', "8x40"),
+                    series("gpuyard_pool_gpus", ', pool="l4", state="allocated"', "4x40"),
+                    # A pool without nodes must not divide by zero into an alert.
+                    series("gpuyard_pool_gpus", ', pool="empty", state="capacity"', "0x40"),
+                    series("gpuyard_pool_gpus", ', pool="empty", state="allocated"', "0x40"),
+                    # The autoscaler ticks every minute for 5 minutes, then stops.
+                    series("gpuyard_autoscaler_last_tick_timestamp_seconds", "", "0+60x5 300x35"),
+                    # Metering lags 30 s, then 20 minutes from minute 11 on.
+                    series("gpuyard_metering_lag_seconds", "", "30x10 1200x30"),
+                    # A third of the AIService reconciles fail; GPUPool ones never do.
+                    series(
+                        "gpuyard_reconciles_total",
+                        ', kind="AIService", result="success"',
+                        "0+20x40",
+                    ),
+                    series(
+                        "gpuyard_reconciles_total", ', kind="AIService", result="error"', "0+10x40"
+                    ),
+                    series(
+                        "gpuyard_reconciles_total", ', kind="GPUPool", result="success"', "0+20x40"
+                    ),
+                    series("gpuyard_reconciles_total", ', kind="GPUPool", result="error"', "0x40"),
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "3m", "alertname": "GpuyardOperatorDown", "exp_alerts": []},
+                    {
+                        "eval_time": "10m",
+                        "alertname": "GpuyardOperatorDown",
+                        "exp_alerts": [{"exp_labels": {"severity": "critical"}}],
+                    },
+                    {"eval_time": "5m", "alertname": "GpuyardAutoscalerStale", "exp_alerts": []},
+                    {
+                        "eval_time": "15m",
+                        "alertname": "GpuyardAutoscalerStale",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
+                    },
+                    {"eval_time": "15m", "alertname": "GpuyardMeteringLag", "exp_alerts": []},
+                    {
+                        "eval_time": "25m",
+                        "alertname": "GpuyardMeteringLag",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
+                    },
+                    {"eval_time": "10m", "alertname": "GpuyardPoolNearlyFull", "exp_alerts": []},
+                    {
+                        "eval_time": "20m",
+                        "alertname": "GpuyardPoolNearlyFull",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning", "pool": "a100"}}],
+                    },
+                    {
+                        "eval_time": "30m",
+                        "alertname": "GpuyardReconcileErrors",
+                        "exp_alerts": [
+                            {"exp_labels": {"severity": "warning", "kind": "AIService"}}
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(test))
+
+    result = subprocess.run(
+        [promtool, "test", "rules", "test.yaml"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_panels_query_valid_promql(helm: Helm, promtool: str, tmp_path: Path) -> None:
+    configmap = one(helm.template({"grafanaDashboard": {"enabled": True}}), "ConfigMap")
+    dashboard = json.loads(configmap["data"]["gpuyard.json"])
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+    # Grafana fills these in before the query reaches Prometheus.
+    substituted = [
+        expr.replace("$__range", "1h").replace("$pool", ".*").replace("$namespace", ".*")
+        for expr in exprs
+    ]
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:panel_{index}", "expr": expr}
+                    for index, expr in enumerate(substituted)
+                ],
+            }
+        ]
+    }
+    (tmp_path / "dashboard.yaml").write_text(yaml.safe_dump(rules))
+
+    result = subprocess.run(
+        [promtool, "check", "rules", str(tmp_path / "dashboard.yaml")],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    queried = " ".join(exprs)
+    for metric in (
+        "gpuyard_pool_gpus",
+        "gpuyard_service_replicas",
+        "DCGM_FI_DEV_GPU_UTIL",
+        "gpuyard_cost_total",
+    ):
+        assert metric in queried, metric
+    titles = [panel["title"] for panel in dashboard["panels"]]
+    assert len(titles) == len(set(titles))
+
+
+def test_network_policy_denies_all_but_metrics_health_dns_api_and_prometheus(helm: Helm) -> None:
+    objects = helm.template(
+        {
+            "networkPolicy": {
+                "enabled": True,
+                "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+                "apiServer": {"cidrs": ["10.0.0.1/32"]},
+            }
+        }
+    )
+    policy = one(objects, "NetworkPolicy")["spec"]
+    pod_labels = one(objects, "Deployment")["spec"]["template"]["metadata"]["labels"]
+
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    [ingress] = policy["ingress"]
+    assert {port["port"] for port in ingress["ports"]} == {"metrics", "health"}
+    test_peer = ingress["from"][-1]["podSelector"]["matchLabels"]
+    assert test_peer.items() <= one(objects, "Pod")["metadata"]["labels"].items()
+    egress_ports = [{port["port"] for port in rule["ports"]} for rule in policy["egress"]]
+    assert egress_ports == [{53}, {443, 6443}, {9090}]
+    assert policy["egress"][1]["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+
+
+# --- the GitOps examples -------------------------------------------------------------------
+
+
+def test_gitops_examples_give_the_chart_valid_values(helm: Helm) -> None:
+    examples = REPO_ROOT / "examples" / "gitops"
+    [application] = documents((examples / "argocd-application.yaml").read_text())
+    flux = documents((examples / "flux-helmrelease.yaml").read_text())
+    release = one(flux, "HelmRelease")
+
+    for values in (
+        application["spec"]["source"]["helm"]["valuesObject"],
+        release["spec"]["values"],
+    ):
+        objects = helm.template(values)
+        assert of_kind(objects, "Deployment")
+    namespace = one(flux, "Namespace")["metadata"]["labels"]
+    assert namespace["pod-security.kubernetes.io/enforce"] == "restricted"
+    managed = application["spec"]["syncPolicy"]["managedNamespaceMetadata"]["labels"]
+    assert managed["pod-security.kubernetes.io/enforce"] == "restricted"
