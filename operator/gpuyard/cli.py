@@ -19,7 +19,6 @@ def _run(args: argparse.Namespace) -> int:
         key: value
         for key, value in {
             "kubeconfig": args.kubeconfig,
-            "impersonate": args.impersonate,
             "cluster_id": args.cluster_id,
             "metrics_port": args.metrics_port,
             "health_port": args.health_port,
@@ -64,7 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--kubeconfig", help="kubeconfig file (default: in-cluster, else ~/.kube/config)"
     )
-    run.add_argument("--impersonate", help="act as this user, e.g. system:serviceaccount:NS:NAME")
     run.add_argument("--cluster-id", help="names this cluster in usage records")
     run.add_argument("--metrics-port", type=int, help="port of /metrics (default 8080; 0: none)")
     run.add_argument("--health-port", type=int, help="port of /healthz (default 8081)")

@@ -22,10 +22,6 @@ class Settings(BaseSettings):
         default=None,
         description="kubeconfig to use out of cluster; in cluster the ServiceAccount is used",
     )
-    impersonate: str | None = Field(
-        default=None,
-        description="act as this user (e.g. system:serviceaccount:NS:NAME) to prove RBAC",
-    )
     cluster_id: str = Field(
         default="default",
         min_length=1,

@@ -19,17 +19,28 @@ from typing import Any
 
 import pytest
 
-from localcluster.cluster import REPO_ROOT, ClusterState, audit_writes, free_port
+from chart_support import Helm, rbac_manifest, service_account_kubeconfig
+from localcluster.cluster import REPO_ROOT, ClusterState, audit_writes, binaries_dir, free_port
 from support import Kubectl, wait_until
 
 OPERATOR_USER_AGENT = "gpuyard/"
+# Not "gpuyard": test_helm.py installs releases of that name, whose cluster-scoped
+# ClusterRole would collide with this one.
+TEST_RELEASE = "gpuyard-tests"
 
 
 class OperatorProcess:
     """A running ``gpuyard run``; its log is kept for the test report."""
 
-    def __init__(self, cluster: ClusterState, log_dir: Path, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        cluster: ClusterState,
+        log_dir: Path,
+        extra_env: dict[str, str],
+        kubeconfig: str | None = None,
+    ) -> None:
         self.cluster = cluster
+        self.kubeconfig = kubeconfig or cluster.kubeconfig
         self.log_path = log_dir / "operator.log"
         self.extra_env = extra_env
         self.process: subprocess.Popen[bytes] | None = None
@@ -40,7 +51,7 @@ class OperatorProcess:
         self.metrics_port, self.health_port = free_port(), free_port()
         env = {
             **os.environ,
-            "GPUYARD_KUBECONFIG": self.cluster.kubeconfig,
+            "GPUYARD_KUBECONFIG": self.kubeconfig,
             "GPUYARD_METRICS_PORT": str(self.metrics_port),
             "GPUYARD_METRICS_ADDRESS": "127.0.0.1",
             "GPUYARD_HEALTH_PORT": str(self.health_port),
@@ -118,10 +129,35 @@ def pools(kubectl: Kubectl, crds: None) -> None:
 
 
 @pytest.fixture(scope="session")
+def chart_service_account(
+    cluster: ClusterState, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
+) -> str:
+    """A kubeconfig holding a token of the Helm chart's ServiceAccount, bound to exactly
+    the chart's ClusterRole.
+
+    The operator under test runs with it, so the whole integration suite proves that the
+    chart's RBAC is enough (and a missing verb fails a test, not a production install).
+    """
+    home = tmp_path_factory.mktemp("helm")
+    helm = Helm(binaries_dir(build=False) / "helm", home, cluster.kubeconfig)
+    namespace = "gpuyard-tests"
+    kubectl.run("create", "namespace", namespace, check=False)
+    kubectl.apply(rbac_manifest(helm, namespace, release=TEST_RELEASE), namespace)
+    token = kubectl("create", "token", TEST_RELEASE, "-n", namespace, "--duration=24h").strip()
+    return str(service_account_kubeconfig(cluster.kubeconfig, token, home / "kubeconfig"))
+
+
+@pytest.fixture(scope="session")
 def operator(
-    cluster: ClusterState, crds: None, pools: None, tmp_path_factory: pytest.TempPathFactory
+    cluster: ClusterState,
+    crds: None,
+    pools: None,
+    chart_service_account: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(cluster, tmp_path_factory.mktemp("operator"), {})
+    process = OperatorProcess(
+        cluster, tmp_path_factory.mktemp("operator"), {}, kubeconfig=chart_service_account
+    )
     process.start()
     try:
         yield process

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -107,11 +108,14 @@ def index_metered_pod(uid: str, body: Any, **_: Any) -> dict[str, dict[str, Any]
 # -- start-up and shutdown ---------------------------------------------------------------
 
 
-def login(memo: Any, **_: Any) -> Any:
+def login(memo: Any, **kwargs: Any) -> Any:
     """Kopf's watches use the same identity as gpuyard's own calls."""
     config: Settings = memo["config"]
+    if config.kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        # In a pod: Kopf's own loader re-reads the projected token, which rotates.
+        return kopf.login_with_service_account(**kwargs)
     kubeconfig = str(config.kubeconfig) if config.kubeconfig else None
-    return connection_info(make_api_client(kubeconfig, None, pool_size=1))
+    return connection_info(make_api_client(kubeconfig, pool_size=1))
 
 
 async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) -> None:
@@ -122,7 +126,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) ->
     settings.networking.request_timeout = 60
     metrics = OperatorMetrics()
     kubeconfig = str(config.kubeconfig) if config.kubeconfig else None
-    client = make_api_client(kubeconfig, config.impersonate, pool_size=config.workers * 2)
+    client = make_api_client(kubeconfig, pool_size=config.workers * 2)
     caches = Caches(**{name: indices[name] for name in CACHE_IDS})
     operator = Operator(
         settings=config,

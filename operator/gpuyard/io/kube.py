@@ -26,7 +26,7 @@ USER_AGENT = f"gpuyard/{__version__}"
 REQUEST_TIMEOUT = 30
 
 
-def make_api_client(kubeconfig: str | None, impersonate: str | None, pool_size: int) -> ApiClient:
+def make_api_client(kubeconfig: str | None, pool_size: int) -> ApiClient:
     """A client from a kubeconfig, else from the in-cluster ServiceAccount."""
     configuration = kubernetes.client.Configuration()
     if kubeconfig:
@@ -42,16 +42,17 @@ def make_api_client(kubeconfig: str | None, impersonate: str | None, pool_size: 
     configuration.connection_pool_maxsize = max(pool_size, 4)
     client = ApiClient(configuration)
     client.user_agent = USER_AGENT
-    if impersonate:
-        client.set_default_header("Impersonate-User", impersonate)
     return client
 
 
 def connection_info(client: ApiClient) -> Any:
     """Kopf's view of the same credentials, so its watches and our calls agree."""
     configuration = client.configuration
-    token = (configuration.api_key or {}).get("authorization", "")
-    scheme, _, token = token.partition(" ") if " " in token else ("Bearer", "", token)
+    # The client keeps "Bearer <token>" under a key that varies between its versions.
+    credential = next(iter((configuration.api_key or {}).values()), "")
+    scheme, _, token = (
+        credential.partition(" ") if " " in credential else ("Bearer", "", credential)
+    )
     return kopf.ConnectionInfo(
         server=configuration.host,
         ca_path=configuration.ssl_ca_cert,
