@@ -31,6 +31,7 @@ from gpuyard.logic.autoscale import (
     MetricSpec,
     MetricType,
     PoolRequest,
+    PrometheusMetric,
     ScalingPolicy,
     ScalingState,
     decide,
@@ -58,12 +59,32 @@ class _Candidate:
     state: ScalingState
 
 
+class PolicyCache:
+    """Each service's parsed spec and policy, kept from one tick to the next.
+
+    An entry is reused while the service and its pool keep their uid and generation (the
+    API server bumps the generation on every spec change), so a tick parses only what
+    changed: parsing and validating every AIService on every tick would cost more than
+    deciding them. Objects without a uid or generation are parsed every time.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[ServiceKey, tuple[tuple[Any, ...] | None, _Parsed | None]] = {}
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    pool: GPUPool
+    policy: ScalingPolicy
+
+
 async def autoscale_forever(op: Operator) -> None:
     interval = op.settings.autoscale_interval
+    cache = PolicyCache()
     while True:
         started = time.monotonic()
         try:
-            await tick(op, datetime.now(UTC))
+            await tick(op, datetime.now(UTC), cache)
         except Exception:  # the loop must outlive any one bad tick
             logger.exception("autoscaler tick failed")
             op.metrics.autoscaler_errors.labels(stage="tick").inc()
@@ -73,43 +94,48 @@ async def autoscale_forever(op: Operator) -> None:
         await asyncio.sleep(max(0.0, interval - elapsed))
 
 
-def _tenant_query(spec: MetricSpec, window_seconds: int) -> str | None:
-    source = spec.prometheus
-    if source is None:
-        return None
+def _tenant_query(source: PrometheusMetric, window_seconds: int) -> str:
     return prometheus_metric_group_query(
         source.metric, source.label_map, source.aggregation, window_seconds=window_seconds
     )
 
 
-async def tick(op: Operator, now: datetime) -> None:
-    candidates = _candidates(op)
+async def tick(op: Operator, now: datetime, cache: PolicyCache | None = None) -> None:
+    candidates = _candidates(op, cache or PolicyCache())
     window = op.settings.metrics_window_seconds
     queries: dict[str, str] = {
         series.value: query for series, query in gpu_queries(window_seconds=window).items()
     }
+    # Each distinct tenant metric is built, sent and parsed once per tick, not per service.
+    tenant_queries: dict[MetricSpec, str] = {}
     for candidate in candidates:
         for spec in candidate.policy.metrics:
-            query = _tenant_query(spec, window)
-            if query is not None:
-                queries[query] = query
+            if spec.prometheus is not None and spec not in tenant_queries:
+                tenant_queries[spec] = _tenant_query(spec.prometheus, window)
+    for query in tenant_queries.values():
+        queries[query] = query
     answers = await _run_queries(op, queries)
 
     gpu_values: dict[str, Mapping[tuple[str, str], float] | str] = {}
     for series in GpuSeries:
         gpu_values[series.value] = _parsed(answers[series.value], parse_vector_response)
+    grouped = {
+        query: _parsed(answers[query], parse_grouped_response)
+        for query in set(tenant_queries.values())
+    }
+    tenant_values = {spec: grouped[query] for spec, query in tenant_queries.items()}
     pods_by_service = _ready_pods_by_service(op)
     for candidate in candidates:
         candidate.samples = _samples(
             candidate,
             gpu_values=gpu_values,
-            answers=answers,
+            tenant_values=tenant_values,
             pods_by_service=pods_by_service,
             now=now,
-            window_seconds=window,
         )
 
-    # Pass 1: what each service wants, ignoring the pool. Pass 2: each one's fair share.
+    # Pass 1: what each service wants, ignoring the pool. Pass 2: each one's fair share, for
+    # the services whose share cuts what they want (the others keep their first decision).
     wanted = {c.key: decide(c.samples, c.state, c.policy, None, now) for c in candidates}
     shares: dict[ServiceKey, int] = {}
     by_pool: dict[str, list[_Candidate]] = defaultdict(list)
@@ -132,38 +158,73 @@ async def tick(op: Operator, now: datetime) -> None:
         for request, candidate in zip(requests, members, strict=True):
             shares[candidate.key] = share[request.key]
     for candidate in candidates:
-        decision = decide(
-            candidate.samples, candidate.state, candidate.policy, shares.get(candidate.key), now
-        )
+        first = wanted[candidate.key]
+        capacity = shares.get(candidate.key)
+        decision = first
+        if not pool_is_no_limit(first, capacity):
+            decision = decide(candidate.samples, candidate.state, candidate.policy, capacity, now)
         _record(op, candidate.key, decision)
 
 
-def _candidates(op: Operator) -> list[_Candidate]:
+def pool_is_no_limit(wanted: Decision, share: int | None) -> bool:
+    """Whether ``decide`` with this capacity share would return ``wanted`` unchanged.
+
+    ``decide`` caps the count at ``max(share, current)`` after the budget. Without a budget
+    cut, the count before the caps is ``wanted.desired_replicas``; a cap at or above it moves
+    nothing and flags nothing, so the second call can be skipped (most services, most
+    ticks). With a budget cut the count before the caps is unknown here: decide again.
+    """
+    if share is None:
+        return True
+    return not wanted.budget_limited and max(share, wanted.current_replicas) >= (
+        wanted.desired_replicas
+    )
+
+
+def _candidates(op: Operator, cache: PolicyCache) -> list[_Candidate]:
     candidates = []
+    previous, kept = cache.entries, {}
     for key in op.caches.service_keys():
         body = op.caches.service(key)
         if body is None or key in op.not_accepted:
             continue
-        try:
-            service = AIService.from_mapping(body)
-        except ValidationError:
-            continue  # the service reconcile reports it
-        pool_body = op.caches.pool(service.spec.pool)
+        pool_name = (body.get("spec") or {}).get("pool")
+        pool_body = op.caches.pool(pool_name) if isinstance(pool_name, str) else None
         if pool_body is None:
             continue
-        try:
-            pool = GPUPool.from_mapping(pool_body)
-            policy = scaling_policy(service.spec, pool)
-        except (ValidationError, ValueError):
-            continue
+        stamp = _stamp(body, pool_body)
+        entry = previous.get(key)
+        if entry is None or stamp is None or entry[0] != stamp:
+            entry = (stamp, _parse(body, pool_body))
+        kept[key] = entry
+        parsed = entry[1]
+        if parsed is None:
+            continue  # the service reconcile reports what is wrong with the spec
         live = op.caches.deployment(key)
         if live is None:
             continue  # not created yet: nothing to resize
         current = int(live["spec"].get("replicas") or 0)
         ready = int((live.get("status") or {}).get("readyReplicas") or 0)
         state = op.scaling_states.get(key) or ScalingState(current, ready)
-        candidates.append(_Candidate(key, pool, policy, {}, state.observed(current, ready)))
+        candidate = _Candidate(key, parsed.pool, parsed.policy, {}, state.observed(current, ready))
+        candidates.append(candidate)
+    cache.entries = kept  # services gone since the last tick drop out
     return candidates
+
+
+def _stamp(body: Mapping[str, Any], pool_body: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    service, pool = body.get("metadata") or {}, pool_body.get("metadata") or {}
+    stamp = (service.get("uid"), service.get("generation"), pool.get("uid"), pool.get("generation"))
+    return None if None in stamp else stamp
+
+
+def _parse(body: Mapping[str, Any], pool_body: Mapping[str, Any]) -> _Parsed | None:
+    try:
+        service = AIService.from_mapping(body)
+        pool = GPUPool.from_mapping(pool_body)
+        return _Parsed(pool, scaling_policy(service.spec, pool))
+    except (ValidationError, ValueError):
+        return None
 
 
 async def _run_queries(op: Operator, queries: dict[str, str]) -> dict[str, Any]:
@@ -212,21 +273,19 @@ def _samples(
     candidate: _Candidate,
     *,
     gpu_values: Mapping[str, Any],
-    answers: Mapping[str, Any],
+    tenant_values: Mapping[MetricSpec, Mapping[ServiceKey, float] | str],
     pods_by_service: Mapping[ServiceKey, list[str]],
     now: datetime,
-    window_seconds: int,
 ) -> dict[MetricSpec, MetricSample]:
     samples: dict[MetricSpec, MetricSample] = {}
     namespace = candidate.key[0]
     pods = pods_by_service.get(candidate.key, [])
     for spec in candidate.policy.metrics:
         if spec.type is MetricType.PROMETHEUS:
-            query = _tenant_query(spec, window_seconds)
-            grouped = _parsed(answers[query], parse_grouped_response) if query else None
+            grouped = tenant_values[spec]
             if isinstance(grouped, str):
                 samples[spec] = MetricSample.unavailable(grouped)
-            elif grouped is not None and candidate.key in grouped:
+            elif candidate.key in grouped:
                 samples[spec] = MetricSample.service_total(grouped[candidate.key], now)
             else:
                 # Silence is not zero demand: a wake signal must be exported even when idle.
@@ -257,9 +316,10 @@ def _record(op: Operator, key: ServiceKey, decision: Decision) -> None:
     op.scaling_states[key] = decision.state
     previous = op.decisions.get(key)
     op.decisions[key] = decision
-    op.metrics.autoscaler_desired_replicas.labels(namespace=key[0], service=key[1]).set(
-        decision.desired_replicas
-    )
+    if previous is None or previous.desired_replicas != decision.desired_replicas:
+        op.metrics.autoscaler_desired_replicas.labels(namespace=key[0], service=key[1]).set(
+            decision.desired_replicas
+        )
     if previous is None or _visible(previous) != _visible(decision):
         op.metrics.autoscaler_decisions.labels(reason=decision.reason.value).inc()
         op.service_queue.add(key)

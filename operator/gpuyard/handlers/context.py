@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -128,9 +129,22 @@ class Operator:
         self.metrics.pool_gpus.clear()
 
     def forget_service(self, key: ServiceKey) -> None:
+        for state in ("desired", "ready"):
+            with contextlib.suppress(KeyError):
+                self.metrics.service_replicas.remove(key[0], key[1], state)
         self.decisions.pop(key, None)
         self.scaling_states.pop(key, None)
-        self.not_accepted.pop(key, None)
+        self.set_refused(key, None)
+
+    def set_refused(self, key: ServiceKey, reason: str | None) -> None:
+        """Record whether a service is refused (and why), for logs and the metric."""
+        if reason is None:
+            self.not_accepted.pop(key, None)
+        else:
+            self.not_accepted[key] = reason
+        self.metrics.services_not_accepted.clear()
+        for refused in self.not_accepted.values():
+            self.metrics.services_not_accepted.labels(reason=refused).inc()
 
     def record_reconcile(self, kind: str, seconds: float, ok: bool) -> None:
         self.metrics.reconciles.labels(kind=kind, result="ok" if ok else "error").inc()

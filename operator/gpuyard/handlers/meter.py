@@ -150,6 +150,10 @@ async def meter_tick(op: Operator, now: datetime) -> None:
         if lifetime is not None:
             lifetimes.append(lifetime)
             pods_by_uid[uid] = pod
+        elif gone_at is not None or pod["metadata"].get("deletionTimestamp"):
+            # Never bound (deleted while Pending), so nothing to bill: without this the
+            # finalizer would hold the pod forever, and namespace deletion with it.
+            await _release(op, pod, uid)
     services = {lifetime.key for lifetime in lifetimes}
     for namespace, name in op.caches.service_keys():
         services.add(ServiceKey(namespace, name))
@@ -163,7 +167,14 @@ async def meter_tick(op: Operator, now: datetime) -> None:
             logger.warning("usage of %s/%s not delivered, will retry: %s", *batch.key, error)
             continue
         mark = advance_mark(marks.get(batch.key), batch.records, batch.through)
-        if await _save_mark(op, batch.key, mark):
+        try:
+            await _save_mark(op, batch.key, mark)
+        except ApiException as error:
+            # One service's status write must not stall every other service's metering;
+            # its records go out again, with the same ids, from the unchanged mark.
+            op.metrics.meter_errors.labels(stage="mark").inc()
+            logger.warning("usage mark of %s/%s not saved, will retry: %s", *batch.key, error)
+        else:
             marks[batch.key] = mark
             op.metrics.metering_lag.labels(namespace=batch.key[0], service=batch.key[1]).set(
                 (now - mark.reported_through).total_seconds()
@@ -171,16 +182,19 @@ async def meter_tick(op: Operator, now: datetime) -> None:
 
     for lifetime in lifetimes:
         if is_fully_reported(lifetime, marks.get(lifetime.key)):
-            await _release(op, pods_by_uid[lifetime.pod_uid], lifetime)
+            await _release(op, pods_by_uid[lifetime.pod_uid], lifetime.pod_uid)
 
 
-async def _save_mark(op: Operator, key: ServiceKey, mark: ServiceMark) -> bool:
-    if op.caches.service((key.namespace, key.service)) is None:
+async def _save_mark(op: Operator, key: ServiceKey, mark: ServiceMark) -> None:
+    if op.caches.service((key.namespace, key.service)) is None or mark.currency is None:
         # The service is gone: there is no status to keep a mark in. Its pods' records
         # were delivered; until their finalizers are released a restart re-sends them
         # with the same ids, which is what ids are for.
+        # No currency: nothing was billed yet (only empty windows, e.g. before the first
+        # pod's first whole second), and the CRD requires one. Kept in memory; after a
+        # restart the meter re-plans those windows from the pods and finds them empty.
         op.marks[key] = mark
-        return True
+        return
     await op.io(
         op.kube.patch_status,
         "aiservices",
@@ -189,10 +203,9 @@ async def _save_mark(op: Operator, key: ServiceKey, mark: ServiceMark) -> bool:
         {"usage": mark_to_status(mark)},
     )
     op.marks[key] = mark
-    return True
 
 
-async def _release(op: Operator, pod: dict[str, Any], lifetime: PodLifetime) -> None:
+async def _release(op: Operator, pod: dict[str, Any], uid: str) -> None:
     """Forget a fully billed pod, and let it go if our finalizer holds it."""
     metadata = pod["metadata"]
     finalizers = list(metadata.get("finalizers") or [])
@@ -200,10 +213,10 @@ async def _release(op: Operator, pod: dict[str, Any], lifetime: PodLifetime) -> 
         try:
             await op.io(
                 op.kube.remove_finalizer, metadata["namespace"], metadata["name"],
-                lifetime.pod_uid, finalizers, METERING_FINALIZER,
+                uid, finalizers, METERING_FINALIZER,
             )  # fmt: skip
         except ApiException as error:
             if error.status not in (404, 409, 422):
                 raise
             return  # changed or gone meanwhile: the next tick looks again
-    op.gone_pods.pop(lifetime.pod_uid, None)
+    op.gone_pods.pop(uid, None)

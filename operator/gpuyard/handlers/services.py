@@ -75,12 +75,16 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
     if not admission.accepted or pool is None or usage is None:
         await _refuse(op, key, body, admission, now)
         return
-    op.not_accepted.pop(key, None)
+    if key in op.not_accepted:
+        op.set_refused(key, None)
     accepted = _Accepted(
         key, body, service, pool, usage, admission, op.decisions.get(key),
         op.caches.deployment(key), now,
     )  # fmt: skip
     replicas = await _apply_children(op, accepted)
+    ready = int(((accepted.live or {}).get("status") or {}).get("readyReplicas") or 0)
+    op.metrics.service_replicas.labels(key[0], key[1], "desired").set(replicas)
+    op.metrics.service_replicas.labels(key[0], key[1], "ready").set(ready)
     await _write_status(op, key, body.get("status") or {}, _desired_status(accepted, replicas))
 
 
@@ -166,7 +170,7 @@ async def _refuse(
         logger.warning(
             "AIService %s/%s not accepted: %s: %s", *key, admission.reason, admission.message
         )
-    op.not_accepted[key] = admission.reason
+    op.set_refused(key, admission.reason)
     current_status: dict[str, Any] = body.get("status") or {}
     generation = body["metadata"].get("generation")
     conditions = apply_conditions(

@@ -99,6 +99,12 @@ class OperatorMetrics:
             ["namespace", "service"],
             registry=self.registry,
         )
+        self.service_replicas = Gauge(
+            "gpuyard_service_replicas",
+            "Replicas of an AIService, by state (desired, ready).",
+            ["namespace", "service", "state"],
+            registry=self.registry,
+        )
         self.services_not_accepted = Gauge(
             "gpuyard_services_not_accepted",
             "AIServices whose spec the operator refuses (Accepted=False), by reason.",

@@ -318,6 +318,8 @@ class ScalingState:
             raise ValueError("replica counts cannot be negative")
 
     def observed(self, current_replicas: int, ready_replicas: int) -> ScalingState:
+        if (current_replicas, ready_replicas) == (self.current_replicas, self.ready_replicas):
+            return self  # the usual case, every tick for every service: no copy
         return replace(self, current_replicas=current_replicas, ready_replicas=ready_replicas)
 
 

@@ -42,13 +42,15 @@ def scaling_policy(spec: AIServiceSpec, pool: GPUPool) -> ScalingPolicy:
                 aggregation=Aggregation(source.aggregation),
                 activation_value=float(source.activation_value_decimal),
             )
-        metrics.append(
-            MetricSpec(
-                type=MetricType(metric.type),
-                target_percent=metric.target_percent,
-                prometheus=prometheus,
-            )
+        entry = MetricSpec(
+            type=MetricType(metric.type),
+            target_percent=metric.target_percent,
+            prometheus=prometheus,
         )
+        # The API lets a Prometheus metric be listed twice (or as "1" and "1.0"): the copies
+        # would ask for the same replicas, so one is kept rather than refusing the service.
+        if entry not in metrics:
+            metrics.append(entry)
     unavailable = autoscaling.on_metrics_unavailable
     return ScalingPolicy(
         min_replicas=spec.min_replicas,

@@ -24,12 +24,13 @@ __all__ = [
     "GpuSeries",
     "PodKey",
     "PrometheusResponseError",
+    "ServiceKey",
     "gpu_memory_query",
     "gpu_queries",
     "gpu_utilization_query",
-    "parse_total_response",
+    "parse_grouped_response",
     "parse_vector_response",
-    "prometheus_metric_query",
+    "prometheus_metric_group_query",
     "quote_label_value",
     "validate_tenant_selector",
 ]
@@ -50,8 +51,6 @@ _KEY_LABELS = frozenset({"namespace", "pod", "exported_namespace", "exported_pod
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _MAX_METRIC_NAME_LENGTH = 200
 _MAX_WINDOW_SECONDS = 86_400
 
@@ -230,35 +229,6 @@ def validate_tenant_selector(metric: str, labels: Mapping[str, str]) -> None:
             raise ValueError(f"value of label {name!r} exceeds {MAX_TENANT_LABEL_VALUE_LENGTH}")
 
 
-def prometheus_metric_query(
-    metric: str,
-    labels: Mapping[str, str],
-    aggregation: Aggregation,
-    namespace: str,
-    service: str,
-    *,
-    window_seconds: int = DEFAULT_WINDOW_SECONDS,
-) -> str:
-    """The query of one tenant metric for one service, returning at most one sample.
-
-    Shape: ``sum(avg_over_time({__name__="m",namespace="ns",service="svc",k="v"}[30s]))``.
-    The scope is ``namespace`` plus ``service``, never ``pod``: a service at zero replicas
-    has no pods, and a request-level metric (from a gateway or a queue exporter that keeps
-    running) is what wakes it. The metric name goes in a ``__name__`` matcher so a name
-    such as ``sum`` or ``inf`` cannot be read as a keyword. Tenant matchers follow in name
-    order, so equal specs give byte-equal queries that the caller can de-duplicate.
-    """
-    validate_tenant_selector(metric, labels)
-    if len(namespace) > 63 or not _DNS_LABEL.fullmatch(namespace):
-        raise ValueError(f"invalid namespace {namespace!r}")
-    if len(service) > 253 or not _DNS_SUBDOMAIN.fullmatch(service):
-        raise ValueError(f"invalid service name {service!r}")
-    pairs = [("__name__", metric), ("namespace", namespace), ("service", service)]
-    pairs += sorted(labels.items())
-    selector = _matchers(pairs) + _window(window_seconds)
-    return f"{Aggregation(aggregation).value}(avg_over_time({selector}))"
-
-
 ServiceKey = tuple[str, str]
 """(namespace, service) a tenant metric's series belong to."""
 
@@ -276,7 +246,13 @@ def prometheus_metric_group_query(
     all of them at once, so a tick sends one query per distinct metric declaration, not one
     per service. Scope comes from the grouping: a service reads only the series keyed by
     its own namespace and name (see :func:`parse_grouped_response`), so one tenant's
-    matchers can never show it another namespace's values.
+    matchers can never show it another namespace's values. The scope is namespace plus
+    service, never pod: a service at zero replicas has no pods, and a request-level metric
+    (from a gateway or a queue exporter that keeps running) is what wakes it.
+
+    The metric name goes in a ``__name__`` matcher so that a name such as ``sum`` or ``inf``
+    cannot be read as a keyword. Tenant matchers follow in name order, so equal specs give
+    byte-equal queries that the caller de-duplicates by their text.
     """
     validate_tenant_selector(metric, labels)
     pairs = [("__name__", metric), *sorted(labels.items())]
@@ -378,18 +354,3 @@ def parse_vector_response(body: str | bytes | Mapping[str, Any]) -> dict[PodKey,
             raise PrometheusResponseError("DuplicateSeries", f"two series for {key}")
         values[key] = value
     return values
-
-
-def parse_total_response(body: str | bytes | Mapping[str, Any]) -> float | None:
-    """The single value of a tenant metric query, or ``None`` when no series matched.
-
-    An aggregation without ``by`` returns at most one series; more than one means the query
-    was not built by :func:`prometheus_metric_query` and is refused.
-    """
-    data = _load(body)
-    if data.get("resultType") == "scalar":
-        return _sample_value(data.get("result"))
-    series = _vector(data)
-    if len(series) > 1:
-        raise PrometheusResponseError("DuplicateSeries", f"{len(series)} series, expected one")
-    return series[0][1] if series else None
