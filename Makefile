@@ -39,7 +39,7 @@ cluster-env: venv ## print `export` lines for the running local cluster
 	$(CLUSTER) env
 
 crds: venv ## regenerate crds/ (and the chart's copy) from the pydantic models
-	$(BIN)/gpuyard crds --output-dir crds
+	$(BIN)/gpuyard crds --output-dir crds --reference docs/api.md
 	$(BIN)/gpuyard crds --output-dir charts/gpuyard/files/crds
 
 dist: binaries ## render dist/install.yaml from the chart (after `make crds` or a chart change)

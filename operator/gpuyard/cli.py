@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gpuyard import __version__
 from gpuyard.api.crd import render_crds_yaml, write_crds
+from gpuyard.api.reference import render_reference
 from gpuyard.config import Settings
 from gpuyard.handlers.runtime import run_operator
 from gpuyard.usage_cli import add_usage_parser
@@ -37,9 +38,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _crds(args: argparse.Namespace) -> int:
+    if args.reference:
+        Path(args.reference).write_text(render_reference())
     if args.output_dir:
         write_crds(Path(args.output_dir))
-    else:
+    elif not args.reference:
         sys.stdout.write(render_crds_yaml())
     return 0
 
@@ -78,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     crds = commands.add_parser("crds", help="print the CRDs (or write them to a directory)")
     crds.add_argument("--output-dir", help="write one YAML file per CRD here instead")
+    crds.add_argument("--reference", help="also write the Markdown API reference to this file")
     crds.set_defaults(func=_crds)
     add_usage_parser(commands)
     return parser
