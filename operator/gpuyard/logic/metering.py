@@ -658,7 +658,7 @@ def advance_mark(
 
 
 def mark_to_status(mark: ServiceMark) -> dict[str, Any]:
-    """The AIService `status.usage` block (docs/api-draft.md)."""
+    """The AIService `status.usage` block (docs/api.md)."""
     usage: dict[str, Any] = {
         "gpuSeconds": mark.gpu_seconds,
         "cost": format_decimal(mark.cost),
