@@ -1,0 +1,53 @@
+"""The local cluster's topology: parsing and the Node objects it becomes."""
+
+from __future__ import annotations
+
+import pytest
+
+from localcluster.topology import (
+    DEFAULT_TOPOLOGY,
+    GPU_RESOURCE,
+    POOL_LABEL,
+    PoolTopology,
+    node_manifests,
+    parse_topology,
+)
+
+
+def test_default_topology_is_two_pools() -> None:
+    assert parse_topology(DEFAULT_TOPOLOGY) == [
+        PoolTopology("a100", 2, 8, "a100-80gb"),
+        PoolTopology("l4", 2, 4, "l4"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("", "names no pool"),
+        ("a100=2x8", "expected POOL=NODESxGPUS:GPU-TYPE"),
+        ("A100=2x8:a100", "expected POOL=NODESxGPUS:GPU-TYPE"),
+        ("a100=0x8:a100", "1-500 nodes of 1-16 GPUs"),
+        ("a100=1x17:a100", "1-500 nodes of 1-16 GPUs"),
+        ("a=1x1:l4,a=1x2:l4", "repeat"),
+    ],
+)
+def test_bad_topologies_are_refused_with_the_reason(text: str, complaint: str) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        parse_topology(text)
+
+
+def test_nodes_carry_pool_labels_gpu_capacity_and_the_gpu_taint() -> None:
+    nodes = node_manifests(parse_topology("tiny=2x3:l4"))
+    by_name = {node["metadata"]["name"]: node for node in nodes}
+    assert set(by_name) == {"cpu-0", "gpu-tiny-0", "gpu-tiny-1"}
+    gpu = by_name["gpu-tiny-1"]
+    assert gpu["metadata"]["labels"][POOL_LABEL] == "tiny"
+    assert gpu["metadata"]["labels"]["type"] == "kwok"
+    assert gpu["status"]["allocatable"][GPU_RESOURCE] == "3"
+    assert gpu["spec"]["taints"] == [
+        {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
+    ]
+    cpu = by_name["cpu-0"]
+    assert GPU_RESOURCE not in cpu["status"]["capacity"]
+    assert cpu["spec"]["taints"] == []
