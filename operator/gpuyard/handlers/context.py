@@ -107,7 +107,7 @@ class Operator:
     decisions: dict[ServiceKey, Decision] = field(default_factory=dict)
     #: What each service's autoscaling carries from one tick to the next.
     scaling_states: dict[ServiceKey, ScalingState] = field(default_factory=dict)
-    #: The last usage mark the meter wrote per service (the cache may lag it).
+    #: The last usage mark the meter wrote per service (the cache may lag the write).
     marks: dict[MeteredService, ServiceMark] = field(default_factory=dict)
     #: Each pool's price schedule as observed since start-up.
     price_schedules: dict[str, PoolPricing] = field(default_factory=dict)

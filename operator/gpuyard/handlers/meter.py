@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from gpuyard.api.pool import GPUPool
 from gpuyard.handlers.context import Operator
-from gpuyard.io.sinks import SinkError
+from gpuyard.io.sinks import MultiSink, SinkError
 from gpuyard.logic.children import METERING_FINALIZER
 from gpuyard.logic.metering import (
     MeterConfig,
@@ -35,6 +35,7 @@ from gpuyard.logic.metering import (
     PodLifetime,
     PoolPricing,
     PricePoint,
+    ServiceBatch,
     ServiceKey,
     ServiceMark,
     advance_mark,
@@ -116,7 +117,9 @@ def _pricing(op: Operator, now: datetime) -> dict[str, PoolPricing]:
 
 def _mark(op: Operator, key: ServiceKey) -> ServiceMark | None:
     """The newer of the mark we wrote last and the one in the cached status (the cache
-    may lag our own write by a watch event)."""
+    may lag our own write by a watch event). Once the service is gone, the mark we wrote
+    last still covers the pods its finalizers hold; a service re-created under the same
+    name while they are held carries their totals on (the mark follows the name)."""
     body = op.caches.service((key.namespace, key.service))
     stored = mark_from_status((body or {}).get("status", {}).get("usage")) if body else None
     written = op.marks.get(key)
@@ -131,8 +134,30 @@ async def meter_tick(op: Operator, now: datetime) -> None:
     sinks = op.sinks
     if sinks is None:
         return
-    pricing = _pricing(op, now)
+    lifetimes, pods_by_uid = await _lifetimes(op, now)
+    services = {lifetime.key for lifetime in lifetimes}
+    services.update(ServiceKey(namespace, name) for namespace, name in op.caches.service_keys())
+    marks = {key: mark for key in services if (mark := _mark(op, key)) is not None}
     config = MeterConfig(window_seconds=op.settings.usage_window_seconds)
+    for batch in plan_tick(lifetimes, marks, now, config):
+        mark = await _deliver(op, sinks, batch, marks.get(batch.key))
+        if mark is not None:
+            marks[batch.key] = mark
+            op.metrics.metering_lag.labels(namespace=batch.key[0], service=batch.key[1]).set(
+                (now - mark.reported_through).total_seconds()
+            )
+    for lifetime in lifetimes:
+        if is_fully_reported(lifetime, marks.get(lifetime.key)):
+            await _release(op, pods_by_uid[lifetime.pod_uid], lifetime.pod_uid)
+    for key in set(op.marks) - services:
+        del op.marks[key]  # no service and no pod left: nothing more to bill
+
+
+async def _lifetimes(
+    op: Operator, now: datetime
+) -> tuple[list[PodLifetime], dict[str, dict[str, Any]]]:
+    """The billable lifetime of every pod the meter knows, live or gone, by pod uid."""
+    pricing = _pricing(op, now)
     lifetimes: list[PodLifetime] = []
     pods_by_uid: dict[str, dict[str, Any]] = {}
     pods: list[tuple[dict[str, Any], datetime | None]]
@@ -154,35 +179,29 @@ async def meter_tick(op: Operator, now: datetime) -> None:
             # Never bound (deleted while Pending), so nothing to bill: without this the
             # finalizer would hold the pod forever, and namespace deletion with it.
             await _release(op, pod, uid)
-    services = {lifetime.key for lifetime in lifetimes}
-    for namespace, name in op.caches.service_keys():
-        services.add(ServiceKey(namespace, name))
-    marks = {key: mark for key in services if (mark := _mark(op, key)) is not None}
+    return lifetimes, pods_by_uid
 
-    for batch in plan_tick(lifetimes, marks, now, config):
-        try:
-            await sinks.emit(batch.records)
-        except SinkError as error:
-            op.metrics.meter_errors.labels(stage="sink").inc()
-            logger.warning("usage of %s/%s not delivered, will retry: %s", *batch.key, error)
-            continue
-        mark = advance_mark(marks.get(batch.key), batch.records, batch.through)
-        try:
-            await _save_mark(op, batch.key, mark)
-        except ApiException as error:
-            # One service's status write must not stall every other service's metering;
-            # its records go out again, with the same ids, from the unchanged mark.
-            op.metrics.meter_errors.labels(stage="mark").inc()
-            logger.warning("usage mark of %s/%s not saved, will retry: %s", *batch.key, error)
-        else:
-            marks[batch.key] = mark
-            op.metrics.metering_lag.labels(namespace=batch.key[0], service=batch.key[1]).set(
-                (now - mark.reported_through).total_seconds()
-            )
 
-    for lifetime in lifetimes:
-        if is_fully_reported(lifetime, marks.get(lifetime.key)):
-            await _release(op, pods_by_uid[lifetime.pod_uid], lifetime.pod_uid)
+async def _deliver(
+    op: Operator, sinks: MultiSink, batch: ServiceBatch, mark: ServiceMark | None
+) -> ServiceMark | None:
+    """Emit one service's batch and save its new mark; None when either failed (the
+    next tick sends the same records, with the same ids, from the unchanged mark)."""
+    try:
+        await sinks.emit(batch.records)
+    except SinkError as error:
+        op.metrics.meter_errors.labels(stage="sink").inc()
+        logger.warning("usage of %s/%s not delivered, will retry: %s", *batch.key, error)
+        return None
+    new_mark = advance_mark(mark, batch.records, batch.through)
+    try:
+        await _save_mark(op, batch.key, new_mark)
+    except ApiException as error:
+        # One service's status write must not stall every other service's metering.
+        op.metrics.meter_errors.labels(stage="mark").inc()
+        logger.warning("usage mark of %s/%s not saved, will retry: %s", *batch.key, error)
+        return None
+    return new_mark
 
 
 async def _save_mark(op: Operator, key: ServiceKey, mark: ServiceMark) -> None:
