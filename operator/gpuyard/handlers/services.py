@@ -85,7 +85,7 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
     ready = int(((accepted.live or {}).get("status") or {}).get("readyReplicas") or 0)
     op.metrics.service_replicas.labels(key[0], key[1], "desired").set(replicas)
     op.metrics.service_replicas.labels(key[0], key[1], "ready").set(ready)
-    await _write_status(op, key, body.get("status") or {}, _desired_status(accepted, replicas))
+    await _write_status(op, key, body, _desired_status(accepted, replicas))
 
 
 async def _apply_children(op: Operator, it: _Accepted) -> int:
@@ -189,15 +189,26 @@ async def _refuse(
         now,
     )
     desired = service_status(observed_generation=generation, conditions=conditions)
-    await _write_status(op, key, current_status, desired)
+    await _write_status(op, key, body, desired)
 
 
 async def _write_status(
-    op: Operator, key: ServiceKey, current: dict[str, Any], desired: dict[str, Any]
+    op: Operator, key: ServiceKey, body: dict[str, Any], desired: dict[str, Any]
 ) -> None:
+    """Patch the status fields that differ from the cached ``body``'s, and record them in
+    the cached body.
+
+    The cache learns of the write only with the next watch event. A reconcile that runs
+    before it (the Deployment's first events come in the meantime) would otherwise start
+    from the old status and write again, with new lastTransitionTimes. A merge patch
+    replaces whole top-level fields, so the cached status becomes exactly what is stored;
+    the next watch event replaces the cached body altogether.
+    """
+    current: dict[str, Any] = body.get("status") or {}
     patch = status_patch(current, desired)
     if patch:
         await op.io(op.kube.patch_status, "aiservices", key[0], key[1], patch)
+        body["status"] = {**current, **patch}
 
 
 def _pool(op: Operator, name: str) -> GPUPool | None:
