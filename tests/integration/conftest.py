@@ -61,6 +61,9 @@ class OperatorProcess:
             # The simulator is scraped every second: react in seconds, as a test should.
             "GPUYARD_AUTOSCALE_INTERVAL": "1",
             "GPUYARD_METRICS_WINDOW_SECONDS": "5",
+            # A deleted pod goes once its last usage window is billed: keep windows short.
+            "GPUYARD_USAGE_WINDOW_SECONDS": "5",
+            "GPUYARD_METER_INTERVAL": "1",
             **self.extra_env,
         }
         with self.log_path.open("ab") as log:

@@ -2,7 +2,8 @@
 
 The tenant query is checked by a strict tokenizer and parser written here, independent of
 the builder: every generated query must parse back to exactly the intended matchers, with
-hostile label values round-tripping byte for byte. When promtool is installed, the real
+hostile label values round-tripping byte for byte, and its answer must give each service
+its own series and nobody else's. When promtool is installed, the real
 PromQL engine also evaluates the queries against synthetic series.
 """
 
@@ -29,9 +30,9 @@ from gpuyard.logic.promql import (
     gpu_memory_query,
     gpu_queries,
     gpu_utilization_query,
-    parse_total_response,
+    parse_grouped_response,
     parse_vector_response,
-    prometheus_metric_query,
+    prometheus_metric_group_query,
     quote_label_value,
     validate_tenant_selector,
 )
@@ -123,8 +124,9 @@ def tokenize(query: str) -> list[tuple[str, str]]:
     return tokens
 
 
-def parse_tenant_query(query: str) -> tuple[str, list[tuple[str, str, str]], str]:
-    """Parse ``agg(avg_over_time({matchers}[window]))`` strictly: (agg, matchers, window)."""
+def parse_tenant_query(query: str) -> tuple[str, list[str], list[tuple[str, str, str]], str]:
+    """Parse ``agg by (labels) (avg_over_time({matchers}[window]))`` strictly:
+    (agg, grouping labels, matchers, window)."""
     tokens = tokenize(query)
     position = 0
 
@@ -138,7 +140,17 @@ def parse_tenant_query(query: str) -> tuple[str, list[tuple[str, str, str]], str
         position += 1
         return got_text
 
+    def peek() -> tuple[str, str] | None:
+        return tokens[position] if position < len(tokens) else None
+
     aggregation = take("ident")
+    take("ident", "by")
+    take("punct", "(")
+    grouping = [take("ident")]
+    while peek() == ("punct", ","):
+        take("punct", ",")
+        grouping.append(take("ident"))
+    take("punct", ")")
     take("punct", "(")
     take("ident", "avg_over_time")
     take("punct", "(")
@@ -149,7 +161,7 @@ def parse_tenant_query(query: str) -> tuple[str, list[tuple[str, str, str]], str
         op = take("op")
         value = take("string")
         matchers.append((name, op, value))
-        if tokens[position] == ("punct", "}"):
+        if peek() == ("punct", "}"):
             break
         take("punct", ",")
     take("punct", "}")
@@ -160,28 +172,29 @@ def parse_tenant_query(query: str) -> tuple[str, list[tuple[str, str, str]], str
     take("punct", ")")
     if position != len(tokens):
         raise ValueError(f"trailing tokens {tokens[position:]}")
-    return aggregation, matchers, window
+    return aggregation, grouping, matchers, window
 
 
 def test_the_test_parser_rejects_what_promql_rejects() -> None:
     # The parser must be able to fail, or the property test below proves nothing.
     for broken in [
-        'sum(avg_over_time({a="x"}[30s])) or vector(1)',
-        'sum(avg_over_time({a="x\n"}[30s]))',
-        'sum(avg_over_time({a="x\\q"}[30s]))',
-        'sum(avg_over_time({a="\\ud800"}[30s]))',
-        'sum(avg_over_time({a="x"}[30s])',
-        'sum(avg_over_time({a="x",}[30s]))',
-        'sum(avg_over_time({a="x"} [30s]) # )',
-        'sum(avg_over_time({a="unterminated}[30s]))',
+        'sum by (namespace) (avg_over_time({a="x"}[30s])) or vector(1)',
+        'sum by (namespace) (avg_over_time({a="x\n"}[30s]))',
+        'sum by (namespace) (avg_over_time({a="x\\q"}[30s]))',
+        'sum by (namespace) (avg_over_time({a="\\ud800"}[30s]))',
+        'sum by (namespace) (avg_over_time({a="x"}[30s])',
+        'sum by (namespace) (avg_over_time({a="x",}[30s]))',
+        'sum by (namespace) (avg_over_time({a="x"} [30s]) # )',
+        'sum by (namespace) (avg_over_time({a="unterminated}[30s]))',
+        'sum by (namespace,) (avg_over_time({a="x"}[30s]))',
+        'sum(avg_over_time({a="x"}[30s]))',
     ]:
         with pytest.raises(ValueError):  # noqa: PT011 - any parse error will do
             parse_tenant_query(broken)
-    assert parse_tenant_query('max(avg_over_time({a="\\x41\\101\\u00e9\\"",b!~"c"}[1m]))') == (
-        "max",
-        [("a", "=", 'AAé"'), ("b", "!~", "c")],
-        "1m",
+    parsed = parse_tenant_query(
+        'max by (namespace, service) (avg_over_time({a="\\x41\\101\\u00e9\\"",b!~"c"}[1m]))'
     )
+    assert parsed == ("max", ["namespace", "service"], [("a", "=", 'AAé"'), ("b", "!~", "c")], "1m")
 
 
 # --- label value quoting -------------------------------------------------------------------
@@ -221,41 +234,49 @@ def test_quote_round_trips_and_emits_printable_ascii(value: str) -> None:
     assert _unquote(literal, 0) == (value, len(literal))
 
 
-# --- tenant metric queries -----------------------------------------------------------------
+def _vector(*series: tuple[dict[str, str], str]) -> str:
+    result = [{"metric": labels, "value": [1700000000.5, value]} for labels, value in series]
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}})
+
+
+# --- tenant metric queries: one per distinct declaration, grouped by service ---------------
 
 
 def test_tenant_query_shape() -> None:
-    query = prometheus_metric_query(
-        "vllm:num_requests_waiting", {"model": "llama"}, Aggregation.SUM, "team-a", "chat"
+    query = prometheus_metric_group_query(
+        "vllm:num_requests_waiting", {"model": "llama"}, Aggregation.SUM
     )
     assert query == (
-        'sum(avg_over_time({__name__="vllm:num_requests_waiting",namespace="team-a",'
-        'service="chat",model="llama"}[30s]))'
+        "sum by (namespace, service) (avg_over_time("
+        '{__name__="vllm:num_requests_waiting",model="llama"}[30s]))'
     )
 
 
 def test_tenant_query_window_and_aggregation() -> None:
-    query = prometheus_metric_query("q", {}, Aggregation.MAX, "ns", "svc", window_seconds=5)
+    query = prometheus_metric_group_query("q", {}, Aggregation.MAX, window_seconds=5)
     assert parse_tenant_query(query) == (
         "max",
-        [("__name__", "=", "q"), ("namespace", "=", "ns"), ("service", "=", "svc")],
+        ["namespace", "service"],
+        [("__name__", "=", "q")],
         "5s",
     )
 
 
 def test_equal_specs_give_byte_equal_queries() -> None:
     # The tick de-duplicates queries by their text; label order must not matter.
-    one = prometheus_metric_query("q", {"b": "2", "a": "1"}, Aggregation.AVG, "ns", "svc")
-    two = prometheus_metric_query("q", {"a": "1", "b": "2"}, Aggregation.AVG, "ns", "svc")
+    one = prometheus_metric_group_query("q", {"b": "2", "a": "1"}, Aggregation.AVG)
+    two = prometheus_metric_group_query("q", {"a": "1", "b": "2"}, Aggregation.AVG)
     assert one == two
+    assert one != prometheus_metric_group_query("q", {"a": "1", "b": "3"}, Aggregation.AVG)
+    assert one != prometheus_metric_group_query("q", {"a": "1", "b": "2"}, Aggregation.SUM)
 
 
 def test_metric_names_that_are_keywords_stay_names() -> None:
     for name in ["sum", "by", "inf", "nan", "offset", "bool", "on"]:
-        _, matchers, _ = parse_tenant_query(
-            prometheus_metric_query(name, {}, Aggregation.SUM, "ns", "svc")
+        _, _, matchers, _ = parse_tenant_query(
+            prometheus_metric_group_query(name, {}, Aggregation.SUM)
         )
-        assert matchers[0] == ("__name__", "=", name)
+        assert matchers == [("__name__", "=", name)]
 
 
 @pytest.mark.parametrize(
@@ -276,29 +297,21 @@ def test_metric_names_that_are_keywords_stay_names() -> None:
 )
 def test_tenant_labels_rejected(labels: dict[str, str]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - the message varies by rule
-        prometheus_metric_query("q", labels, Aggregation.SUM, "ns", "svc")
+        prometheus_metric_group_query("q", labels, Aggregation.SUM)
 
 
 @pytest.mark.parametrize("metric", ["", "1abc", "a-b", "a b", "a\n", "é", "a{b}", "x" * 201])
 def test_tenant_metric_names_rejected(metric: str) -> None:
     with pytest.raises(ValueError, match="metric name"):
         validate_tenant_selector(metric, {})
-
-
-@pytest.mark.parametrize(
-    ("namespace", "service"),
-    [("", "svc"), ("ns", ""), ("NS", "svc"), ('ns"', "svc"), ("-ns", "svc"), ("ns", "svc\n")],
-)
-def test_scope_values_must_be_kubernetes_names(namespace: str, service: str) -> None:
-    # An empty namespace matcher would match series *without* a namespace: never allowed.
-    with pytest.raises(ValueError, match="invalid"):
-        prometheus_metric_query("q", {}, Aggregation.SUM, namespace, service)
+    with pytest.raises(ValueError, match="metric name"):
+        prometheus_metric_group_query(metric, {}, Aggregation.SUM)
 
 
 @pytest.mark.parametrize("window", [0, -1, 86_401, True])
 def test_window_bounds(window: int) -> None:
     with pytest.raises(ValueError, match="window"):
-        prometheus_metric_query("q", {}, Aggregation.SUM, "ns", "svc", window_seconds=window)
+        prometheus_metric_group_query("q", {}, Aggregation.SUM, window_seconds=window)
 
 
 _HOSTILE_PIECES = [
@@ -331,6 +344,7 @@ _HOSTILE_PIECES = [
     "#",
     " or vector(1)",
     'namespace="kube-system"',
+    ") by (pod",
 ]
 _LABEL_NAMES = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,15}", fullmatch=True).filter(
     lambda n: not n.startswith("__") and n not in {"namespace", "pod", "service"}
@@ -339,6 +353,8 @@ _HOSTILE_VALUES = st.one_of(
     st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=64),
     st.lists(st.sampled_from(_HOSTILE_PIECES), max_size=16).map("".join),
 )
+_NAMESPACES = st.from_regex(r"[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True)
+_SERVICES = st.from_regex(r"[a-z]([-a-z0-9]{0,10}[a-z0-9])?", fullmatch=True)
 
 
 @settings(max_examples=200, deadline=None)
@@ -346,26 +362,97 @@ _HOSTILE_VALUES = st.one_of(
     metric=st.from_regex(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,30}", fullmatch=True),
     labels=st.dictionaries(_LABEL_NAMES, _HOSTILE_VALUES, max_size=8),
     aggregation=st.sampled_from(Aggregation),
-    namespace=st.from_regex(r"[a-z0-9]([-a-z0-9]{0,20}[a-z0-9])?", fullmatch=True),
-    service=st.from_regex(r"[a-z0-9]([-a-z0-9]{0,10}[a-z0-9])?(\.[a-z0-9]{1,5})?", fullmatch=True),
 )
 def test_hostile_labels_parse_back_to_exactly_the_intended_matchers(
-    metric: str,
-    labels: dict[str, str],
-    aggregation: Aggregation,
+    metric: str, labels: dict[str, str], aggregation: Aggregation
+) -> None:
+    query = prometheus_metric_group_query(metric, labels, aggregation)
+    parsed_aggregation, grouping, matchers, window = parse_tenant_query(query)
+    assert parsed_aggregation == aggregation.value
+    # The result is keyed by exactly the scope labels, whatever the tenant wrote.
+    assert grouping == ["namespace", "service"]
+    assert window == "30s"
+    assert matchers == [("__name__", "=", metric)] + [
+        (n, "=", v) for n, v in sorted(labels.items())
+    ]
+    # No tenant value became a scope matcher, a regex or a negation.
+    assert not {"namespace", "service", "pod"} & {name for name, _, _ in matchers}
+    assert {op for _, op, _ in matchers} == {"="}
+
+
+_SCOPE_VALUES = st.one_of(_NAMESPACES, _HOSTILE_VALUES)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    namespace=_NAMESPACES,
+    service=_SERVICES,
+    others=st.dictionaries(
+        st.tuples(_SCOPE_VALUES, _SCOPE_VALUES),
+        st.floats(min_value=0, max_value=1e6, allow_nan=False),
+        max_size=8,
+    ),
+    own=st.one_of(st.none(), st.floats(min_value=0, max_value=1e6, allow_nan=False)),
+)
+def test_a_service_reads_only_its_own_series_from_a_grouped_answer(
     namespace: str,
     service: str,
+    others: dict[tuple[str, str], float],
+    own: float | None,
 ) -> None:
-    query = prometheus_metric_query(metric, labels, aggregation, namespace, service)
-    parsed_aggregation, matchers, window = parse_tenant_query(query)
-    assert parsed_aggregation == aggregation.value
-    assert window == "30s"
-    expected = [("__name__", "=", metric), ("namespace", "=", namespace)]
-    expected += [("service", "=", service)] + [(n, "=", v) for n, v in sorted(labels.items())]
-    assert matchers == expected
-    # The scope appears once, unmodified, and no matcher is a regex or a negation.
-    assert [m for m in matchers if m[0] == "namespace"] == [("namespace", "=", namespace)]
-    assert {op for _, op, _ in matchers} == {"="}
+    """Other tenants' series, whatever their label values (near misses included), never
+    reach a service; its own series reaches it exactly."""
+    others.pop((namespace, service), None)
+    series = [({"namespace": ns, "service": svc}, repr(v)) for (ns, svc), v in others.items()]
+    if own is not None:
+        series.append(({"namespace": namespace, "service": service}, repr(own)))
+    values = parse_grouped_response(_vector(*series))
+    assert values.get((namespace, service)) == own
+    # Every key the parser returns is one series' labels, byte for byte.
+    assert set(values) <= {(ns, svc) for (ns, svc) in others} | {(namespace, service)}
+
+
+def test_parse_grouped_response() -> None:
+    body = _vector(
+        ({"namespace": "team-a", "service": "chat"}, "5"),
+        ({"namespace": "team-a", "service": "embed"}, "NaN"),
+        ({"namespace": "team-b", "service": "chat"}, "13"),
+        # No scope: a series without one of the labels belongs to no service.
+        ({"namespace": "team-a"}, "1"),
+        ({"service": "chat"}, "2"),
+        ({}, "3"),
+        ({"namespace": "", "service": "chat"}, "4"),
+    )
+    values = parse_grouped_response(body)
+    assert set(values) == {("team-a", "chat"), ("team-a", "embed"), ("team-b", "chat")}
+    assert values[("team-a", "chat")] == 5.0
+    assert math.isnan(values[("team-a", "embed")])
+    assert values[("team-b", "chat")] == 13.0
+    assert parse_grouped_response(_vector()) == {}
+
+
+_SCALAR = '{"status":"success","data":{"resultType":"scalar","result":[1,"1"]}}'
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ('{"status":"error","errorType":"bad_data","error":"parse error"}', "PrometheusError"),
+        ("not json", "MalformedResponse"),
+        (_SCALAR, "UnexpectedResultType"),
+        (
+            _vector(
+                ({"namespace": "a", "service": "b"}, "1"),
+                ({"namespace": "a", "service": "b"}, "2"),
+            ),
+            "DuplicateSeries",
+        ),
+    ],
+)
+def test_parse_grouped_errors(body: str, reason: str) -> None:
+    with pytest.raises(PrometheusResponseError) as caught:
+        parse_grouped_response(body)
+    assert caught.value.reason == reason
 
 
 # --- GPU queries ---------------------------------------------------------------------------
@@ -415,11 +502,6 @@ def test_memory_is_not_a_utilization_source() -> None:
 
 
 # --- response parsing ----------------------------------------------------------------------
-
-
-def _vector(*series: tuple[dict[str, str], str]) -> str:
-    result = [{"metric": labels, "value": [1700000000.5, value]} for labels, value in series]
-    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": result}})
 
 
 def test_parse_vector_both_label_spellings() -> None:
@@ -507,15 +589,6 @@ def test_parse_vector_rejects_a_bad_sample_shape() -> None:
         parse_vector_response(body)
 
 
-def test_parse_total() -> None:
-    assert parse_total_response(_vector()) is None
-    assert parse_total_response(_vector(({}, "42.5"))) == 42.5
-    scalar = {"status": "success", "data": {"resultType": "scalar", "result": [1.0, "7"]}}
-    assert parse_total_response(scalar) == 7.0
-    with pytest.raises(PrometheusResponseError, match="DuplicateSeries"):
-        parse_total_response(_vector(({"a": "1"}, "1"), ({"a": "2"}, "2")))
-
-
 # --- the real PromQL engine ----------------------------------------------------------------
 
 
@@ -538,7 +611,13 @@ def test_queries_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
     }
     idle = {"namespace": "gpu-operator", "pod": "dcgm-exporter-1", "job": "dcgm"}
     scope = {"namespace": "team-a", "service": "chat"}
-    expected_tenant = [{"labels": "{}", "value": 5}]
+    # The near miss (the hostile value less its last character) matches nothing; the other
+    # service and the other namespace get series of their own, never a share of team-a/chat.
+    expected_tenant = [
+        {"labels": '{namespace="team-a",service="chat"}', "value": 5},
+        {"labels": '{namespace="team-a",service="other"}', "value": 11},
+        {"labels": '{namespace="team-b",service="chat"}', "value": 13},
+    ]
     test_file: dict[str, Any] = {
         "rule_files": [],
         "tests": [
@@ -582,8 +661,8 @@ def test_queries_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
                         "exp_samples": [{"labels": '{namespace="team-b",pod="p2"}', "value": 25}],
                     },
                     {
-                        "expr": prometheus_metric_query(
-                            "queue", {"model": hostile}, Aggregation.SUM, "team-a", "chat"
+                        "expr": prometheus_metric_group_query(
+                            "queue", {"model": hostile}, Aggregation.SUM
                         ),
                         "eval_time": "1m",
                         "exp_samples": expected_tenant,

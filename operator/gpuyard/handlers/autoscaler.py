@@ -15,7 +15,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -137,10 +137,30 @@ async def tick(op: Operator, now: datetime, cache: PolicyCache | None = None) ->
     # Pass 1: what each service wants, ignoring the pool. Pass 2: each one's fair share, for
     # the services whose share cuts what they want (the others keep their first decision).
     wanted = {c.key: decide(c.samples, c.state, c.policy, None, now) for c in candidates}
-    shares: dict[ServiceKey, int] = {}
+    shares = _fair_shares(op, candidates, wanted)
+    for candidate in candidates:
+        first = wanted[candidate.key]
+        capacity = shares.get(candidate.key)
+        decision = first
+        if not pool_is_no_limit(first, capacity):
+            decision = decide(candidate.samples, candidate.state, candidate.policy, capacity, now)
+        _record(op, candidate.key, decision)
+
+
+def _fair_shares(
+    op: Operator, candidates: list[_Candidate], wanted: Mapping[ServiceKey, Decision]
+) -> dict[ServiceKey, int]:
+    """Each growing service's maximum replicas from its pool's free GPUs.
+
+    Only growth competes for free GPUs: a service that wants no more than it runs neither
+    takes from the others nor can be cut (capacity never takes back), so it is left out
+    and keeps its first decision.
+    """
     by_pool: dict[str, list[_Candidate]] = defaultdict(list)
     for candidate in candidates:
-        by_pool[candidate.pool.name].append(candidate)
+        if wanted[candidate.key].desired_replicas > candidate.state.current_replicas:
+            by_pool[candidate.pool.name].append(candidate)
+    shares: dict[ServiceKey, int] = {}
     for pool_name, members in by_pool.items():
         usage = op.pool_usage.get(pool_name)
         if usage is None:
@@ -157,13 +177,7 @@ async def tick(op: Operator, now: datetime, cache: PolicyCache | None = None) ->
         share = share_pool_capacity(usage.available, requests)
         for request, candidate in zip(requests, members, strict=True):
             shares[candidate.key] = share[request.key]
-    for candidate in candidates:
-        first = wanted[candidate.key]
-        capacity = shares.get(candidate.key)
-        decision = first
-        if not pool_is_no_limit(first, capacity):
-            decision = decide(candidate.samples, candidate.state, candidate.policy, capacity, now)
-        _record(op, candidate.key, decision)
+    return shares
 
 
 def pool_is_no_limit(wanted: Decision, share: int | None) -> bool:
@@ -313,7 +327,7 @@ def _samples(
 
 
 def _record(op: Operator, key: ServiceKey, decision: Decision) -> None:
-    op.scaling_states[key] = decision.state
+    op.scaling_states[key] = _compacted(decision.state)
     previous = op.decisions.get(key)
     op.decisions[key] = decision
     if previous is None or previous.desired_replicas != decision.desired_replicas:
@@ -323,6 +337,24 @@ def _record(op: Operator, key: ServiceKey, decision: Decision) -> None:
     if previous is None or _visible(previous) != _visible(decision):
         op.metrics.autoscaler_decisions.labels(reason=decision.reason.value).inc()
         op.service_queue.add(key)
+
+
+def _compacted(state: ScalingState) -> ScalingState:
+    """The state with the newest two window recommendations folded into one when equal.
+
+    Stabilisation takes the lowest and highest recommendation inside each window. An entry
+    followed by a newer one of the same value changes neither while time moves forward: any
+    window that holds the older holds the newer too. Folding them as they arrive keeps a
+    steady service's history at a few entries instead of one per tick of the scale-down
+    window (60 at the defaults, 300 with a 1 s interval), each one filtered every tick.
+    """
+    history = state.recommendations
+    if len(history) < 2:
+        return state
+    older, newer = history[-2], history[-1]
+    if older.replicas != newer.replicas or older.time > newer.time:
+        return state
+    return replace(state, recommendations=(*history[:-2], newer))
 
 
 def _visible(decision: Decision) -> tuple[Any, ...]:

@@ -90,7 +90,9 @@ def _pricing(op: Operator, now: datetime) -> dict[str, PoolPricing]:
     """Every pool's price schedule. A price change applies from the first window that
     starts after the operator saw it; the schedule is kept in memory, and after a restart
     the current price applies from the mark on (see docs/metering.md)."""
-    pricing: dict[str, PoolPricing] = {}
+    # A pool deleted while its pods still run keeps the price it had: they are billed
+    # at it until they end (after a restart that price is gone; see _lifetimes).
+    pricing: dict[str, PoolPricing] = dict(op.price_schedules)
     for name in op.caches.pool_names():
         body = op.caches.pool(name)
         if body is None:
@@ -170,7 +172,11 @@ async def _lifetimes(
                 pod, pricing, cluster_id=op.settings.cluster_id, gone_at=gone_at
             )
         except MeteringError as error:
-            logger.warning("pod %s not metered: %s", pod["metadata"].get("name"), error)
+            op.metrics.meter_errors.labels(stage="unpriced").inc()
+            logger.error("pod %s cannot be metered: %s", pod["metadata"].get("name"), error)
+            if gone_at is not None or pod["metadata"].get("deletionTimestamp"):
+                # Holding the pod would not price it; it would only block its namespace.
+                await _release(op, pod, uid)
             continue
         if lifetime is not None:
             lifetimes.append(lifetime)

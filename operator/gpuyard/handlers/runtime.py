@@ -9,6 +9,7 @@ no reconcile ever lists the cluster. Watch events only enqueue keys; the work qu
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from datetime import UTC, datetime
@@ -88,9 +89,10 @@ def index_node(name: str, body: Any, **_: Any) -> dict[str, Any]:
     return {name: node_info_from_dict(dict(body))}
 
 
-def index_gpu_pod(body: Any, spec: Any, **_: Any) -> dict[str, Any] | None:
-    node = spec.get("nodeName")
-    return {node: pod_info_from_dict(dict(body))} if node else None
+def index_gpu_pod(body: Any, spec: Any, **_: Any) -> dict[str, Any]:
+    # Keyed by node; pods not yet bound under "": a pending replica still counts against
+    # its namespace's quota in the pool it asked for.
+    return {spec.get("nodeName") or "": pod_info_from_dict(dict(body))}
 
 
 def index_child(namespace: str | None, name: str, body: Any, **_: Any) -> dict[ServiceKey, Any]:
@@ -161,6 +163,12 @@ def started(memo: Any) -> Operator:
     """
     operator: Operator = memo["operator"]
     if not operator.tasks:
+        # The caches now hold every object of the cluster; they live as long as the
+        # operator. Moving them out of the collector's sight (and collecting less often)
+        # keeps full collections from rescanning them on every autoscaler tick.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         workers = operator.settings.workers
         operator.tasks = [
             asyncio.create_task(operator.pool_queue.run(max(2, workers // 4))),

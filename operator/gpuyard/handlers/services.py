@@ -19,7 +19,7 @@ from gpuyard.api.pool import GPUPool, GPUPoolStatus
 from gpuyard.api.service import AIService
 from gpuyard.handlers.context import Operator, ServiceKey
 from gpuyard.logic.admission import AdmissionResult, check_service
-from gpuyard.logic.autoscale import Decision
+from gpuyard.logic.autoscale import Decision, ScalingState, decide
 from gpuyard.logic.children import build_deployment, build_service, owner_reference, selector_string
 from gpuyard.logic.conditions import (
     accepted_condition,
@@ -28,6 +28,7 @@ from gpuyard.logic.conditions import (
     ready_condition,
 )
 from gpuyard.logic.drift import needs_apply, with_applied_hash
+from gpuyard.logic.policy import scaling_policy
 from gpuyard.logic.pool_accounting import PoolUsage, compute_pool_usage
 from gpuyard.logic.replicas import target_replicas
 from gpuyard.logic.scaling_status import autoscaler_conditions, recommendation
@@ -77,10 +78,9 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
         return
     if key in op.not_accepted:
         op.set_refused(key, None)
-    accepted = _Accepted(
-        key, body, service, pool, usage, admission, op.decisions.get(key),
-        op.caches.deployment(key), now,
-    )  # fmt: skip
+    live = op.caches.deployment(key)
+    decision = _decision(op, key, service=service, pool=pool, live=live, now=now)
+    accepted = _Accepted(key, body, service, pool, usage, admission, decision, live, now)
     replicas = await _apply_children(op, accepted)
     ready = int(((accepted.live or {}).get("status") or {}).get("readyReplicas") or 0)
     op.metrics.service_replicas.labels(key[0], key[1], "desired").set(replicas)
@@ -209,6 +209,32 @@ async def _write_status(
     if patch:
         await op.io(op.kube.patch_status, "aiservices", key[0], key[1], patch)
         body["status"] = {**current, **patch}
+
+
+def _decision(
+    op: Operator,
+    key: ServiceKey,
+    *,
+    service: AIService,
+    pool: GPUPool,
+    live: dict[str, Any] | None,
+    now: datetime,
+) -> Decision | None:
+    """The autoscaler's decision; in mode Off, made here when it has none yet.
+
+    Mode Off needs no metric, so its decision (manual replicas, the budget cap) is known
+    at once: the first status write then holds every condition, instead of a second
+    write one autoscaler tick later.
+    """
+    decision = op.decisions.get(key)
+    if decision is None and service.spec.autoscaling.mode == "Off":
+        current = int(live["spec"].get("replicas") or 0) if live else 0
+        ready = int(((live or {}).get("status") or {}).get("readyReplicas") or 0)
+        decision = decide(
+            {}, ScalingState(current, ready), scaling_policy(service.spec, pool), None, now
+        )
+        op.decisions[key] = decision
+    return decision
 
 
 def _pool(op: Operator, name: str) -> GPUPool | None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from functools import cached_property
 from typing import NamedTuple
 
 from gpuyard.logic.promql import Aggregation, validate_tenant_selector
@@ -169,9 +170,9 @@ class MetricSpec:
         elif self.prometheus is not None:
             raise ValueError(f"{self.type} takes no `prometheus` block")
 
-    @property
+    @cached_property
     def name(self) -> str:
-        """How status and Events name the metric."""
+        """How status and Events name the metric (read for every reading of every tick)."""
         if self.prometheus is None:
             return self.type.value
         labels = ",".join(f"{k}={v!r}" for k, v in self.prometheus.labels)
@@ -496,10 +497,10 @@ def cost_per_hour(replicas: int, policy: ScalingPolicy) -> Decimal:
     return replicas * policy.gpus_per_replica * policy.price_per_gpu_hour
 
 
-def _in_window(time: datetime, now: datetime, seconds: int) -> bool:
-    # HPA counts an entry while it is strictly newer than now - window: an entry exactly one
-    # window old has expired.
-    return now - timedelta(seconds=seconds) < time <= now
+def _cutoff(now: datetime, seconds: int) -> datetime:
+    """An entry is in a window of ``seconds`` while ``cutoff < time <= now``: as in the HPA,
+    strictly newer than now - window, so an entry exactly one window old has expired."""
+    return now - timedelta(seconds=seconds)
 
 
 def _stabilize(
@@ -511,12 +512,10 @@ def _stabilize(
 ) -> int:
     """HPA's stabilisation: never below the lowest recommendation of the scale-up window
     nor above the highest of the scale-down window, the new one included in both."""
-    up_window = policy.scale_up.stabilization_window_seconds
-    down_window = policy.scale_down.stabilization_window_seconds
-    up_floor = min([proposal] + [r.replicas for r in history if _in_window(r.time, now, up_window)])
-    down_ceiling = max(
-        [proposal] + [r.replicas for r in history if _in_window(r.time, now, down_window)]
-    )
+    up_cut = _cutoff(now, policy.scale_up.stabilization_window_seconds)
+    down_cut = _cutoff(now, policy.scale_down.stabilization_window_seconds)
+    up_floor = min([proposal] + [r.replicas for r in history if up_cut < r.time <= now])
+    down_ceiling = max([proposal] + [r.replicas for r in history if down_cut < r.time <= now])
     return min(max(current, up_floor), down_ceiling)
 
 
@@ -527,7 +526,8 @@ def _rate_limited(
     steps inside one period add up to at most one allowed step."""
     if wanted > current:
         rule = policy.scale_up
-        recent = [e for e in events if _in_window(e.time, now, rule.period_seconds)]
+        cut = _cutoff(now, rule.period_seconds)
+        recent = [e for e in events if cut < e.time <= now]
         start = max(0, current - sum(max(0, e.to_replicas - e.from_replicas) for e in recent))
         # From zero, percent is taken of one replica so that any positive percent can wake.
         by_percent = start + -(-max(start, 1) * rule.max_step_percent // 100)
@@ -535,7 +535,8 @@ def _rate_limited(
         return min(wanted, max(limit, current))
     if wanted < current:
         rule = policy.scale_down
-        recent = [e for e in events if _in_window(e.time, now, rule.period_seconds)]
+        cut = _cutoff(now, rule.period_seconds)
+        recent = [e for e in events if cut < e.time <= now]
         start = current + sum(max(0, e.from_replicas - e.to_replicas) for e in recent)
         by_percent = start * (100 - rule.max_step_percent) // 100
         limit = max(0, min(by_percent, start - rule.max_step_replicas))
@@ -598,13 +599,14 @@ def _prune(state: ScalingState, policy: ScalingPolicy, now: datetime) -> Scaling
         policy.scale_up.stabilization_window_seconds, policy.scale_down.stabilization_window_seconds
     )
     keep_events = max(policy.scale_up.period_seconds, policy.scale_down.period_seconds)
-    return replace(
-        state,
-        recommendations=tuple(
-            r for r in state.recommendations if _in_window(r.time, now, keep_recs)
-        ),
-        scale_events=tuple(e for e in state.scale_events if _in_window(e.time, now, keep_events)),
-    )
+    recs_cut, events_cut = _cutoff(now, keep_recs), _cutoff(now, keep_events)
+    recommendations = tuple(r for r in state.recommendations if recs_cut < r.time <= now)
+    events = tuple(e for e in state.scale_events if events_cut < e.time <= now)
+    if len(recommendations) == len(state.recommendations) and len(events) == len(
+        state.scale_events
+    ):
+        return state  # nothing expired: no copy
+    return replace(state, recommendations=recommendations, scale_events=events)
 
 
 def _message(
@@ -625,6 +627,7 @@ def _finish(
     *,
     policy: ScalingPolicy,
     state: ScalingState,
+    history: tuple[Recommendation, ...],
     now: datetime,
     outcome: _Outcome,
     caps: _Caps,
@@ -641,9 +644,10 @@ def _finish(
     desired = outcome.value
     applied = policy.mode is not Mode.RECOMMEND and desired != current
     events = state.scale_events + ((ScaleEvent(now, current, desired),) if applied else ())
-    new_state = replace(
-        state,
+    new_state = ScalingState(
         current_replicas=desired if applied else current,
+        ready_replicas=state.ready_replicas,
+        recommendations=history,
         scale_events=events,
         last_scale_time=now if applied else state.last_scale_time,
         # The idle clock restarts on demand (or on doubt), at zero, and on a fresh state.
@@ -685,6 +689,7 @@ def _decide_manual(
     return _finish(
         policy=policy,
         state=state,
+        history=state.recommendations,
         now=now,
         outcome=outcome,
         caps=caps,
@@ -890,7 +895,8 @@ def decide(
         history = (*history, Recommendation(now, proposal.replicas))
     return _finish(
         policy=policy,
-        state=replace(state, recommendations=history),
+        state=state,
+        history=history,
         now=now,
         outcome=outcome,
         caps=caps,
