@@ -42,6 +42,10 @@ BUILD_SCRIPT = REPO_ROOT / "hack" / "build-binaries.sh"
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
 STATE_FILE = "state.json"
 STARTUP_TIMEOUT = 120.0
+# Processes this Python process started, whichever LocalCluster started them, kept so they
+# can be waited for: no zombies, and no ResourceWarning from a handle dropped while its
+# process runs (a test may restart a component through an object of its own).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 WRITE_VERBS = ["create", "update", "patch", "delete", "deletecollection"]
 AUDIT_POLICY = {
     "apiVersion": "audit.k8s.io/v1",
@@ -268,8 +272,6 @@ class LocalCluster:
     def __init__(self, state_dir: Path, name: str = "default") -> None:
         self.state_dir = state_dir
         self.name = name
-        # Our own children, kept so they can be waited for (no zombies, no ResourceWarning).
-        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def _start(
         self, state: ClusterState, name: str, args: list[str], env: dict[str, str] | None = None
@@ -282,7 +284,7 @@ class LocalCluster:
                 args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=self.state_dir, env=env,
             )  # fmt: skip
-        self._children[process.pid] = process
+        _CHILDREN[process.pid] = process
         state.pids[name] = process.pid
         state.commands[name] = list(args)
         if env is not None:
@@ -295,7 +297,7 @@ class LocalCluster:
         state = ClusterState.load(self.state_dir)
         pid = state.pids[name]
         _terminate(name, pid)
-        child = self._children.pop(pid, None)
+        child = _CHILDREN.pop(pid, None)
         if child is not None:
             child.wait()
 
@@ -543,7 +545,7 @@ class LocalCluster:
         pids = list(state.pids.items())[::-1]
         for name, pid in pids:
             _terminate(name, pid)
-            child = self._children.pop(pid, None)
+            child = _CHILDREN.pop(pid, None)
             if child is not None:
                 child.wait()
         if keep_logs_on_failure:

@@ -14,7 +14,6 @@ import json
 import re
 import time
 import urllib.error
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -220,18 +219,9 @@ def own_pool(kubectl: Kubectl) -> Iterator[Callable[..., str]]:
 
 
 @pytest.fixture
-def components(cluster: ClusterState) -> Iterator[LocalCluster]:
-    """Stops and starts processes of the running cluster.
-
-    A process started again is a child of this test process and runs on with the cluster
-    after the test: its Popen handle is dropped here without the ResourceWarning that
-    would otherwise fail whichever test the garbage collector happens to run in.
-    """
-    local = LocalCluster(Path(cluster.state_dir), name=cluster.name)
-    yield local
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        local._children.clear()  # LocalCluster offers no public way to let go of them
+def components(cluster: ClusterState) -> LocalCluster:
+    """Stops and starts processes of the running cluster."""
+    return LocalCluster(Path(cluster.state_dir), name=cluster.name)
 
 
 def gpus_held_on(kubectl: Kubectl, node: str, excluding_namespace: str) -> int:
