@@ -64,5 +64,12 @@ test-unit: venv ## the fast tests only (no cluster)
 test: venv binaries lint ## everything: lint, unit and cluster tests (starts its own cluster)
 	$(BIN)/pytest
 
+# System packages first (Prometheus, openssl; Go is checked), then the venv and binaries.
+demo: ## scaling, scale-to-zero, billing on a local cluster (PROFILE=short|long, KEEP=1)
+	bash hack/install-system-deps.sh
+	@$(MAKE) --no-print-directory venv binaries
+	$(BIN)/python hack/demo.py --profile $(or $(PROFILE),standard) --out $(or $(OUT),out/demo) \
+	  $(if $(KEEP),--keep-cluster) $(DEMO_ARGS)
+
 clean: ## remove the virtual environment and caches kept in the repository
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

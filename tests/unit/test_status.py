@@ -11,7 +11,13 @@ from pydantic import ValidationError
 from gpuyard.api.service import Recommendation, UsageTotals
 from gpuyard.logic.conditions import ConditionUpdate, apply_conditions
 from gpuyard.logic.pool_accounting import PoolUsage
-from gpuyard.logic.status import pool_status, service_status, status_changed, status_patch
+from gpuyard.logic.status import (
+    apply_merge_patch,
+    pool_status,
+    service_status,
+    status_changed,
+    status_patch,
+)
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 USAGE = PoolUsage(
@@ -211,3 +217,23 @@ def test_status_patch(
 ) -> None:
     assert status_patch(current, desired) == patch
     assert status_changed(current, desired) is bool(patch)
+
+
+def test_status_patch_clears_nested_keys_the_new_value_no_longer_has() -> None:
+    # A JSON merge patch merges objects: without an explicit null, limitedBy would stay.
+    current = {
+        "recommendation": {"replicas": 2, "reason": "MetricAtTarget", "limitedBy": "MinReplicas"}
+    }
+    desired = {"recommendation": {"replicas": 2, "reason": "MetricAtTarget"}}
+    assert status_patch(current, desired) == {
+        "recommendation": {"replicas": 2, "reason": "MetricAtTarget", "limitedBy": None}
+    }
+    assert status_patch(desired, desired) == {}
+
+
+def test_a_patch_applied_as_the_api_server_does_yields_the_desired_status() -> None:
+    current = {"replicas": 1, "recommendation": {"replicas": 2, "limitedBy": "MinReplicas"}}
+    desired = {"replicas": 3, "recommendation": {"replicas": 2}}
+    stored = apply_merge_patch(current, status_patch(current, desired))
+    assert stored == {"replicas": 3, "recommendation": {"replicas": 2}}
+    assert status_patch(stored, desired) == {}

@@ -174,9 +174,16 @@ def _fair_shares(
             )
             for c in members
         ]
-        share = share_pool_capacity(usage.available, requests)
+        # Replicas asked for but not yet bound hold no node's GPUs yet, though they count
+        # in every current count: their GPUs are spoken for, not free.
+        pending = max(0, sum(usage.allocated_by_namespace.values()) - usage.allocated)
+        free = max(0, usage.available - pending)
+        share = share_pool_capacity(free, requests)
         for request, candidate in zip(requests, members, strict=True):
-            shares[candidate.key] = share[request.key]
+            # Free GPUs spread over nodes hold fewer whole replicas than their sum.
+            gpus = candidate.policy.gpus_per_replica
+            fits = min(usage.replicas_that_fit(gpus), free // gpus)
+            shares[candidate.key] = min(share[request.key], request.current_replicas + fits)
     return shares
 
 

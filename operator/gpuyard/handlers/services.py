@@ -32,7 +32,7 @@ from gpuyard.logic.policy import scaling_policy
 from gpuyard.logic.pool_accounting import PoolUsage, compute_pool_usage
 from gpuyard.logic.replicas import target_replicas
 from gpuyard.logic.scaling_status import autoscaler_conditions, recommendation
-from gpuyard.logic.status import service_status, status_patch
+from gpuyard.logic.status import apply_merge_patch, service_status, status_patch
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ async def _write_status(
     patch = status_patch(current, desired)
     if patch:
         await op.io(op.kube.patch_status, "aiservices", key[0], key[1], patch)
-        body["status"] = {**current, **patch}
+        body["status"] = apply_merge_patch(current, patch)
 
 
 def _decision(

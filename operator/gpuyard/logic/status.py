@@ -98,7 +98,38 @@ def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) 
     `conditions` must always travel complete.
     """
     existing = current or {}
-    return {key: value for key, value in desired.items() if existing.get(key) != value}
+    return {
+        key: _merge_value(existing.get(key), value)
+        for key, value in desired.items()
+        if existing.get(key) != value
+    }
+
+
+def apply_merge_patch(
+    current: Mapping[str, Any] | None, patch: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What the API server stores after the JSON merge patch ``patch`` (RFC 7386)."""
+    result = dict(current or {})
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, Mapping):
+            base = result.get(key)
+            result[key] = apply_merge_patch(base if isinstance(base, Mapping) else {}, value)
+        else:
+            result[key] = value
+    return result
+
+
+def _merge_value(current: Any, desired: Any) -> Any:
+    """``desired`` as a merge-patch value over ``current``: a merge patch merges nested
+    objects, so a key that ``desired`` no longer has must be sent as null, or the stored
+    object keeps it (a stale ``recommendation.limitedBy``, say)."""
+    if not isinstance(current, Mapping) or not isinstance(desired, Mapping):
+        return desired
+    merged = {key: _merge_value(current.get(key), value) for key, value in desired.items()}
+    merged.update({key: None for key in current if key not in desired})
+    return merged
 
 
 def status_changed(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:

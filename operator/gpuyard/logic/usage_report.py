@@ -307,6 +307,9 @@ class Panel:
     series: tuple[Series, ...]
     y_ticks: tuple[tuple[float, str], ...]
     x_ticks: tuple[tuple[float, str], ...]
+    markers: tuple[tuple[float, str], ...] = ()
+    """Events on the time axis: a dashed vertical line at pixel x, its label (if any) right
+    of the line, one text row above the panel's title (leave room for it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -449,6 +452,13 @@ def render_svg(model: ChartModel) -> str:
             f'<polyline points="{panel.left},{panel.top} {panel.left},{bottom} {right},{bottom}" '
             'fill="none" stroke="#444"/>'
         )
+        for x, label in panel.markers:
+            out.append(
+                f'<line x1="{x:.1f}" y1="{panel.top}" x2="{x:.1f}" y2="{bottom}" '
+                'stroke="#999" stroke-dasharray="3,3"/>'
+            )
+            if label:
+                out.append(f'<text x="{x + 3:.1f}" y="{panel.top - 22}">{esc(label)}</text>')
         for index, series in enumerate(panel.series):
             coords = " ".join(f"{x:.1f},{y:.1f}" for x, y in series.points)
             color = _hex(series.color)
@@ -644,6 +654,7 @@ class _Canvas:
 
 _INK = (34, 34, 34)
 _GRID = (224, 224, 224)
+_MARKER = (153, 153, 153)
 
 
 def render_png(model: ChartModel) -> bytes:
@@ -663,6 +674,11 @@ def render_png(model: ChartModel) -> bytes:
             canvas.text((x, bottom + 18), label, _INK, "middle")
         canvas.line((panel.left, panel.top), (panel.left, bottom), _INK)
         canvas.line((panel.left, bottom), (right, bottom), _INK)
+        for x, label in panel.markers:
+            for y in range(panel.top, bottom, 6):
+                canvas.line((x, y), (x, min(y + 2, bottom)), _MARKER)
+            if label:
+                canvas.text((x + 3, panel.top - 22), label, _INK)
         for index, series in enumerate(panel.series):
             for start, end in itertools.pairwise(series.points):
                 canvas.line(start, end, series.color, thick=2)
