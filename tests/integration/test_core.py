@@ -464,6 +464,12 @@ def test_a_reconcile_with_nothing_to_do_writes_nothing(
 ) -> None:
     kubectl("apply", "-n", namespace, "-f", str(REPO_ROOT / "examples" / "llm-chat.yaml"))
     kubectl("wait", "-n", namespace, "--for=condition=Ready", "ais/llm-chat", "--timeout=60s")
+    # The autoscaler reads the new pod's GPU series a few seconds after it is Ready, and
+    # says so in status: that write is due. Measure once the service has settled.
+    kubectl(
+        "wait", "-n", namespace, "--for=condition=MetricsAvailable", "ais/llm-chat",
+        "--timeout=60s",
+    )  # fmt: skip
     flush_audit(kubectl, quiet_operator, namespace)
     # Only this namespace: other tests' objects come and go meanwhile (pods finish, their
     # metering finalizers are removed), and writing for them is right.

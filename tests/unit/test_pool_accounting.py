@@ -361,6 +361,7 @@ def test_pool_usage_counts_what_the_scheduler_would() -> None:
         free_gpus_by_node={"gpu-1": 2, "gpu-2": 8, "gpu-6": 2, "no-device-plugin": 0},
         allocated_by_namespace={"team-a": 6, "team-b": 4},
         allocated_by_service={("team-a", "llama"): 4},
+        bound_by_service={("team-a", "llama"): 2},
     )
     assert usage.namespace_allocated("team-a") == 6
     assert usage.namespace_allocated("team-a", excluding_service="llama") == 2

@@ -113,6 +113,8 @@ class Operator:
     price_schedules: dict[str, PoolPricing] = field(default_factory=dict)
     #: Pods seen deleted but not yet fully billed: uid -> (last state, when seen gone).
     gone_pods: dict[str, tuple[dict[str, Any], datetime]] = field(default_factory=dict)
+    #: Each service's status fields as the service reconcile last wrote them.
+    own_status: dict[ServiceKey, dict[str, Any]] = field(default_factory=dict)
     #: Services refused at the last reconcile, with the reason (for logs and metrics).
     not_accepted: dict[ServiceKey, str] = field(default_factory=dict)
 
@@ -133,6 +135,7 @@ class Operator:
             with contextlib.suppress(KeyError):
                 self.metrics.service_replicas.remove(key[0], key[1], state)
         self.decisions.pop(key, None)
+        self.own_status.pop(key, None)
         self.scaling_states.pop(key, None)
         self.set_refused(key, None)
 

@@ -58,6 +58,12 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
         # Deleted: the garbage collector removes the children through their owner reference.
         op.forget_service(key)
         return
+    own = op.own_status.get(key)
+    if own is not None:
+        # Watch events of our own earlier writes arrive after those writes, some of them
+        # after later ones: a status from the cache can be older than what we last wrote,
+        # and would make us write again. Our last write is what is stored.
+        body = {**body, "status": {**(body.get("status") or {}), **own}}
     now = datetime.now(UTC)
     try:
         service = AIService.from_mapping(body)
@@ -122,7 +128,7 @@ def _desired_status(it: _Accepted, replicas: int) -> dict[str, Any]:
     gpus = it.service.spec.gpus_per_replica
     placement = capacity_condition(
         wanted_replicas=replicas,
-        placed_replicas=it.usage.allocated_by_service.get(it.key, 0) // gpus,
+        placed_replicas=it.usage.bound_by_service.get(it.key, 0) // gpus,
         gpus_per_replica=gpus,
         available_gpus=it.usage.available,
         pool_name=it.pool.name,
@@ -209,6 +215,8 @@ async def _write_status(
     if patch:
         await op.io(op.kube.patch_status, "aiservices", key[0], key[1], patch)
         body["status"] = apply_merge_patch(current, patch)
+        # The meter owns status.usage; every other field is this reconcile's alone.
+        op.own_status[key] = {k: v for k, v in body["status"].items() if k != "usage"}
 
 
 def _decision(

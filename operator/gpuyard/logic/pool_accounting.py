@@ -287,6 +287,9 @@ class PoolUsage:
     allocated_by_namespace: Mapping[str, int]
     #: The same, by (namespace, AIService name), for pods of an AIService.
     allocated_by_service: Mapping[tuple[str, str], int]
+    #: GPUs an AIService's pods hold on the pool's nodes (bound pods only): its placed
+    #: replicas, as opposed to those still waiting for a node.
+    bound_by_service: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
     def namespace_allocated(self, namespace: str, *, excluding_service: str | None = None) -> int:
         """GPUs `namespace` holds in the pool, leaving out one service's own pods (so a
@@ -320,6 +323,7 @@ def compute_pool_usage(
     held_on_node: dict[str, int] = defaultdict(int)
     by_namespace: dict[str, int] = defaultdict(int)
     by_service: dict[tuple[str, str], int] = defaultdict(int)
+    bound_by_service: dict[tuple[str, str], int] = defaultdict(int)
     for pod in pods:
         amount = pod.requests.get(resource, 0)
         if amount <= 0 or pod.phase in FINISHED_PHASES:
@@ -333,6 +337,8 @@ def compute_pool_usage(
         by_namespace[pod.namespace] += amount
         if pod.service is not None:
             by_service[(pod.namespace, pod.service)] += amount
+            if pod.node_name is not None:
+                bound_by_service[(pod.namespace, pod.service)] += amount
 
     allocatable = {name: pool_nodes[name].allocatable.get(resource, 0) for name in usable}
     free = {name: max(0, allocatable[name] - held_on_node[name]) for name in usable}
@@ -346,4 +352,5 @@ def compute_pool_usage(
         free_gpus_by_node=free,
         allocated_by_namespace=dict(by_namespace),
         allocated_by_service=dict(by_service),
+        bound_by_service=dict(bound_by_service),
     )
