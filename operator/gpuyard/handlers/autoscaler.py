@@ -378,6 +378,14 @@ def _visible(decision: Decision) -> tuple[Any, ...]:
         decision.budget_limited,
         decision.metrics_available,
         decision.metrics_unavailable_reason,
+        # The message is shown by the conditions that are not in their quiet state
+        # (MetricsAvailable not True, BudgetLimited or CapacityLimited True): there it
+        # must stay current, or a restart would find it stale and write it.
+        decision.message
+        if decision.metrics_available is not True
+        or decision.budget_limited
+        or decision.capacity_limited
+        else None,
     )
 
 

@@ -236,7 +236,11 @@ def _decision(
     """
     decision = op.decisions.get(key)
     if decision is None and service.spec.autoscaling.mode == "Off":
-        current = int(live["spec"].get("replicas") or 0) if live else 0
+        # As if already applied: the decision then reads as the steady state it leads
+        # to ("keep N"), the same after every restart, not as the step to it.
+        current = service.spec.replicas
+        if current is None:
+            current = int(live["spec"].get("replicas") or 0) if live else 0
         ready = int(((live or {}).get("status") or {}).get("readyReplicas") or 0)
         decision = decide(
             {}, ScalingState(current, ready), scaling_policy(service.spec, pool), None, now
