@@ -20,6 +20,8 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, Self, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 from pydantic.alias_generators import to_camel
 
+from gpuyard import API_GROUP, API_VERSION
+
 # --- Name patterns -------------------------------------------------------------------------
 
 #: RFC 1123 label: most Kubernetes object names, and the longest a label value may be.
@@ -361,3 +363,29 @@ class ObjectMeta(BaseModel):
     uid: Annotated[str, StringConstraints(max_length=128)] | None = None
     generation: Generation | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+
+
+class ApiObject(BaseModel):
+    """What every gpuyard object shares as the API returns it; the kinds add `kind`, their
+    own metadata and their spec (the CRDs are built from the spec and status models, not
+    from these)."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True
+    )
+
+    api_version: str = Field(default=f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
+    metadata: ObjectMeta
+    status: dict[str, Any] | None = None
+    """Kept as plain data: a status written by another version must never stop the spec
+    from being read."""
+
+    @classmethod
+    def from_mapping(cls, body: Mapping[str, Any]) -> Self:
+        """Validate the object as Kopf or the Kubernetes client hands it over."""
+        return cls.model_validate(plain_json(body))
+
+    @property
+    def name(self) -> str:
+        """The object's name."""
+        return self.metadata.name

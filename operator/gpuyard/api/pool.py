@@ -8,19 +8,18 @@ by the operator from real Nodes and Pods (see `gpuyard.logic.pool_accounting`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from decimal import Decimal
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import Field, StringConstraints
 
-from gpuyard import API_GROUP, API_VERSION
 from gpuyard.api.common import (
     CONDITIONS_LIST_MAP,
     DNS1123_LABEL_PATTERN,
     DNS_LABEL_MAX_LENGTH,
     MAX_CONDITIONS,
     ApiModel,
+    ApiObject,
     CelRule,
     Condition,
     CurrencyCode,
@@ -33,7 +32,6 @@ from gpuyard.api.common import (
     ObjectMeta,
     Toleration,
     parse_decimal,
-    plain_json,
 )
 
 KIND: Final = "GPUPool"
@@ -144,28 +142,9 @@ class PoolMeta(ObjectMeta):
     ]
 
 
-class GPUPool(BaseModel):
-    """A whole GPUPool object as the API returns it (the CRD is built from the spec and
-    status models, not from this one)."""
+class GPUPool(ApiObject):
+    """A whole GPUPool object as the API returns it."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True
-    )
-
-    api_version: str = Field(default=f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
     kind: Literal["GPUPool"] = KIND
     metadata: PoolMeta
     spec: GPUPoolSpec
-    status: dict[str, Any] | None = None
-    """Kept as plain data: a status written by another version must never stop the spec
-    from being read."""
-
-    @classmethod
-    def from_mapping(cls, body: Mapping[str, Any]) -> Self:
-        """Validate the object as Kopf or the Kubernetes client hands it over."""
-        return cls.model_validate(plain_json(body))
-
-    @property
-    def name(self) -> str:
-        """The pool's object name."""
-        return self.metadata.name

@@ -9,13 +9,11 @@ security context). Replica bounds sit at the top of the spec, HPA-style, because
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from decimal import Decimal
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Annotated, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import Field, StringConstraints, field_validator
 
-from gpuyard import API_GROUP, API_VERSION
 from gpuyard.api.common import (
     CONDITIONS_LIST_MAP,
     DEFAULT_EMPTY_OBJECT,
@@ -24,6 +22,7 @@ from gpuyard.api.common import (
     MAX_CONDITIONS,
     AmountString,
     ApiModel,
+    ApiObject,
     CamelCaseWord,
     CelRule,
     Condition,
@@ -35,7 +34,6 @@ from gpuyard.api.common import (
     ObjectMeta,
     Timestamp,
     parse_decimal,
-    plain_json,
 )
 
 KIND: Final = "AIService"
@@ -564,31 +562,12 @@ class ServiceMeta(ObjectMeta):
     namespace: DnsLabel
 
 
-class AIService(BaseModel):
-    """A whole AIService object as the API returns it (the CRD is built from the spec and
-    status models, not from this one)."""
+class AIService(ApiObject):
+    """A whole AIService object as the API returns it."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, validate_by_name=True, validate_by_alias=True
-    )
-
-    api_version: str = Field(default=f"{API_GROUP}/{API_VERSION}", alias="apiVersion")
     kind: Literal["AIService"] = KIND
     metadata: ServiceMeta
     spec: AIServiceSpec
-    status: dict[str, Any] | None = None
-    """Kept as plain data: a status written by another version must never stop the spec
-    from being read."""
-
-    @classmethod
-    def from_mapping(cls, body: Mapping[str, Any]) -> Self:
-        """Validate the object as Kopf or the Kubernetes client hands it over."""
-        return cls.model_validate(plain_json(body))
-
-    @property
-    def name(self) -> str:
-        """The service's object name."""
-        return self.metadata.name
 
     @property
     def namespace(self) -> str:
