@@ -7,11 +7,13 @@ running for the next test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +23,7 @@ import pytest
 
 from chart_support import Helm, rbac_manifest, service_account_kubeconfig
 from localcluster.cluster import REPO_ROOT, ClusterState, audit_writes, binaries_dir, free_port
-from support import Kubectl, wait_until
+from support import Kubectl, http_json, wait_until
 
 OPERATOR_USER_AGENT = "gpuyard/"
 # Not "gpuyard": test_helm.py installs releases of that name, whose cluster-scoped
@@ -202,3 +204,28 @@ def flush_audit(kubectl: Kubectl, operator: OperatorProcess, namespace: str) -> 
         timeout=30,
         what="the audit log to catch up",
     )
+
+
+class Loads:
+    """Loads set on the DCGM simulator by one test, removed after it."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.keys: set[tuple[str, str]] = set()
+
+    def set(self, namespace: str, service: str, load: float) -> None:
+        self.keys.add((namespace, service))
+        http_json("PUT", f"{self.url}/load/{namespace}/{service}", {"load": load})
+
+    def clear(self) -> None:
+        for namespace, service in self.keys:
+            # The simulator may have gone with the cluster: nothing left to clear then.
+            with contextlib.suppress(urllib.error.URLError):
+                http_json("DELETE", f"{self.url}/load/{namespace}/{service}")
+
+
+@pytest.fixture
+def load(cluster: ClusterState) -> Iterator[Loads]:
+    loads = Loads(cluster.dcgm_sim_url)
+    yield loads
+    loads.clear()

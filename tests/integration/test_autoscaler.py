@@ -9,20 +9,18 @@ of free GPUs brings a pool of its own on one node and frees the node before it e
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
-import urllib.error
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import OperatorProcess, flush_audit
+from conftest import Loads, OperatorProcess, flush_audit
 from localcluster.cluster import ClusterState, LocalCluster
-from support import Kubectl, http_json, wait_until
+from support import Kubectl, wait_until
 
 GPU = "nvidia.com/gpu"
 IMAGE = "registry.example/llm:1"
@@ -156,37 +154,15 @@ def has_condition(kind: str, status: str, reason: str | None = None) -> Callable
     return check
 
 
-def holds(check: Callable[[], bool], seconds: float, what: str) -> None:
-    """Assert ``check`` stays true for ``seconds`` (polled: a negative wait, not a sleep)."""
+def holds(observe: Callable[[], object], expected: object, seconds: float, what: str) -> None:
+    """Assert ``observe()`` stays ``expected`` for ``seconds`` (polled: a negative wait, not
+    a sleep)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert check(), f"{what} stopped holding {deadline - time.monotonic():.1f}s early"
+        seen = observe()
+        left = deadline - time.monotonic()
+        assert seen == expected, f"{what} stopped holding {left:.1f}s early: saw {seen!r}"
         time.sleep(0.25)
-
-
-class Loads:
-    """Loads set on the DCGM simulator by one test, removed after it."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.keys: set[tuple[str, str]] = set()
-
-    def set(self, namespace: str, service: str, load: float) -> None:
-        self.keys.add((namespace, service))
-        http_json("PUT", f"{self.url}/load/{namespace}/{service}", {"load": load})
-
-    def clear(self) -> None:
-        for namespace, service in self.keys:
-            # The simulator may have gone with the cluster: nothing left to clear then.
-            with contextlib.suppress(urllib.error.URLError):
-                http_json("DELETE", f"{self.url}/load/{namespace}/{service}")
-
-
-@pytest.fixture
-def load(cluster: ClusterState) -> Iterator[Loads]:
-    loads = Loads(cluster.dcgm_sim_url)
-    yield loads
-    loads.clear()
 
 
 @pytest.fixture
@@ -280,12 +256,12 @@ def test_load_scales_up_at_once_and_down_only_after_the_window(
     load.set(namespace, "chat", 30)
     seen: list[dict[str, Any]] = []
 
-    def still_three() -> bool:
+    def chat_replicas() -> int | None:
         seen.append(get(kubectl, "ais", "-n", namespace, "chat")["status"])
-        return replicas(kubectl, namespace, "chat") == 3
+        return replicas(kubectl, namespace, "chat")
 
     # The last recommendation of 3 comes at most one tick before the load drops.
-    holds(still_three, window - 2, "three replicas inside the scale-down window")
+    holds(chat_replicas, 3, window - 2, "three replicas inside the scale-down window")
     held = [s["recommendation"] for s in seen if "recommendation" in s]
     assert any(r.get("limitedBy") == "StabilizationWindow" and r["replicas"] == 3 for r in held), (
         held[-3:]
@@ -416,7 +392,7 @@ def test_a_budget_stops_the_scale_up(
         what="BudgetLimited=True",
     )
     wait_replicas(kubectl, namespace, "thrifty", 2)
-    holds(lambda: replicas(kubectl, namespace, "thrifty") == 2, 3, "the budget's two replicas")
+    holds(lambda: replicas(kubectl, namespace, "thrifty"), 2, 3, "the budget's two replicas")
     found = get(kubectl, "ais", "-n", namespace, "thrifty")
     assert found["status"]["desiredReplicas"] == 2
     assert found["status"]["recommendation"]["limitedBy"] == "Budget"
@@ -453,7 +429,7 @@ def test_without_prometheus_replicas_hold_and_scaling_resumes_after(
         assert blind["status"]["recommendation"]["reason"] == "MetricsUnavailableHold"
         # More load while blind changes nothing: Hold keeps the count, whatever it is.
         load.set(namespace, "steady", 300)
-        holds(lambda: replicas(kubectl, namespace, "steady") == 2, 5, "two replicas held")
+        holds(lambda: replicas(kubectl, namespace, "steady"), 2, 5, "two replicas held")
     finally:
         components.start_component("prometheus")
 
@@ -499,7 +475,7 @@ def test_recommend_mode_writes_the_recommendation_and_nothing_else(
     assert recommendation["reason"] == "MetricAboveTarget"
     assert recommendation["metric"] == "GPUUtilization"
     assert recommendation["targetValue"] == "50"
-    holds(lambda: replicas(kubectl, namespace, "dry-run") == 1, 3, "the Deployment unchanged")
+    holds(lambda: replicas(kubectl, namespace, "dry-run"), 1, 3, "the Deployment unchanged")
 
     flush_audit(kubectl, running_operator, namespace)
     writes = [

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ import pytest
 from kubernetes import client, config, watch
 from kubernetes.client import ApiException
 
-from conftest import OperatorProcess
+from conftest import Loads, OperatorProcess
 from gpuyard.io.ledger import read_ledger
 from gpuyard.logic.metering import (
     MeteringError,
@@ -686,6 +686,49 @@ def test_the_ledger_matches_the_pods_own_timestamps(
     assert sorted(metric_samples) == metric_samples
     middle = metric_samples[len(metric_samples) // 2]
     assert 0 < middle < metric_samples[-1] < metric["chat"] + metric["train"]
+
+
+@pytest.mark.slow
+def test_records_show_how_busy_the_paid_gpus_were(
+    kubectl: Kubectl, namespace: str, rig: Rig, load: Loads
+) -> None:
+    """Each record carries its window's average utilisation from Prometheus, so the GPU-
+    seconds paid for but idle are visible: busy at 60 %, then idle at 0 %."""
+    load.set(namespace, "chat", 120)  # one replica with 2 GPUs: 60 % on each
+
+    def utilisations() -> list[Decimal]:
+        contents = read_ledger(rig.ledger) if rig.ledger.exists() else None
+        records = sorted(
+            (r for r in (contents.records if contents else []) if r.namespace == namespace),
+            key=lambda r: r.start,
+        )
+        return [r.avg_utilization for r in records if r.avg_utilization is not None]
+
+    with rig.operator(window_seconds=2):
+        kubectl.apply(json.dumps(aiservice("chat", "l4", 2, 1)), namespace)
+        wait_until(
+            lambda: utilisations().count(Decimal("60.00")) >= 3, what="three windows at 60 %"
+        )
+        load.set(namespace, "chat", 0)
+        wait_until(lambda: utilisations()[-1:] == [Decimal(0)], what="a window at 0 %")
+
+    contents = read_ledger(rig.ledger)
+    assert not contents.conflicts, contents.conflicts
+    records = [r for r in contents.records if r.namespace == namespace]
+    measured = [r for r in records if r.avg_utilization is not None]
+    print(f"\n{len(measured)} of {len(records)} records measured: {utilisations()}")
+    # Only a window before the pod's first scraped sample may lack a reading.
+    assert len(records) - len(measured) <= 2
+    assert all(Decimal(0) <= percent <= Decimal(60) for percent in utilisations())
+    busy = [r for r in measured if r.avg_utilization == Decimal(60)]
+    idle = [r for r in measured if r.avg_utilization == Decimal(0)]
+    for record in busy:  # 40 % of the GPU-seconds, rounded half-even like the meter does
+        idle_share = (Decimal(record.gpu_seconds) * Decimal("0.4")).to_integral_value(
+            ROUND_HALF_EVEN
+        )
+        assert record.idle_gpu_seconds == idle_share, record
+    assert all(r.idle_gpu_seconds == r.gpu_seconds for r in idle)
+    assert busy[-1].start < idle[0].start  # the readings follow the load, in order
 
 
 @dataclass

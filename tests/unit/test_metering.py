@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuyard.logic.metering import (
+    MAX_UTILIZATION_WINDOWS,
     MeterConfig,
     MeteringError,
     PodLifetime,
@@ -34,6 +35,7 @@ from gpuyard.logic.metering import (
     is_fully_reported,
     mark_from_status,
     mark_to_status,
+    measured,
     parse_time,
     plan_tick,
     pod_lifetime_from_dict,
@@ -43,6 +45,7 @@ from gpuyard.logic.metering import (
     record_id,
     record_to_json,
     record_to_line,
+    utilization_span,
     window_cost,
     with_utilization,
 )
@@ -394,6 +397,52 @@ def test_utilisation_sets_idle_seconds_without_changing_the_id() -> None:
     )
     assert with_utilization(record, Decimal(130)).idle_gpu_seconds == 0
     assert measured.billing_fields() == record.billing_fields()
+
+
+@pytest.mark.parametrize(
+    ("reading", "percent", "idle"),
+    [
+        (37.504, Decimal("37.50"), 75),  # quantized to 0.01, then 120 x 37.5 % busy
+        (37.505, Decimal("37.51"), 75),  # the float nearest 37.505 lies just above it
+        (100.0, Decimal("100.00"), 0),
+        (250.0, Decimal("100.00"), 0),  # the exporter's glitches are clamped, not billed
+        (-1.0, Decimal("0.00"), 120),
+        (1e308, Decimal("100.00"), 0),
+    ],
+)
+def test_measured_quantizes_and_clamps_the_reading(
+    reading: float, percent: Decimal, idle: int
+) -> None:
+    (record,) = cut_records(lifetime(bound=0, ended=60, gpus=2), None, at(60))
+    result = measured(record, reading)
+    assert (result.avg_utilization, result.idle_gpu_seconds) == (percent, idle)
+    assert result.billing_fields() == record.billing_fields()
+
+
+@pytest.mark.parametrize("reading", [None, float("nan"), float("inf"), float("-inf")])
+def test_measured_leaves_a_record_unmeasured_without_a_finite_reading(
+    reading: float | None,
+) -> None:
+    (record,) = cut_records(lifetime(bound=0, ended=60), None, at(60))
+    assert measured(record, reading) == record
+
+
+def test_utilization_span_covers_every_record_end_on_the_window_grid() -> None:
+    records = cut_records(lifetime(bound=30, ended=200), None, at(240))
+    records += cut_records(lifetime(bound=100, uid="uid-b"), None, at(300))
+    start, end = utilization_span(records, 60) or (0, 0)
+    assert (start, end) == (epoch_floor(at(60)), epoch_floor(at(300)))
+    assert {epoch_floor(r.end) for r in records} <= set(range(start, end + 1, 60))
+    assert utilization_span([], 60) is None
+
+
+def test_utilization_span_keeps_the_newest_windows_a_range_query_can_hold() -> None:
+    pod = lifetime(bound=0)
+    (oldest,) = cut_records(pod, None, at(1), 1)
+    (newest,) = cut_records(pod, at(86_399), at(86_400), 1)
+    start, end = utilization_span([oldest, newest], 1) or (0, 0)
+    assert end == epoch_floor(newest.end)
+    assert end - start == MAX_UTILIZATION_WINDOWS - 1  # one query's worth; older go unmeasured
 
 
 def test_record_json_round_trip_uses_strings_for_money_and_z_times() -> None:

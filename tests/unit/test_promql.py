@@ -31,6 +31,7 @@ from gpuyard.logic.promql import (
     gpu_queries,
     gpu_utilization_query,
     parse_grouped_response,
+    parse_matrix_response,
     parse_vector_response,
     prometheus_metric_group_query,
     quote_label_value,
@@ -681,3 +682,46 @@ def test_queries_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- range queries: the meter's utilisation per pod per window ------------------------------
+
+
+def _matrix(*series: tuple[dict[str, str], list[Any]]) -> str:
+    result = [{"metric": labels, "values": values} for labels, values in series]
+    return json.dumps({"status": "success", "data": {"resultType": "matrix", "result": result}})
+
+
+def test_parse_matrix_keys_by_pod_and_whole_second() -> None:
+    body = _matrix(
+        ({"namespace": "team-a", "pod": "p1"}, [[1700000060, "40"], [1700000120.0, "NaN"]]),
+        ({"exported_namespace": "team-b", "exported_pod": "p2", "pod": "dcgm"}, [[60, "7.5"]]),
+        ({"namespace": "team-a", "pod": ""}, [[60, "99"]]),  # an idle GPU: no workload
+    )
+    values = parse_matrix_response(body)
+    assert set(values) == {("team-a", "p1"), ("team-b", "p2")}
+    assert values[("team-a", "p1")][1700000060] == 40.0
+    assert math.isnan(values[("team-a", "p1")][1700000120])
+    assert values[("team-b", "p2")] == {60: 7.5}
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (_vector(({"namespace": "a", "pod": "b"}, "1")), "UnexpectedResultType"),
+        (_matrix(({"namespace": "a", "pod": "b"}, [["60", "1"]])), "MalformedResponse"),
+        (_matrix(({"namespace": "a", "pod": "b"}, [[True, "1"]])), "MalformedResponse"),
+        (_matrix(({"namespace": "a", "pod": "b"}, [[60, "one"]])), "MalformedResponse"),
+        (_matrix(({"namespace": "a", "pod": "b"}, [[60]])), "MalformedResponse"),
+        (
+            _matrix(({"namespace": "a", "pod": "b"}, []), ({"namespace": "a", "pod": "b"}, [])),
+            "DuplicateSeries",
+        ),
+        ('{"status":"success","data":{"resultType":"matrix","result":[{"metric":{}}]}}',
+         "MalformedResponse"),
+    ],
+)  # fmt: skip
+def test_parse_matrix_rejects_what_it_cannot_read(body: str, reason: str) -> None:
+    with pytest.raises(PrometheusResponseError) as raised:
+        parse_matrix_response(body)
+    assert raised.value.reason == reason

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,6 +28,7 @@ from pydantic import ValidationError
 
 from gpuyard.api.pool import GPUPool
 from gpuyard.handlers.context import Operator
+from gpuyard.io.prometheus import PrometheusUnavailableError
 from gpuyard.io.sinks import MultiSink, SinkError
 from gpuyard.logic.children import METERING_FINALIZER
 from gpuyard.logic.metering import (
@@ -38,13 +40,24 @@ from gpuyard.logic.metering import (
     ServiceBatch,
     ServiceKey,
     ServiceMark,
+    UsageRecord,
     advance_mark,
+    epoch_floor,
     is_fully_reported,
     mark_from_status,
     mark_to_status,
+    measured,
     parse_time,
     plan_tick,
     pod_lifetime_from_dict,
+    utilization_span,
+)
+from gpuyard.logic.promql import (
+    GpuSeries,
+    PodKey,
+    PrometheusResponseError,
+    gpu_utilization_query,
+    parse_matrix_response,
 )
 
 logger = logging.getLogger(__name__)
@@ -141,7 +154,8 @@ async def meter_tick(op: Operator, now: datetime) -> None:
     services.update(ServiceKey(namespace, name) for namespace, name in op.caches.service_keys())
     marks = {key: mark for key in services if (mark := _mark(op, key)) is not None}
     config = MeterConfig(window_seconds=op.settings.usage_window_seconds)
-    for batch in plan_tick(lifetimes, marks, now, config):
+    batches = await _with_utilization(op, plan_tick(lifetimes, marks, now, config))
+    for batch in batches:
         mark = await _deliver(op, sinks, batch, marks.get(batch.key))
         if mark is not None:
             marks[batch.key] = mark
@@ -186,6 +200,48 @@ async def _lifetimes(
             # finalizer would hold the pod forever, and namespace deletion with it.
             await _release(op, pod, uid)
     return lifetimes, pods_by_uid
+
+
+async def _with_utilization(op: Operator, batches: list[ServiceBatch]) -> list[ServiceBatch]:
+    """The batches with each record's average GPU utilisation over its window, from one
+    range query per utilisation series in use (at most two, whatever the number of pods).
+    Utilisation is information, not a billed quantity: without Prometheus, or when it
+    fails, records go out unmeasured rather than late."""
+    records = [record for batch in batches for record in batch.records]
+    width = op.settings.usage_window_seconds
+    span = utilization_span(records, width)
+    if op.prometheus is None or span is None:
+        return batches
+    series_of_pool = _utilization_series_by_pool(op)
+    readings: dict[str, dict[PodKey, dict[int, float]]] = {}
+    for series in {series_of_pool.get(record.pool, GpuSeries.GPU_UTIL) for record in records}:
+        query = gpu_utilization_query(GpuSeries(series), window_seconds=width)
+        try:
+            body = await op.io(op.prometheus.query_range, query, *span, width)
+            readings[series] = parse_matrix_response(body)
+        except (PrometheusUnavailableError, PrometheusResponseError) as error:
+            op.metrics.meter_errors.labels(stage="utilization").inc()
+            logger.warning("usage goes out without utilisation: %s", error)
+
+    def reading(record: UsageRecord) -> float | None:
+        by_pod = readings.get(series_of_pool.get(record.pool, GpuSeries.GPU_UTIL), {})
+        return by_pod.get((record.namespace, record.pod), {}).get(epoch_floor(record.end))
+
+    return [
+        replace(batch, records=tuple(measured(record, reading(record)) for record in batch.records))
+        for batch in batches
+    ]
+
+
+def _utilization_series_by_pool(op: Operator) -> dict[str, str]:
+    """Which DCGM series measures each pool's utilisation (the pool's own choice)."""
+    chosen: dict[str, str] = {}
+    for name in op.caches.pool_names():
+        body = op.caches.pool(name)
+        metric = (body or {}).get("spec", {}).get("utilizationMetric")
+        if metric in (GpuSeries.GPU_UTIL, GpuSeries.GR_ENGINE_ACTIVE):
+            chosen[name] = metric
+    return chosen
 
 
 async def _deliver(

@@ -89,7 +89,7 @@ class OperatorMetrics:
         )
         self.meter_errors = Counter(
             "gpuyard_meter_errors_total",
-            "Metering failures, by stage (sink, tick).",
+            "Metering failures, by stage (sink, mark, unpriced, utilization, tick).",
             ["stage"],
             registry=self.registry,
         )

@@ -1,4 +1,4 @@
-"""Prometheus instant queries over its HTTP API: the autoscaler's only way to read metrics."""
+"""Prometheus queries over its HTTP API: how the autoscaler and the meter read GPU metrics."""
 
 from __future__ import annotations
 
@@ -25,11 +25,21 @@ class Prometheus:
         self.timeout = timeout
 
     def query(self, promql: str) -> dict[str, Any]:
-        """The decoded JSON body of ``/api/v1/query`` (an error body is returned as is,
-        for the parser to explain); raise ``PrometheusUnavailableError`` when none came."""
-        data = urllib.parse.urlencode({"query": promql}).encode()
+        """The decoded JSON body of an instant query (an error body is returned as is, for
+        the parser to explain); raise ``PrometheusUnavailableError`` when none came."""
+        return self._post("query", {"query": promql})
+
+    def query_range(self, promql: str, start: int, end: int, step: int) -> dict[str, Any]:
+        """A range query evaluated at ``start``, ``start + step``, ... up to ``end`` (epoch
+        seconds), with the same error rules as :meth:`query`."""
+        return self._post(
+            "query_range", {"query": promql, "start": start, "end": end, "step": step}
+        )
+
+    def _post(self, endpoint: str, form: dict[str, Any]) -> dict[str, Any]:
+        data = urllib.parse.urlencode(form).encode()
         request = urllib.request.Request(  # noqa: S310 - the URL is the operator's setting
-            f"{self.base_url}/api/v1/query",
+            f"{self.base_url}/api/v1/{endpoint}",
             data=data,
             headers={"Content-Type": "application/x-www-form-urlencoded"},
             method="POST",

@@ -35,6 +35,7 @@ import bisect
 import hashlib
 import itertools
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -48,6 +49,9 @@ DEFAULT_WINDOW_SECONDS = 60
 MIN_WINDOW_SECONDS = 1
 COST_QUANTUM = Decimal("1e-9")
 ID_HEX_DIGITS = 32
+UTILIZATION_QUANTUM = Decimal("0.01")
+# Prometheus refuses a range query of more than 11,000 points per series.
+MAX_UTILIZATION_WINDOWS = 10_000
 RECORD_SCHEMA = "gpuyard.io/usage/v1"
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -524,6 +528,29 @@ def with_utilization(record: UsageRecord, avg_percent: Decimal) -> UsageRecord:
         ctx.prec = 50
         busy = (Decimal(record.gpu_seconds) * percent / 100).to_integral_value(ROUND_HALF_EVEN)
     return replace(record, avg_utilization=percent, idle_gpu_seconds=record.gpu_seconds - int(busy))
+
+
+def utilization_span(records: Iterable[UsageRecord], window_seconds: int) -> tuple[int, int] | None:
+    """The first and last window end (epoch seconds) to measure utilisation at: one range
+    query with step `window_seconds` evaluates exactly at every record's end, since ends
+    lie on the window grid. One query holds at most the newest `MAX_UTILIZATION_WINDOWS`
+    windows; records older than that (a long catch-up) stay unmeasured.
+    """
+    ends = [epoch_floor(record.end) for record in records]
+    if not ends:
+        return None
+    last = max(ends)
+    oldest = last - (MAX_UTILIZATION_WINDOWS - 1) * check_window_seconds(window_seconds)
+    return max(min(ends), oldest), last
+
+
+def measured(record: UsageRecord, percent: float | None) -> UsageRecord:
+    """`record` with the utilisation Prometheus reported for its window, quantized to 0.01;
+    no reading, NaN or an infinity leaves it unmeasured rather than guessed."""
+    if percent is None or not math.isfinite(percent):
+        return record
+    clamped = Decimal(min(max(percent, 0.0), 100.0))
+    return with_utilization(record, clamped.quantize(UTILIZATION_QUANTUM, ROUND_HALF_EVEN))
 
 
 # --------------------------------------------------------------------------- JSON

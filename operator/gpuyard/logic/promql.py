@@ -29,6 +29,7 @@ __all__ = [
     "gpu_queries",
     "gpu_utilization_query",
     "parse_grouped_response",
+    "parse_matrix_response",
     "parse_vector_response",
     "prometheus_metric_group_query",
     "quote_label_value",
@@ -48,6 +49,8 @@ RESERVED_TENANT_LABELS = frozenset({"namespace", "pod", "service"})
 
 # Series are keyed by these labels; an exporter matcher on them would break the keying.
 _KEY_LABELS = frozenset({"namespace", "pod", "exported_namespace", "exported_pod"})
+# The names a label takes when Prometheus does not honour the exporter's (read per series).
+_EXPORTED_LABEL = {name: f"exported_{name}" for name in ("namespace", "pod", "service")}
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -326,14 +329,32 @@ def _vector(data: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], float]]:
     return series
 
 
+def _matrix(data: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], list[Any]]]:
+    if data.get("resultType") != "matrix":
+        raise PrometheusResponseError(
+            "UnexpectedResultType", f"expected a matrix, got {data.get('resultType')!r}"
+        )
+    result = data.get("result")
+    if not isinstance(result, list):
+        raise PrometheusResponseError("MalformedResponse", "the result is not a list")
+    series = []
+    for item in result:
+        labels = item.get("metric") if isinstance(item, Mapping) else None
+        values = item.get("values") if isinstance(item, Mapping) else None
+        if not isinstance(labels, Mapping) or not isinstance(values, list):
+            raise PrometheusResponseError("MalformedResponse", f"bad series {item!r}")
+        series.append((labels, values))
+    return series
+
+
 def _label(labels: Mapping[str, Any], name: str) -> str:
     # The exporter's own value moves to exported_<name> when Prometheus does not honour it;
     # where both exist, the exported one names the workload.
-    for key in (f"exported_{name}", name):
-        value = labels.get(key)
-        if isinstance(value, str) and value:
-            return value
-    return ""
+    exported = labels.get(_EXPORTED_LABEL[name])
+    if isinstance(exported, str) and exported:
+        return exported
+    value = labels.get(name)
+    return value if isinstance(value, str) else ""
 
 
 def parse_vector_response(body: str | bytes | Mapping[str, Any]) -> dict[PodKey, float]:
@@ -353,4 +374,28 @@ def parse_vector_response(body: str | bytes | Mapping[str, Any]) -> dict[PodKey,
         if key in values:
             raise PrometheusResponseError("DuplicateSeries", f"two series for {key}")
         values[key] = value
+    return values
+
+
+def parse_matrix_response(
+    body: str | bytes | Mapping[str, Any],
+) -> dict[PodKey, dict[int, float]]:
+    """Map a range-query matrix of a per-pod query to ``{(namespace, pod): {t: value}}``,
+    ``t`` in whole epoch seconds (the evaluation times of a query whose start and step are
+    whole seconds). The same rules as :func:`parse_vector_response` apply per series.
+    """
+    values: dict[PodKey, dict[int, float]] = {}
+    for labels, samples in _matrix(_load(body)):
+        key = (_label(labels, "namespace"), _label(labels, "pod"))
+        if not all(key):
+            continue
+        if key in values:
+            raise PrometheusResponseError("DuplicateSeries", f"two series for {key}")
+        points: dict[int, float] = {}
+        for sample in samples:
+            when = sample[0] if isinstance(sample, list) and sample else None
+            if isinstance(when, bool) or not isinstance(when, int | float):
+                raise PrometheusResponseError("MalformedResponse", f"bad sample {sample!r}")
+            points[round(when)] = _sample_value(sample)
+        values[key] = points
     return values
