@@ -725,3 +725,17 @@ def test_parse_matrix_rejects_what_it_cannot_read(body: str, reason: str) -> Non
     with pytest.raises(PrometheusResponseError) as raised:
         parse_matrix_response(body)
     assert raised.value.reason == reason
+
+
+_GO_FLOAT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+
+
+@settings(max_examples=2000)
+@given(st.text(alphabet="0123456789.eE+-_ xiInNfa", max_size=8))
+def test_sample_values_are_exactly_go_floats(text: str) -> None:
+    body = _vector(({"namespace": "a", "pod": "b"}, text))
+    if text in ("NaN", "+Inf", "-Inf") or _GO_FLOAT.fullmatch(text):
+        parse_vector_response(body)
+    else:
+        with pytest.raises(PrometheusResponseError):
+            parse_vector_response(body)

@@ -50,10 +50,11 @@ from gpuyard.logic.promql import (
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Candidate:
     key: ServiceKey
-    pool: GPUPool
+    pool_name: str
+    utilization_series: str
     policy: ScalingPolicy
     samples: dict[MetricSpec, MetricSample]
     state: ScalingState
@@ -70,11 +71,25 @@ class PolicyCache:
 
     def __init__(self) -> None:
         self.entries: dict[ServiceKey, tuple[tuple[Any, ...] | None, _Parsed | None]] = {}
+        # One instance per distinct metric declaration: the tick keys its queries and
+        # answers by spec, and an identical object is found without comparing fields.
+        self.specs: dict[MetricSpec, MetricSpec] = {}
+
+    def parse(self, body: Mapping[str, Any], pool_body: Mapping[str, Any]) -> _Parsed | None:
+        parsed = _parse(body, pool_body)
+        if parsed is None:
+            return None
+        metrics = tuple(self.specs.setdefault(spec, spec) for spec in parsed.policy.metrics)
+        return replace(parsed, policy=replace(parsed.policy, metrics=metrics))
 
 
 @dataclass(frozen=True)
 class _Parsed:
-    pool: GPUPool
+    """What the tick needs of a service and its pool, taken from the models once per
+    generation: even attribute reads on the pydantic models add up at 10,000 services."""
+
+    pool_name: str
+    utilization_series: str
     policy: ScalingPolicy
 
 
@@ -109,8 +124,8 @@ async def tick(op: Operator, now: datetime, cache: PolicyCache | None = None) ->
     # Each distinct tenant metric is built, sent and parsed once per tick, not per service.
     tenant_queries: dict[MetricSpec, str] = {}
     for candidate in candidates:
-        for spec in candidate.policy.metrics:
-            if spec.prometheus is not None and spec not in tenant_queries:
+        for spec in candidate.policy.prometheus_metrics:
+            if spec not in tenant_queries and spec.prometheus is not None:
                 tenant_queries[spec] = _tenant_query(spec.prometheus, window)
     for query in tenant_queries.values():
         queries[query] = query
@@ -159,7 +174,7 @@ def _fair_shares(
     by_pool: dict[str, list[_Candidate]] = defaultdict(list)
     for candidate in candidates:
         if wanted[candidate.key].desired_replicas > candidate.state.current_replicas:
-            by_pool[candidate.pool.name].append(candidate)
+            by_pool[candidate.pool_name].append(candidate)
     shares: dict[ServiceKey, int] = {}
     for pool_name, members in by_pool.items():
         usage = op.pool_usage.get(pool_name)
@@ -216,7 +231,7 @@ def _candidates(op: Operator, cache: PolicyCache) -> list[_Candidate]:
         stamp = _stamp(body, pool_body)
         entry = previous.get(key)
         if entry is None or stamp is None or entry[0] != stamp:
-            entry = (stamp, _parse(body, pool_body))
+            entry = (stamp, cache.parse(body, pool_body))
         kept[key] = entry
         parsed = entry[1]
         if parsed is None:
@@ -227,7 +242,10 @@ def _candidates(op: Operator, cache: PolicyCache) -> list[_Candidate]:
         current = int(live["spec"].get("replicas") or 0)
         ready = int((live.get("status") or {}).get("readyReplicas") or 0)
         state = op.scaling_states.get(key) or ScalingState(current, ready)
-        candidate = _Candidate(key, parsed.pool, parsed.policy, {}, state.observed(current, ready))
+        candidate = _Candidate(
+            key, parsed.pool_name, parsed.utilization_series, parsed.policy, {},
+            state.observed(current, ready),
+        )  # fmt: skip
         candidates.append(candidate)
     cache.entries = kept  # services gone since the last tick drop out
     return candidates
@@ -243,7 +261,8 @@ def _parse(body: Mapping[str, Any], pool_body: Mapping[str, Any]) -> _Parsed | N
     try:
         service = AIService.from_mapping(body)
         pool = GPUPool.from_mapping(pool_body)
-        return _Parsed(pool, scaling_policy(service.spec, pool))
+        policy = scaling_policy(service.spec, pool)
+        return _Parsed(pool.name, pool.spec.utilization_metric, policy)
     except (ValidationError, ValueError):
         return None
 
@@ -306,8 +325,8 @@ def _samples(
             grouped = tenant_values[spec]
             if isinstance(grouped, str):
                 samples[spec] = MetricSample.unavailable(grouped)
-            elif candidate.key in grouped:
-                samples[spec] = MetricSample.service_total(grouped[candidate.key], now)
+            elif (total := grouped.get(candidate.key)) is not None:
+                samples[spec] = MetricSample.service_total(total, now)
             else:
                 # Silence is not zero demand: a wake signal must be exported even when idle.
                 samples[spec] = MetricSample.unavailable("NoSeries")
@@ -317,24 +336,30 @@ def _samples(
         series = (
             GpuSeries.MEMORY.value
             if spec.type is MetricType.GPU_MEMORY
-            else candidate.pool.spec.utilization_metric
+            else candidate.utilization_series
         )
         values = gpu_values[series]
         if isinstance(values, str):
             samples[spec] = MetricSample.unavailable(values)
             continue
-        found = {pod: values[(namespace, pod)] for pod in pods if (namespace, pod) in values}
+        found: dict[str, float] = {}
+        numbers = False
+        for pod in pods:
+            value = values.get((namespace, pod))
+            if value is not None:
+                found[pod] = value
+                numbers = numbers or not math.isnan(value)
         if not found:
             samples[spec] = MetricSample.unavailable("NoSeries")
-        elif all(math.isnan(v) for v in found.values()):
+        elif not numbers:
             samples[spec] = MetricSample.unavailable("NaN")
         else:
-            samples[spec] = MetricSample.per_pod(found, now)
+            samples[spec] = MetricSample(pod_values=found, observed_at=now)  # ours: no copy
     return samples
 
 
 def _record(op: Operator, key: ServiceKey, decision: Decision) -> None:
-    op.scaling_states[key] = _compacted(decision.state)
+    op.scaling_states[key] = decision.state
     previous = op.decisions.get(key)
     op.decisions[key] = decision
     if previous is None or previous.desired_replicas != decision.desired_replicas:
@@ -344,24 +369,6 @@ def _record(op: Operator, key: ServiceKey, decision: Decision) -> None:
     if previous is None or _visible(previous) != _visible(decision):
         op.metrics.autoscaler_decisions.labels(reason=decision.reason.value).inc()
         op.service_queue.add(key)
-
-
-def _compacted(state: ScalingState) -> ScalingState:
-    """The state with the newest two window recommendations folded into one when equal.
-
-    Stabilisation takes the lowest and highest recommendation inside each window. An entry
-    followed by a newer one of the same value changes neither while time moves forward: any
-    window that holds the older holds the newer too. Folding them as they arrive keeps a
-    steady service's history at a few entries instead of one per tick of the scale-down
-    window (60 at the defaults, 300 with a 1 s interval), each one filtered every tick.
-    """
-    history = state.recommendations
-    if len(history) < 2:
-        return state
-    older, newer = history[-2], history[-1]
-    if older.replicas != newer.replicas or older.time > newer.time:
-        return state
-    return replace(state, recommendations=(*history[:-2], newer))
 
 
 def _visible(decision: Decision) -> tuple[Any, ...]:

@@ -10,6 +10,7 @@ the long form, with the defaults and a worked example.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from gpuyard.logic.promql import Aggregation, validate_tenant_selector
 
@@ -178,6 +179,15 @@ class MetricSpec:
         labels = ",".join(f"{k}={v!r}" for k, v in self.prometheus.labels)
         return self.prometheus.metric + (f"{{{labels}}}" if labels else "")
 
+    @cached_property
+    def _hash(self) -> int:
+        return hash((self.type, self.target_percent, self.prometheus))
+
+    def __hash__(self) -> int:
+        # Specs key every map of the tick (samples, queries, answers): hash the nested
+        # fields once, not on each of the tens of thousands of lookups per tick.
+        return self._hash
+
     @property
     def target(self) -> float:
         if self.prometheus is not None:
@@ -253,8 +263,22 @@ class ScalingPolicy:
             if amount is not None and not (amount.is_finite() and amount >= 0):
                 raise ValueError("prices and budgets must be finite and non-negative")
 
+    @cached_property
+    def metric_set(self) -> frozenset[MetricSpec]:
+        """``metrics`` for membership tests (a spec's hash is cached, its equality is not)."""
+        return frozenset(self.metrics)
 
-@dataclass(frozen=True)
+    @cached_property
+    def prometheus_metrics(self) -> tuple[MetricSpec, ...]:
+        """The request-level metrics: each distinct one is one query per tick."""
+        return tuple(spec for spec in self.metrics if spec.prometheus is not None)
+
+
+# MetricSample, ScalingState, MetricReading and Decision are not frozen, unlike the policy
+# types: a tick builds them for every service (10,000 at a time), and a frozen dataclass pays
+# object.__setattr__ per field, about five times the cost of a plain one. Nothing mutates
+# them once built; they are values.
+@dataclass(slots=True)
 class MetricSample:
     """What the tick read for one metric of one service. Build with the class methods.
 
@@ -271,9 +295,12 @@ class MetricSample:
     observed_at: datetime | None = None
 
     def __post_init__(self) -> None:
-        kinds = [self.pod_values is not None, self.total is not None]
-        kinds.append(self.unavailable_reason is not None)
-        if sum(kinds) != 1:
+        kinds = (
+            (self.pod_values is not None)
+            + (self.total is not None)
+            + (self.unavailable_reason is not None)
+        )
+        if kinds != 1:
             raise ValueError("a sample is per-pod values, a total, or unavailable")
         if self.unavailable_reason is None and self.observed_at is None:
             raise ValueError("an available sample needs observed_at")
@@ -302,7 +329,7 @@ class ScaleEvent(NamedTuple):
     to_replicas: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScalingState:
     """What one tick hands to the next. Refresh ``current_replicas`` and ``ready_replicas``
     from the Deployment before each call (:meth:`observed`)."""
@@ -324,7 +351,7 @@ class ScalingState:
         return replace(self, current_replicas=current_replicas, ready_replicas=ready_replicas)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class MetricReading:
     """How :func:`decide` judged one metric. ``value``: mean percent over the reporting pods
     (GPU) or the service total (Prometheus); ``replicas``: what this metric alone asks for."""
@@ -340,7 +367,7 @@ class MetricReading:
     reason: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     desired_replicas: int
     # After the metrics-unavailable policy, before windows, rate limits and caps.
@@ -417,7 +444,7 @@ def _read_gpu(
         replicas = min(replicas, current) if filled < 1 else max(replicas, current)
     demand: bool | None = None
     if spec.type is MetricType.GPU_UTILIZATION:
-        demand = missing > 0 or any(v >= IDLE_GPU_UTILIZATION_PERCENT for v in valid)
+        demand = missing > 0 or max(valid) >= IDLE_GPU_UTILIZATION_PERCENT
     # GPU memory stays high while a loaded model idles: it is no demand signal either way.
     return MetricReading(spec.name, spec.type, ReadingStatus.OK, target, mean, replicas, demand)
 
@@ -500,7 +527,29 @@ def cost_per_hour(replicas: int, policy: ScalingPolicy) -> Decimal:
 def _cutoff(now: datetime, seconds: int) -> datetime:
     """An entry is in a window of ``seconds`` while ``cutoff < time <= now``: as in the HPA,
     strictly newer than now - window, so an entry exactly one window old has expired."""
-    return now - timedelta(seconds=seconds)
+    return now - _seconds(seconds)
+
+
+@functools.lru_cache(maxsize=256)
+def _seconds(seconds: int) -> timedelta:
+    # Windows and periods are a handful of values; every service needs several per tick.
+    return timedelta(seconds=seconds)
+
+
+def _with_recommendation(
+    history: tuple[Recommendation, ...], newest: Recommendation
+) -> tuple[Recommendation, ...]:
+    """``history`` with ``newest`` appended, folding it into an equal last entry.
+
+    Stabilisation takes the lowest and highest recommendation inside each window. An entry
+    followed by a newer one of the same value changes neither while time moves forward: any
+    window that holds the older holds the newer too. Folding them as they arrive keeps a
+    steady service's history at a few entries instead of one per tick of the scale-down
+    window (60 at the defaults, 300 with a 1 s interval), each one filtered every tick.
+    """
+    if history and history[-1].replicas == newest.replicas and history[-1].time <= newest.time:
+        return (*history[:-1], newest)
+    return (*history, newest)
 
 
 def _stabilize(
@@ -514,8 +563,13 @@ def _stabilize(
     nor above the highest of the scale-down window, the new one included in both."""
     up_cut = _cutoff(now, policy.scale_up.stabilization_window_seconds)
     down_cut = _cutoff(now, policy.scale_down.stabilization_window_seconds)
-    up_floor = min([proposal] + [r.replicas for r in history if up_cut < r.time <= now])
-    down_ceiling = max([proposal] + [r.replicas for r in history if down_cut < r.time <= now])
+    up_floor = down_ceiling = proposal
+    for entry in history:  # one pass: this runs for every service on every tick
+        if entry.time <= now:
+            if up_cut < entry.time:
+                up_floor = min(up_floor, entry.replicas)
+            if down_cut < entry.time:
+                down_ceiling = max(down_ceiling, entry.replicas)
     return min(max(current, up_floor), down_ceiling)
 
 
@@ -545,10 +599,14 @@ def _rate_limited(
 
 
 def _has_demand(readings: Sequence[MetricReading]) -> bool:
-    signals = [r.demand for r in readings if r.demand is not None]
     # With no metric that can show demand (none configured, or GPU memory only), the service
     # is never idle: scale-to-zero needs evidence of no demand, not absence of evidence.
-    return not signals or any(signals)
+    signalled = False
+    for reading in readings:
+        if reading.demand:
+            return True
+        signalled = signalled or reading.demand is not None
+    return not signalled
 
 
 class _Outcome:
@@ -564,7 +622,7 @@ class _Outcome:
             self.factor = factor
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Caps:
     capacity_limited: bool
     missing_gpus: int
@@ -599,14 +657,23 @@ def _prune(state: ScalingState, policy: ScalingPolicy, now: datetime) -> Scaling
         policy.scale_up.stabilization_window_seconds, policy.scale_down.stabilization_window_seconds
     )
     keep_events = max(policy.scale_up.period_seconds, policy.scale_down.period_seconds)
-    recs_cut, events_cut = _cutoff(now, keep_recs), _cutoff(now, keep_events)
-    recommendations = tuple(r for r in state.recommendations if recs_cut < r.time <= now)
-    events = tuple(e for e in state.scale_events if events_cut < e.time <= now)
-    if len(recommendations) == len(state.recommendations) and len(events) == len(
-        state.scale_events
-    ):
+    recommendations = _in_window(state.recommendations, _cutoff(now, keep_recs), now)
+    events = _in_window(state.scale_events, _cutoff(now, keep_events), now)
+    if recommendations is state.recommendations and events is state.scale_events:
         return state  # nothing expired: no copy
     return replace(state, recommendations=recommendations, scale_events=events)
+
+
+_Timed = TypeVar("_Timed", Recommendation, ScaleEvent)
+
+
+def _in_window(entries: tuple[_Timed, ...], cut: datetime, now: datetime) -> tuple[_Timed, ...]:
+    """The entries with ``cut < time <= now``: ``entries`` itself when that is all of them
+    (every service, most ticks), so the usual case builds nothing."""
+    for entry in entries:
+        if not cut < entry.time <= now:
+            return tuple(e for e in entries if cut < e.time <= now)
+    return entries
 
 
 def _message(
@@ -705,7 +772,7 @@ def _decide_manual(
     )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Proposal:
     replicas: int
     reason: Reason
@@ -852,7 +919,7 @@ def decide(
         raise ValueError("now must be timezone-aware")
     if capacity_max_replicas is not None and capacity_max_replicas < 0:
         raise ValueError("capacity_max_replicas cannot be negative")
-    unknown = [spec.name for spec in samples if spec not in policy.metrics]
+    unknown = [spec.name for spec in samples if spec not in policy.metric_set]
     if unknown:
         raise ValueError(f"samples for metrics the policy does not list: {unknown}")
     fresh = not state.recommendations
@@ -862,10 +929,10 @@ def decide(
         return _decide_manual(state, policy, capacity_max_replicas, now)
 
     tolerance = policy.tolerance_percent / 100
-    readings = tuple(
+    readings = tuple([
         _read(spec, samples.get(spec), state, tolerance=tolerance, now=now, max_age=max_sample_age)
         for spec in policy.metrics
-    )
+    ])  # fmt: skip
     judged = readings
     if current == 0 and any(r.type is MetricType.PROMETHEUS for r in readings):
         # At zero only request-level metrics can speak; GPU metrics have no pods.
@@ -892,7 +959,7 @@ def decide(
     # Only what the metrics said goes into the window history: a hold, a fallback or a
     # pod-less guess is no observation of load.
     if ok and not unavailable:
-        history = (*history, Recommendation(now, proposal.replicas))
+        history = _with_recommendation(history, Recommendation(now, proposal.replicas))
     return _finish(
         policy=policy,
         state=state,

@@ -58,8 +58,10 @@ _MAX_METRIC_NAME_LENGTH = 200
 _MAX_WINDOW_SECONDS = 86_400
 
 # Prometheus formats sample values with Go's strconv.FormatFloat: a plain decimal number or
-# one of NaN, +Inf, -Inf. Python's float() is laxer ("1_0", " 1", "infinity"), so match first.
-_SAMPLE_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+# one of NaN, +Inf, -Inf. Python's float() is laxer ("1_0", " 1", "infinity"); held to these
+# characters it accepts exactly Go's grammar, [+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?, and
+# one str.strip per sample costs far less than a regex match.
+_SAMPLE_CHARACTERS = "0123456789.eE+-"
 _SAMPLE_SPECIALS = {"NaN": math.nan, "+Inf": math.inf, "-Inf": -math.inf}
 
 PodKey = tuple[str, str]
@@ -307,9 +309,12 @@ def _sample_value(value: Any) -> float:
     text = value[1]
     if text in _SAMPLE_SPECIALS:
         return _SAMPLE_SPECIALS[text]
-    if not _SAMPLE_NUMBER.fullmatch(text):
+    if text.strip(_SAMPLE_CHARACTERS):
         raise PrometheusResponseError("MalformedResponse", f"bad sample value {text!r}")
-    return float(text)
+    try:
+        return float(text)
+    except ValueError:
+        raise PrometheusResponseError("MalformedResponse", f"bad sample value {text!r}") from None
 
 
 def _vector(data: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], float]]:
@@ -320,10 +325,11 @@ def _vector(data: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], float]]:
     result = data.get("result")
     if not isinstance(result, list):
         raise PrometheusResponseError("MalformedResponse", "the result is not a list")
-    series = []
+    series: list[tuple[Mapping[str, Any], float]] = []
     for item in result:
-        labels = item.get("metric") if isinstance(item, Mapping) else None
-        if not isinstance(labels, Mapping):
+        # Per series, so `dict` (what JSON decodes to) rather than the slower ABC check.
+        labels = item.get("metric") if isinstance(item, dict) else None
+        if not isinstance(labels, dict):
             raise PrometheusResponseError("MalformedResponse", f"bad series {item!r}")
         series.append((labels, _sample_value(item.get("value"))))
     return series
@@ -337,11 +343,11 @@ def _matrix(data: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], list[Any]]
     result = data.get("result")
     if not isinstance(result, list):
         raise PrometheusResponseError("MalformedResponse", "the result is not a list")
-    series = []
+    series: list[tuple[Mapping[str, Any], list[Any]]] = []
     for item in result:
-        labels = item.get("metric") if isinstance(item, Mapping) else None
-        values = item.get("values") if isinstance(item, Mapping) else None
-        if not isinstance(labels, Mapping) or not isinstance(values, list):
+        labels = item.get("metric") if isinstance(item, dict) else None
+        values = item.get("values") if isinstance(item, dict) else None
+        if not isinstance(labels, dict) or not isinstance(values, list):
             raise PrometheusResponseError("MalformedResponse", f"bad series {item!r}")
         series.append((labels, values))
     return series
