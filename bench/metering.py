@@ -9,8 +9,9 @@
 
    - *quiet*: no window closed since the last tick (11 ticks in 12 with the default 60 s
      windows and 5 s interval): the pods are parsed, nothing is cut;
-   - *window*: one window closed: one record per pod is cut, delivered, and one status
-     patch per service is written.
+   - *window*: one window closed: one record per pod is cut, measured (the utilisation
+     range query, answered from a canned JSON body with one series per pod and decoded
+     as the real client does), delivered, and one status patch per service is written.
 
    The baseline, measured in the same run, is what no meter can avoid: parsing the cached
    pods into lifetimes (``pod_lifetime_from_dict``). Ratios are against it.
@@ -54,6 +55,7 @@ from gpuyard.handlers.context import Caches, Operator
 from gpuyard.handlers.meter import meter_tick, slim_pod
 from gpuyard.io.kube import Kube
 from gpuyard.io.metrics import OperatorMetrics
+from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import MultiSink, PrometheusSink
 from gpuyard.logic.metering import (
     MeterConfig,
@@ -87,9 +89,34 @@ class CountingSink:
 
     def __init__(self) -> None:
         self.records = 0
+        self.measured = 0
 
     async def emit(self, records: Sequence[UsageRecord]) -> None:
         self.records += len(records)
+        self.measured += sum(record.avg_utilization is not None for record in records)
+
+
+LABELS = (("namespace", "namespace"), ("pod", "name"))
+
+
+class CannedPrometheus:
+    """Answers the meter's utilisation range query with one series per pod, decoded from
+    JSON text as the real client decodes the HTTP body."""
+
+    def __init__(self, pods: Sequence[dict[str, Any]], at: datetime) -> None:
+        result = [
+            {"metric": {key: pod["metadata"][name] for key, name in LABELS},
+             "values": [[at.timestamp(), str(40 + index % 50)]]}
+            for index, pod in enumerate(pods)
+        ]  # fmt: skip
+        data = {"resultType": "matrix", "result": result}
+        self.body = json.dumps({"status": "success", "data": data})
+        self.queries = 0
+
+    def query_range(self, *_: object) -> dict[str, Any]:
+        self.queries += 1
+        decoded: dict[str, Any] = json.loads(self.body)
+        return decoded
 
     async def aclose(self) -> None:
         return None
@@ -184,12 +211,14 @@ def operator_with(pods: int, mark_at: datetime) -> tuple[Operator, CountingSink,
     )
     stub = StatusStub()
     sink = CountingSink()
+    window_end = closed_through(NOW, WINDOW, MeterConfig().settle_seconds)
     operator = Operator(
         settings=settings,
         kube=cast(Kube, stub),  # running pods: the meter only patches statuses
         metrics=metrics,
         caches=caches,
         sinks=MultiSink({"prometheus": PrometheusSink(metrics.registry), "null": sink}),
+        prometheus=cast(Prometheus, CannedPrometheus(bodies, window_end)),
     )
     set_marks(operator, mark_at)
     return operator, sink, stub
@@ -239,8 +268,10 @@ def tick_costs(pods: int, repeat: int) -> dict[str, float]:
     try:
         costs = {"baseline": cpu_seconds(baseline, repeat)}
         costs["window"] = cpu_seconds(window_tick, repeat)
-        # Check the window tick did what it claims: one record per pod, one patch per service.
-        assert sink.records == pods * repeat, (sink.records, pods, repeat)
+        # Check the window tick did what it claims: one record per pod, each with its
+        # utilisation, from one range query; one patch per service.
+        assert sink.records == sink.measured == pods * repeat, (sink.records, pods, repeat)
+        assert cast(CannedPrometheus, operator.prometheus).queries == repeat
         assert stub.patches == len(operator.caches.services) * repeat
         set_marks(operator, through)
         costs["quiet"] = cpu_seconds(quiet_tick, repeat)

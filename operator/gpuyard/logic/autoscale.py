@@ -894,6 +894,25 @@ def _limit(
     return outcome
 
 
+def _judge(
+    readings: Sequence[MetricReading],
+) -> tuple[list[MetricReading], MetricReading | None]:
+    """The unavailable readings, and the one that decides: of the readings that ask for a
+    count, the one asking for most replicas (the first listed wins a tie)."""
+    unavailable: list[MetricReading] = []
+    deciding: MetricReading | None = None
+    for reading in readings:
+        if reading.status is ReadingStatus.UNAVAILABLE:
+            unavailable.append(reading)
+        elif (
+            reading.status is ReadingStatus.OK
+            and reading.replicas is not None
+            and (deciding is None or reading.replicas > (deciding.replicas or 0))
+        ):
+            deciding = reading
+    return unavailable, deciding
+
+
 def decide(
     samples: Mapping[MetricSpec, MetricSample],
     state: ScalingState,
@@ -937,10 +956,7 @@ def decide(
     if current == 0 and any(r.type is MetricType.PROMETHEUS for r in readings):
         # At zero only request-level metrics can speak; GPU metrics have no pods.
         judged = tuple(r for r in readings if r.type is MetricType.PROMETHEUS)
-    unavailable = [r for r in judged if r.status is ReadingStatus.UNAVAILABLE]
-    ok = [r for r in judged if r.status is ReadingStatus.OK and r.replicas is not None]
-    # The metric asking for most replicas decides; the first listed wins a tie.
-    deciding = max(ok, key=lambda r: r.replicas or 0) if ok else None
+    unavailable, deciding = _judge(judged)
 
     if current == 0:
         proposal = _propose_at_zero(readings, deciding)
@@ -958,7 +974,7 @@ def decide(
     caps = _apply_caps(outcome, current, policy, capacity_max_replicas)
     # Only what the metrics said goes into the window history: a hold, a fallback or a
     # pod-less guess is no observation of load.
-    if ok and not unavailable:
+    if deciding is not None and not unavailable:
         history = _with_recommendation(history, Recommendation(now, proposal.replicas))
     return _finish(
         policy=policy,
