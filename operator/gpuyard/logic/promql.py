@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "DEFAULT_WINDOW_SECONDS",
@@ -63,6 +63,8 @@ _MAX_WINDOW_SECONDS = 86_400
 # one str.strip per sample costs far less than a regex match.
 _SAMPLE_CHARACTERS = "0123456789.eE+-"
 _SAMPLE_SPECIALS = {"NaN": math.nan, "+Inf": math.inf, "-Inf": -math.inf}
+
+T = TypeVar("T")
 
 PodKey = tuple[str, str]
 """(namespace, pod) of the workload a GPU series belongs to."""
@@ -270,15 +272,7 @@ def parse_grouped_response(body: str | bytes | Mapping[str, Any]) -> dict[Servic
 
     Series without both labels belong to no service and are skipped.
     """
-    values: dict[ServiceKey, float] = {}
-    for labels, value in _vector(_load(body)):
-        key = (_label(labels, "namespace"), _label(labels, "service"))
-        if not all(key):
-            continue
-        if key in values:
-            raise PrometheusResponseError("DuplicateSeries", f"two series for {key}")
-        values[key] = value
-    return values
+    return _keyed(_vector(_load(body)), "service")
 
 
 def _load(body: str | bytes | Mapping[str, Any]) -> Mapping[str, Any]:
@@ -317,39 +311,33 @@ def _sample_value(value: Any) -> float:
         raise PrometheusResponseError("MalformedResponse", f"bad sample value {text!r}") from None
 
 
-def _vector(data: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], float]]:
-    if data.get("resultType") != "vector":
+def _series(data: Mapping[str, Any], kind: str, field: str) -> list[tuple[dict[str, Any], Any]]:
+    """Each series of a ``kind`` ("vector" or "matrix") result as (labels, its ``field``)."""
+    if data.get("resultType") != kind:
         raise PrometheusResponseError(
-            "UnexpectedResultType", f"expected a vector, got {data.get('resultType')!r}"
+            "UnexpectedResultType", f"expected a {kind}, got {data.get('resultType')!r}"
         )
     result = data.get("result")
     if not isinstance(result, list):
         raise PrometheusResponseError("MalformedResponse", "the result is not a list")
-    series: list[tuple[Mapping[str, Any], float]] = []
+    series = []
     for item in result:
         # Per series, so `dict` (what JSON decodes to) rather than the slower ABC check.
-        labels = item.get("metric") if isinstance(item, dict) else None
-        if not isinstance(labels, dict):
+        if not (isinstance(item, dict) and isinstance(labels := item.get("metric"), dict)):
             raise PrometheusResponseError("MalformedResponse", f"bad series {item!r}")
-        series.append((labels, _sample_value(item.get("value"))))
+        series.append((labels, item.get(field)))
     return series
 
 
-def _matrix(data: Mapping[str, Any]) -> list[tuple[Mapping[str, Any], list[Any]]]:
-    if data.get("resultType") != "matrix":
-        raise PrometheusResponseError(
-            "UnexpectedResultType", f"expected a matrix, got {data.get('resultType')!r}"
-        )
-    result = data.get("result")
-    if not isinstance(result, list):
-        raise PrometheusResponseError("MalformedResponse", "the result is not a list")
-    series: list[tuple[Mapping[str, Any], list[Any]]] = []
-    for item in result:
-        labels = item.get("metric") if isinstance(item, dict) else None
-        values = item.get("values") if isinstance(item, dict) else None
-        if not isinstance(labels, dict) or not isinstance(values, list):
-            raise PrometheusResponseError("MalformedResponse", f"bad series {item!r}")
-        series.append((labels, values))
+def _vector(data: Mapping[str, Any]) -> list[tuple[dict[str, Any], float]]:
+    return [(labels, _sample_value(value)) for labels, value in _series(data, "vector", "value")]
+
+
+def _matrix(data: Mapping[str, Any]) -> list[tuple[dict[str, Any], list[Any]]]:
+    series = _series(data, "matrix", "values")
+    for item in series:
+        if not isinstance(item[1], list):
+            raise PrometheusResponseError("MalformedResponse", f"bad values {item[1]!r}")
     return series
 
 
@@ -372,15 +360,7 @@ def parse_vector_response(body: str | bytes | Mapping[str, Any]) -> dict[PodKey,
     body, or two series with the same key (the queries here aggregate by the key, so that
     means the query was not one of them).
     """
-    values: dict[PodKey, float] = {}
-    for labels, value in _vector(_load(body)):
-        key = (_label(labels, "namespace"), _label(labels, "pod"))
-        if not all(key):
-            continue
-        if key in values:
-            raise PrometheusResponseError("DuplicateSeries", f"two series for {key}")
-        values[key] = value
-    return values
+    return _keyed(_vector(_load(body)), "pod")
 
 
 def parse_matrix_response(
@@ -390,18 +370,29 @@ def parse_matrix_response(
     ``t`` in whole epoch seconds (the evaluation times of a query whose start and step are
     whole seconds). The same rules as :func:`parse_vector_response` apply per series.
     """
-    values: dict[PodKey, dict[int, float]] = {}
-    for labels, samples in _matrix(_load(body)):
-        key = (_label(labels, "namespace"), _label(labels, "pod"))
+    return {key: _points(samples) for key, samples in _keyed(_matrix(_load(body)), "pod").items()}
+
+
+def _points(samples: list[Any]) -> dict[int, float]:
+    points: dict[int, float] = {}
+    for sample in samples:
+        when = sample[0] if isinstance(sample, list) and sample else None
+        if isinstance(when, bool) or not isinstance(when, int | float):
+            raise PrometheusResponseError("MalformedResponse", f"bad sample {sample!r}")
+        points[round(when)] = _sample_value(sample)
+    return points
+
+
+def _keyed(series: list[tuple[dict[str, Any], T]], name: str) -> dict[tuple[str, str], T]:
+    """Series by (namespace, ``name``) of the workload; series without both belong to no
+    workload (idle GPUs, other jobs) and are skipped; two with one key mean the query was
+    not one of ours, which aggregate by the key."""
+    keyed: dict[tuple[str, str], T] = {}
+    for labels, payload in series:
+        key = (_label(labels, "namespace"), _label(labels, name))
         if not all(key):
             continue
-        if key in values:
+        if key in keyed:
             raise PrometheusResponseError("DuplicateSeries", f"two series for {key}")
-        points: dict[int, float] = {}
-        for sample in samples:
-            when = sample[0] if isinstance(sample, list) and sample else None
-            if isinstance(when, bool) or not isinstance(when, int | float):
-                raise PrometheusResponseError("MalformedResponse", f"bad sample {sample!r}")
-            points[round(when)] = _sample_value(sample)
-        values[key] = points
-    return values
+        keyed[key] = payload
+    return keyed
