@@ -10,7 +10,6 @@ the long form, with the defaults and a worked example.
 
 from __future__ import annotations
 
-import functools
 import heapq
 import math
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import NamedTuple, TypeVar
 
 from gpuyard.logic.promql import Aggregation, validate_tenant_selector
@@ -530,7 +529,7 @@ def _cutoff(now: datetime, seconds: int) -> datetime:
     return now - _seconds(seconds)
 
 
-@functools.lru_cache(maxsize=256)
+@lru_cache(maxsize=256)
 def _seconds(seconds: int) -> timedelta:
     # Windows and periods are a handful of values; every service needs several per tick.
     return timedelta(seconds=seconds)
