@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
-from functools import cached_property, lru_cache
+from functools import cached_property
 from typing import NamedTuple, TypeVar
 
 from gpuyard.logic.promql import Aggregation, validate_tenant_selector
@@ -214,6 +214,15 @@ class ScalingBehavior:
         if self.max_step_replicas < 0 or self.period_seconds < 1:
             raise ValueError("maxStepReplicas >= 0 and periodSeconds >= 1 are required")
 
+    # As timedeltas, which every service's decision subtracts from `now` on every tick.
+    @cached_property
+    def window(self) -> timedelta:
+        return timedelta(seconds=self.stabilization_window_seconds)
+
+    @cached_property
+    def period(self) -> timedelta:
+        return timedelta(seconds=self.period_seconds)
+
 
 DEFAULT_SCALE_UP = ScalingBehavior(stabilization_window_seconds=0)
 DEFAULT_SCALE_DOWN = ScalingBehavior(stabilization_window_seconds=300)
@@ -261,6 +270,16 @@ class ScalingPolicy:
         for amount in (self.price_per_gpu_hour, self.max_cost_per_hour):
             if amount is not None and not (amount.is_finite() and amount >= 0):
                 raise ValueError("prices and budgets must be finite and non-negative")
+
+    @cached_property
+    def history_span(self) -> timedelta:
+        """How long a recommendation can matter: the longer stabilisation window."""
+        return max(self.scale_up.window, self.scale_down.window)
+
+    @cached_property
+    def events_span(self) -> timedelta:
+        """How long a scale event can matter: the longer rate-limit period."""
+        return max(self.scale_up.period, self.scale_down.period)
 
     @cached_property
     def metric_set(self) -> frozenset[MetricSpec]:
@@ -523,16 +542,10 @@ def cost_per_hour(replicas: int, policy: ScalingPolicy) -> Decimal:
     return replicas * policy.gpus_per_replica * policy.price_per_gpu_hour
 
 
-def _cutoff(now: datetime, seconds: int) -> datetime:
-    """An entry is in a window of ``seconds`` while ``cutoff < time <= now``: as in the HPA,
+def _cutoff(now: datetime, span: timedelta) -> datetime:
+    """An entry is in a window of ``span`` while ``cutoff < time <= now``: as in the HPA,
     strictly newer than now - window, so an entry exactly one window old has expired."""
-    return now - _seconds(seconds)
-
-
-@lru_cache(maxsize=256)
-def _seconds(seconds: int) -> timedelta:
-    # Windows and periods are a handful of values; every service needs several per tick.
-    return timedelta(seconds=seconds)
+    return now - span
 
 
 def _with_recommendation(
@@ -560,8 +573,8 @@ def _stabilize(
 ) -> int:
     """HPA's stabilisation: never below the lowest recommendation of the scale-up window
     nor above the highest of the scale-down window, the new one included in both."""
-    up_cut = _cutoff(now, policy.scale_up.stabilization_window_seconds)
-    down_cut = _cutoff(now, policy.scale_down.stabilization_window_seconds)
+    up_cut = _cutoff(now, policy.scale_up.window)
+    down_cut = _cutoff(now, policy.scale_down.window)
     up_floor = down_ceiling = proposal
     for entry in history:  # one pass: this runs for every service on every tick
         if entry.time <= now:
@@ -579,7 +592,7 @@ def _rate_limited(
     steps inside one period add up to at most one allowed step."""
     if wanted > current:
         rule = policy.scale_up
-        cut = _cutoff(now, rule.period_seconds)
+        cut = _cutoff(now, rule.period)
         recent = [e for e in events if cut < e.time <= now]
         start = max(0, current - sum(max(0, e.to_replicas - e.from_replicas) for e in recent))
         # From zero, percent is taken of one replica so that any positive percent can wake.
@@ -588,7 +601,7 @@ def _rate_limited(
         return min(wanted, max(limit, current))
     if wanted < current:
         rule = policy.scale_down
-        cut = _cutoff(now, rule.period_seconds)
+        cut = _cutoff(now, rule.period)
         recent = [e for e in events if cut < e.time <= now]
         start = current + sum(max(0, e.from_replicas - e.to_replicas) for e in recent)
         by_percent = start * (100 - rule.max_step_percent) // 100
@@ -652,12 +665,8 @@ def _apply_caps(
 
 
 def _prune(state: ScalingState, policy: ScalingPolicy, now: datetime) -> ScalingState:
-    keep_recs = max(
-        policy.scale_up.stabilization_window_seconds, policy.scale_down.stabilization_window_seconds
-    )
-    keep_events = max(policy.scale_up.period_seconds, policy.scale_down.period_seconds)
-    recommendations = _in_window(state.recommendations, _cutoff(now, keep_recs), now)
-    events = _in_window(state.scale_events, _cutoff(now, keep_events), now)
+    recommendations = _in_window(state.recommendations, _cutoff(now, policy.history_span), now)
+    events = _in_window(state.scale_events, _cutoff(now, policy.events_span), now)
     if recommendations is state.recommendations and events is state.scale_events:
         return state  # nothing expired: no copy
     return replace(state, recommendations=recommendations, scale_events=events)
