@@ -9,7 +9,6 @@ renderers, so there is no plotting dependency), HTML text and a ``BillingCheck``
 from __future__ import annotations
 
 import html
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,7 +16,7 @@ from decimal import Decimal
 from typing import Final
 
 from gpuyard.logic.metering import UsageRecord, format_decimal, parse_time
-from gpuyard.logic.usage_report import ChartModel, Panel, Series, render_svg
+from gpuyard.logic.usage_report import ChartModel, Panel, Series, nice_ticks, render_svg
 from localcluster.demo_story import Snapshot, Verdict
 
 COLORS: Final = {
@@ -33,22 +32,6 @@ _MAX_X_TICKS: Final = 10
 
 def color_of(name: str, index: int) -> tuple[int, int, int]:
     return COLORS.get(name, OTHER_COLORS[index % len(OTHER_COLORS)])
-
-
-def nice_ticks(top: float, count: int = 4) -> tuple[list[float], int]:
-    """Ticks 0..>=top on a 1/2/2.5/5 x 10^k grid, and the decimals their labels need."""
-    if top <= 0:
-        return [0.0, 1.0], 0
-    raw = top / count
-    exponent = math.floor(math.log10(raw))
-    magnitude = 10.0**exponent
-    mantissa = next(m for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-12))
-    step = mantissa * magnitude
-    ticks = [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
-    decimals = max(0, -exponent + (1 if mantissa == 2.5 else 0))
-    if mantissa == 10:
-        decimals = max(0, decimals - 1)
-    return ticks, decimals
 
 
 def elapsed_label(seconds: float) -> str:
@@ -138,7 +121,7 @@ def chart_model(
     for index, spec in enumerate(specs):
         top = margin_top + index * (panel_height + gap)
         peak = max((y for _, _, values in spec.lines for _, y in values), default=0.0)
-        ticks, decimals = nice_ticks(peak)
+        ticks, decimals = nice_ticks(peak, count=4)
         scale_top = ticks[-1]
 
         def y_at(value: float, top: int = top, scale_top: float = scale_top) -> float:

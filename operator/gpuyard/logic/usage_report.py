@@ -325,7 +325,7 @@ _X_STEPS = (60, 300, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400, 172800, 
 _MAX_X_TICKS = 6
 
 
-def _nice_ticks(top: float, count: int = 5) -> tuple[list[float], int]:
+def nice_ticks(top: float, count: int = 5) -> tuple[list[float], int]:
     """Ticks 0..>=top on a 1/2/2.5/5 x 10^k grid, and the decimals their labels need."""
     if top <= 0:
         return [0.0, 1.0], 0
@@ -336,6 +336,8 @@ def _nice_ticks(top: float, count: int = 5) -> tuple[list[float], int]:
     step = mantissa * magnitude
     ticks = [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
     decimals = max(0, -exponent + (1 if mantissa == 2.5 else 0))
+    if mantissa == 10:  # the step is 10^(exponent + 1): one decimal fewer
+        decimals = max(0, decimals - 1)
     return ticks, decimals
 
 
@@ -385,7 +387,7 @@ def chart_model(
     for index, (panel_title, lines) in enumerate(specs):
         top = margin_top + index * (panel_height + gap)
         peak = max((y for _, _, values in lines for _, y in values), default=0.0)
-        ticks, decimals = _nice_ticks(peak)
+        ticks, decimals = nice_ticks(peak)
         scale_top = ticks[-1]
 
         def y_at(value: float, top: int = top, scale_top: float = scale_top) -> float:
