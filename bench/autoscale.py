@@ -29,8 +29,8 @@ objects frozen out of full collections, a higher threshold: ``keep_caches_out_of
 Baseline, same run and same bodies: decoding and parsing them alone, which any tick must do.
 Target: under 0.5 s at 10,000 services; queries per tick constant (3 + 1 per declaration).
 
-Usage (a running cluster is reused through GPUYARD_CLUSTER_STATE; nothing else may run an
-operator on it meanwhile)::
+Usage (a running cluster is reused through GPUYARD_CLUSTER_STATE, nothing else may run an
+operator on it meanwhile; without it (a) starts a cluster of its own)::
 
     PYTHONPATH=hack .venv/bin/python bench/autoscale.py              # (a) and (b)
     PYTHONPATH=hack .venv/bin/python bench/autoscale.py tick         # (b) only, no cluster
@@ -43,9 +43,7 @@ import argparse
 import asyncio
 import gc
 import json
-import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,8 +52,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -64,6 +61,7 @@ from typing import Any, cast
 import kubernetes
 from kubernetes.client import ApiClient
 
+from common import OperatorProcess, cluster, http_json, install_crds, kubectl, log
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
 from gpuyard.config import Settings
@@ -86,16 +84,12 @@ from gpuyard.logic.promql import (
     parse_vector_response,
     prometheus_metric_group_query,
 )
-from localcluster.cluster import REPO_ROOT, ClusterState, binaries_dir, free_port
+from localcluster.cluster import REPO_ROOT, ClusterState, binaries_dir
 
 INTERVAL = 1.0
 WINDOW = 5
 IMAGE = "registry.example/llm:1"
 GPU = "nvidia.com/gpu"
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -105,74 +99,6 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # --- (a) reaction on the cluster --------------------------------------------------------------
-
-
-class OperatorProcess:
-    """``gpuyard run``, started and stopped by the benchmark (and by nothing else)."""
-
-    def __init__(self, state: ClusterState, log_path: Path) -> None:
-        self.health_port = free_port()
-        env = {
-            **os.environ,
-            "GPUYARD_KUBECONFIG": state.kubeconfig,
-            "GPUYARD_METRICS_PORT": str(free_port()),
-            "GPUYARD_METRICS_ADDRESS": "127.0.0.1",
-            "GPUYARD_HEALTH_PORT": str(self.health_port),
-            "GPUYARD_HEALTH_ADDRESS": "127.0.0.1",
-            "GPUYARD_PROMETHEUS_URL": state.prometheus_url,
-            "GPUYARD_LOG_LEVEL": "WARNING",
-            "GPUYARD_USAGE_STDOUT": "false",
-            "GPUYARD_AUTOSCALE_INTERVAL": str(INTERVAL),
-            "GPUYARD_METRICS_WINDOW_SECONDS": str(WINDOW),
-        }
-        self.log_path = log_path
-        with log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "gpuyard.cli", "run"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + 60
-        while not self._healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the operator did not start; log:\n{tail}")
-            time.sleep(0.2)
-
-    def _healthy(self) -> bool:
-        try:
-            url = f"http://127.0.0.1:{self.health_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def kubectl(state: ClusterState, *args: str) -> None:
-    binary = binaries_dir(build=False) / "kubectl"
-    subprocess.run(
-        [str(binary), f"--kubeconfig={state.kubeconfig}", *args], check=True, capture_output=True
-    )
-
-
-def http_json(method: str, url: str, payload: Any = None) -> Any:
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        raw = response.read()
-    return json.loads(raw) if raw else None
 
 
 def bench_service(name: str) -> dict[str, Any]:
@@ -293,9 +219,7 @@ def one_step(probe: Probe, url: str, load: int, before: int, after: int) -> tupl
 
 
 def reaction_bench(state: ClusterState, steps: int) -> dict[str, Any]:
-    kubectl(state, "apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
-    for crd in ("aiservices.gpuyard.io", "gpupools.gpuyard.io"):
-        kubectl(state, "wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s")
+    install_crds(state)
     kubectl(state, "apply", "-f", str(REPO_ROOT / "examples" / "pools.yaml"))
     namespace, name = f"bench-autoscale-{secrets.token_hex(3)}", "reacting"
     url = f"{state.dcgm_sim_url}/load/{namespace}/{name}"
@@ -303,7 +227,14 @@ def reaction_bench(state: ClusterState, steps: int) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-autoscale-"))
     log(f"operator: GPUYARD_AUTOSCALE_INTERVAL={INTERVAL:g}, metrics window {WINDOW}s; "
         f"log in {log_dir}")  # fmt: skip
-    operator = OperatorProcess(state, log_dir / "operator.log")
+    operator = OperatorProcess(
+        state,
+        log_dir / "operator.log",
+        {
+            "GPUYARD_AUTOSCALE_INTERVAL": str(INTERVAL),
+            "GPUYARD_METRICS_WINDOW_SECONDS": str(WINDOW),
+        },
+    )
     try:
         kubectl(state, "create", "namespace", namespace)
         http_json("PUT", url, {"load": 50})
@@ -530,14 +461,6 @@ def tick_bench(sizes: list[int], runs: int) -> list[dict[str, Any]]:
 # --- main ------------------------------------------------------------------------------------
 
 
-@contextmanager
-def cluster_state() -> Iterator[ClusterState]:
-    given = os.environ.get("GPUYARD_CLUSTER_STATE")
-    if not given:
-        raise SystemExit("set GPUYARD_CLUSTER_STATE to a running local cluster's state.json")
-    yield ClusterState.load(Path(given).parent)
-
-
 def python_speed() -> float:
     """Seconds of CPU for a plain 10^7-step Python loop: how fast this machine is today."""
     started = time.process_time()
@@ -558,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{python_speed():.2f} s CPU (this machine's speed today)")  # fmt: skip
 
     if args.part in ("all", "reaction"):
-        with cluster_state() as state:
+        with cluster() as state:
             reaction = reaction_bench(state, args.steps)
         print(f"\n(a) reaction to a load step, {reaction['steps']} steps 1<->2 replicas, "
               f"autoscale interval {reaction['interval_seconds']:g} s, "

@@ -36,12 +36,10 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -50,6 +48,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, cast
 
+from common import OperatorProcess, install_crds
+from common import kubectl as cluster_kubectl
 from gpuyard.config import Settings
 from gpuyard.handlers.context import Caches, Operator
 from gpuyard.handlers.meter import meter_tick, slim_pod
@@ -69,7 +69,7 @@ from gpuyard.logic.metering import (
     parse_time,
     pod_lifetime_from_dict,
 )
-from localcluster.cluster import REPO_ROOT, ClusterState, binaries_dir, free_port
+from localcluster.cluster import REPO_ROOT, ClusterState, free_port
 
 WINDOW = 60
 PODS_PER_SERVICE = 10
@@ -346,42 +346,12 @@ def wait_for(check: Callable[[], object], timeout: float, what: str) -> None:
 
 
 @contextmanager
-def operator_process(kubeconfig: str, env: dict[str, str], log: Path) -> Iterator[None]:
-    health = free_port()
-    full_env = {
-        **os.environ,
-        "GPUYARD_KUBECONFIG": kubeconfig,
-        "GPUYARD_METRICS_PORT": str(free_port()),
-        "GPUYARD_METRICS_ADDRESS": "127.0.0.1",
-        "GPUYARD_HEALTH_PORT": str(health),
-        "GPUYARD_HEALTH_ADDRESS": "127.0.0.1",
-        "GPUYARD_USAGE_STDOUT": "false",
-        **env,
-    }
-    with log.open("ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gpuyard.cli", "run"],
-            env=full_env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-
-    def healthy() -> bool:
-        if process.poll() is not None:
-            raise SystemExit(f"the operator exited; see {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as r:
-                return bool(r.status == 200)
-        except OSError:
-            return False
-
+def operator_process(state: ClusterState, env: dict[str, str], log: Path) -> Iterator[None]:
+    operator = OperatorProcess(state, log, env)
     try:
-        wait_for(healthy, 60, "the operator's /healthz")
         yield
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        operator.stop()
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -394,20 +364,12 @@ def run_e2e_bench(seconds: float, intervals: Sequence[float]) -> list[str]:
     if not state:
         raise SystemExit("set GPUYARD_CLUSTER_STATE (python -m localcluster up prints it)")
     cluster = ClusterState.load(Path(state).parent)
-    kubectl_binary = str(binaries_dir(build=False) / "kubectl")
 
     def kubectl(*args: str, stdin: str | None = None) -> str:
-        return subprocess.run(
-            [kubectl_binary, f"--kubeconfig={cluster.kubeconfig}", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=120,
-        ).stdout
+        return cluster_kubectl(cluster, *args, stdin=stdin)
 
     namespace = f"bench-metering-{os.getpid()}"
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds"))
+    install_crds(cluster)
     kubectl("apply", "-f", str(REPO_ROOT / "examples" / "pools.yaml"))
     kubectl("create", "namespace", namespace)
     services = [("chat", "l4", 1, 3), ("train", "a100", 2, 2)]
@@ -429,7 +391,7 @@ def run_e2e_bench(seconds: float, intervals: Sequence[float]) -> list[str]:
                 "GPUYARD_METER_INTERVAL": str(interval),
                 "GPUYARD_USAGE_HTTP_URL": receiver.url,
             }
-            with operator_process(cluster.kubeconfig, env, log):
+            with operator_process(cluster, env, log):
                 items = [
                     {
                         "apiVersion": "gpuyard.io/v1alpha1",
@@ -469,7 +431,7 @@ def run_e2e_bench(seconds: float, intervals: Sequence[float]) -> list[str]:
             print(lines[-1], flush=True)
     finally:
         # Scale to zero with an operator running, so the meter releases its finalizers.
-        with operator_process(cluster.kubeconfig, {"GPUYARD_METER_INTERVAL": "0.5"}, log):
+        with operator_process(cluster, {"GPUYARD_METER_INTERVAL": "0.5"}, log):
             for name, *_ in services:
                 kubectl("scale", "-n", namespace, f"ais/{name}", "--replicas=0")
 

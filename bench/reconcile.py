@@ -31,12 +31,9 @@ import argparse
 import json
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -49,26 +46,19 @@ import kubernetes
 from kubernetes.client import ApiClient, ApiException
 from urllib3.exceptions import HTTPError
 
+from common import OperatorProcess, cluster, install_crds, log
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
 from gpuyard.logic.children import MANAGED_BY_LABEL, build_deployment, owner_reference
 from gpuyard.logic.drift import with_applied_hash
 from localcluster.cluster import (
-    REPO_ROOT,
     ClusterState,
-    LocalCluster,
-    binaries_dir,
     cache_dir,
-    free_port,
 )
 
 IMAGE = "registry.example/llm:1"
 CLIENT_CONCURRENCY = 8
 WAIT_TIMEOUT = 900.0
-
-
-def log(message: str) -> None:
-    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 # --- the objects -----------------------------------------------------------------------
@@ -124,85 +114,28 @@ def direct_deployment(name: str, namespace: str, pool: dict[str, Any]) -> dict[s
 # --- the operator under test -----------------------------------------------------------
 
 
-class Operator:
-    """``gpuyard run`` as a child process of the benchmark."""
+def peak_memory(operator: OperatorProcess) -> dict[str, int]:
+    """VmHWM (peak) and VmRSS (now) of the operator, in KiB."""
+    found = {}
+    for line in Path(f"/proc/{operator.process.pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in {"VmHWM", "VmRSS"}:
+            found[key] = int(value.split()[0])
+    return found
 
-    def __init__(self, state: ClusterState, log_path: Path, env: dict[str, str]) -> None:
-        self.metrics_port = free_port()
-        self.health_port = free_port()
-        command = [sys.executable]
-        profile = env.pop("BENCH_PROFILE", None)
-        if profile:
-            command += ["-m", "cProfile", "-o", profile]
-        command += ["-m", "gpuyard.cli", "run"]
-        self.log_path = log_path
-        with log_path.open("ab") as out:
-            self.process = subprocess.Popen(
-                command,
-                env={
-                    **os.environ,
-                    "GPUYARD_KUBECONFIG": state.kubeconfig,
-                    "GPUYARD_METRICS_PORT": str(self.metrics_port),
-                    "GPUYARD_METRICS_ADDRESS": "127.0.0.1",
-                    "GPUYARD_HEALTH_PORT": str(self.health_port),
-                    "GPUYARD_HEALTH_ADDRESS": "127.0.0.1",
-                    "GPUYARD_PROMETHEUS_URL": state.prometheus_url,
-                    "GPUYARD_LOG_LEVEL": "WARNING",
-                    "GPUYARD_USAGE_STDOUT": "false",
-                    **env,
-                },
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        deadline = time.monotonic() + 60
-        while not self._healthy():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"the operator did not start; log:\n{tail}")
-            time.sleep(0.2)
 
-    def _healthy(self) -> bool:
-        try:
-            url = f"http://127.0.0.1:{self.health_port}/healthz"
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
-        except OSError:
-            return False
-
-    def memory(self) -> dict[str, int]:
-        """VmHWM (peak) and VmRSS (now) of the operator, in KiB."""
-        found = {}
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in {"VmHWM", "VmRSS"}:
-                found[key] = int(value.split()[0])
-        return found
-
-    def counters(self) -> dict[str, float]:
-        """Reconciles and API writes so far, from the operator's /metrics."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-        totals: dict[str, float] = {}
-        for line in text.splitlines():
-            for prefix, name in (
-                ("gpuyard_reconciles_total{", "reconciles"),
-                ("gpuyard_kubernetes_writes_total{", "writes"),
-            ):
-                if line.startswith(prefix):
-                    key = name + line[len(prefix) - 1 : line.index("}") + 1]
-                    totals[key] = totals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
-        return totals
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def counters(operator: OperatorProcess) -> dict[str, float]:
+    """Reconciles and API writes so far, from the operator's /metrics."""
+    totals: dict[str, float] = {}
+    for line in operator.metrics().splitlines():
+        for prefix, name in (
+            ("gpuyard_reconciles_total{", "reconciles"),
+            ("gpuyard_kubernetes_writes_total{", "writes"),
+        ):
+            if line.startswith(prefix):
+                key = name + line[len(prefix) - 1 : line.index("}") + 1]
+                totals[key] = totals.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 # --- measuring -------------------------------------------------------------------------
@@ -336,12 +269,12 @@ def wait_namespaces_gone(client: ApiClient, names: list[str], timeout: float = 6
             log(f"namespace {name} still there after {timeout:.0f}s; going on")
 
 
-def wait_idle(operator: Operator, timeout: float = 600) -> None:
+def wait_idle(operator: OperatorProcess, timeout: float = 600) -> None:
     """Until the operator's reconcile count stops moving for two seconds."""
     deadline = time.monotonic() + timeout
     last, still_since = -1.0, time.monotonic()
     while time.monotonic() < deadline:
-        count = sum(v for k, v in operator.counters().items() if k.startswith("reconciles"))
+        count = sum(v for k, v in counters(operator).items() if k.startswith("reconciles"))
         if count != last:
             last, still_since = count, time.monotonic()
         elif time.monotonic() - still_since >= 2:
@@ -350,7 +283,7 @@ def wait_idle(operator: Operator, timeout: float = 600) -> None:
 
 
 def measure(
-    client: ApiClient, operator: Operator, pool: dict[str, Any], n: int, pids: dict[str, int]
+    client: ApiClient, operator: OperatorProcess, pool: dict[str, Any], n: int, pids: dict[str, int]
 ) -> dict[str, Any]:
     custom = kubernetes.client.CustomObjectsApi(client)
     apps = kubernetes.client.AppsV1Api(client)
@@ -368,7 +301,7 @@ def measure(
             pids,
         )
         log(f"N={n} direct: {direct.ready:.2f}s (creates returned after {direct.created:.2f}s)")
-    before = operator.counters()
+    before = counters(operator)
     with fresh_namespace(client, f"ais-{n}") as namespace:
         namespaces.append(namespace)
         gpuyard = timed_creation(
@@ -386,10 +319,10 @@ def measure(
             pids,
         )
         log(f"N={n} gpuyard: {gpuyard.ready:.2f}s (creates returned after {gpuyard.created:.2f}s)")
-        after_ready = operator.counters()
+        after_ready = counters(operator)
         wait_idle(operator)
-        after_idle = operator.counters()
-    memory = operator.memory()
+        after_idle = counters(operator)
+    memory = peak_memory(operator)
     wait_namespaces_gone(client, namespaces)
     return {
         "n": n,
@@ -418,36 +351,6 @@ def _delta(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
 # --- main ------------------------------------------------------------------------------
 
 
-def install_crds(state: ClusterState) -> None:
-    kubectl = binaries_dir(build=False) / "kubectl"
-    base = [str(kubectl), f"--kubeconfig={state.kubeconfig}"]
-    subprocess.run(
-        [*base, "apply", "--server-side", "--force-conflicts", "-f", str(REPO_ROOT / "crds")],
-        check=True,
-        capture_output=True,
-    )
-    for crd in ("aiservices.gpuyard.io", "gpupools.gpuyard.io"):
-        subprocess.run(
-            [*base, "wait", "--for=condition=Established", f"crd/{crd}", "--timeout=60s"],
-            check=True,
-            capture_output=True,
-        )
-
-
-@contextmanager
-def cluster() -> Iterator[ClusterState]:
-    given = os.environ.get("GPUYARD_CLUSTER_STATE")
-    if given:
-        yield ClusterState.load(Path(given).parent)
-        return
-    local = LocalCluster(cache_dir() / "clusters" / f"bench-{os.getpid()}", f"bench-{os.getpid()}")
-    state = local.up()
-    try:
-        yield state
-    finally:
-        local.down()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, action="append", help="services per round (repeat)")
@@ -467,11 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         env = {}
         if args.workers:
             env["GPUYARD_WORKERS"] = str(args.workers)
-        if args.profile:
-            env["BENCH_PROFILE"] = str(args.profile.resolve())
+        profile = ["-m", "cProfile", "-o", str(args.profile.resolve())] if args.profile else []
         log_path = Path(cache_dir() / "bench-operator.log")
         log(f"operator log: {log_path}")
-        operator = Operator(state, log_path, env)
+        operator = OperatorProcess(state, log_path, env, profile)
         results = []
         try:
             wait_idle(operator)
