@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuyard.logic.autoscale import (
@@ -39,6 +39,8 @@ from gpuyard.logic.autoscale import (
     budget_max_replicas,
     cost_per_hour,
     decide,
+    repeated_state,
+    repeats,
     share_pool_capacity,
 )
 
@@ -57,6 +59,11 @@ QUEUE = MetricSpec(
 INFLIGHT = MetricSpec(
     MetricType.PROMETHEUS,
     prometheus=PrometheusMetric("inflight", target_per_replica=10.0, activation_value=5.0),
+)
+# At its target of 10 per replica, a total of 10 still shows no demand.
+QUIET = MetricSpec(
+    MetricType.PROMETHEUS,
+    prometheus=PrometheusMetric("inflight", target_per_replica=10.0, activation_value=20.0),
 )
 HUNDREDTH = MetricSpec(
     MetricType.PROMETHEUS, prometheus=PrometheusMetric("rps", target_per_replica=0.01)
@@ -478,6 +485,122 @@ def test_flapping_load_does_not_flap_replicas() -> None:
     pol = policy(Q, scale_down=ScalingBehavior(300))
     ticks = run_ticks(pol, state(5), lambda t: 50 if (t // 15) % 2 else 10, range(0, 600, 15))
     assert {d.desired_replicas for _, d in ticks} == {5}
+
+
+# --- a decision that repeats itself need not be made again --------------------------------
+
+_REPEAT_POLICIES = st.builds(
+    lambda metrics, minimum, mode, window, idle, budget: replace(
+        BASE,
+        metrics=metrics,
+        min_replicas=minimum,
+        max_replicas=6,
+        mode=mode,
+        scale_down=ScalingBehavior(window),
+        scale_to_zero_after_seconds=idle,
+        price_per_gpu_hour=Decimal(1),
+        max_cost_per_hour=budget,
+    ),
+    st.sampled_from([(UTIL,), (QUEUE,), (UTIL, QUEUE), (MEMORY, INFLIGHT), (QUIET,), ()]),
+    st.integers(0, 2),
+    st.sampled_from([Mode.AUTO, Mode.RECOMMEND]),
+    st.sampled_from([0, 60, 300]),
+    st.sampled_from([0, 120]),
+    st.sampled_from([None, Decimal(3)]),
+)
+# Phases of load, each held for some ticks so that ticks often read the same values: (GPU
+# utilisation of every pod, queue total, ticks, seconds between them, a replica count
+# someone else sets as the phase starts, or None).
+_PHASES = st.lists(
+    st.tuples(
+        st.sampled_from([0.0, 30.0, 60.0, 63.0, 95.0]),
+        st.sampled_from([0.0, 6.0, 10.0, 30.0]),
+        st.integers(1, 8),
+        st.sampled_from([5, 15, 60, 301]),
+        st.one_of(st.none(), st.integers(0, 6)),
+    ),
+    min_size=1,
+    max_size=8,
+)
+
+
+def _read_at(
+    pol: ScalingPolicy, now: datetime, pods_running: int, util: float, queue: float
+) -> Any:
+    samples: dict[MetricSpec, MetricSample] = {}
+    for spec in pol.metrics:
+        if spec.prometheus is not None:
+            samples[spec] = total(queue, observed=now)
+        elif pods_running:
+            samples[spec] = pods(*[util] * pods_running, observed=now)
+    return samples
+
+
+@settings(max_examples=400, deadline=None)
+@given(pol=_REPEAT_POLICIES, start=st.integers(0, 6), phases=_PHASES)
+def test_a_repeating_decision_is_what_deciding_again_returns(
+    pol: ScalingPolicy, start: int, phases: list[tuple[float, float, int, int, int | None]]
+) -> None:
+    """The autoscaler's shortcut, checked against deciding on every tick. While the last
+    decision repeats and the load stays, it is kept, with the state it was made with; once
+    either changes, that state is moved on to the last tick the decision held, and deciding
+    from it returns what deciding on every tick does, state included."""
+    full = kept = state(start)
+    last: tuple[Decision, tuple[float, float]] | None = None  # and the load it read
+    held_at: datetime | None = None
+    now = T0
+    ticks = [
+        (util, queue, seconds, scaled if tick == 0 else None)
+        for util, queue, count, seconds, scaled in phases
+        for tick in range(count)
+    ]
+    for util, queue, seconds, scaled_by_someone in ticks:
+        now += timedelta(seconds=seconds)
+        current = full.current_replicas if scaled_by_someone is None else scaled_by_someone
+        full, kept = full.observed(current, current), kept.observed(current, current)
+        samples = _read_at(pol, now, current, util, queue)
+        decided = decide(samples, full, pol, None, now)
+        if (
+            last is not None
+            and repeats(last[0], pol)
+            and last[1] == (util, queue)
+            and last[0].current_replicas == current == last[0].state.ready_replicas
+        ):
+            held_at = now
+            assert replace(last[0], state=decided.state) == decided
+            assert repeated_state(kept, last[0], pol, now) == decided.state
+        else:
+            if last is not None and held_at is not None:
+                kept = repeated_state(kept, last[0], pol, held_at)
+            made = decide(samples, kept, pol, None, now)
+            assert made == decided
+            last, kept, held_at = (made, (util, queue)), made.state, None
+        full = decided.state
+
+
+def test_at_target_repeats_and_what_time_or_a_limit_can_move_does_not() -> None:
+    at_target = {UTIL: pods(60, 60)}
+    steady = decide(at_target, state(2), BASE, None, T0)
+    assert steady.reason is Reason.AT_TARGET
+    assert repeats(steady, BASE)
+    # At target but showing no demand, and allowed to reach zero: the idle clock moves it.
+    idle_policy = policy(ZERO, metrics=(QUIET,))
+    idle = decide({QUIET: total(10)}, state(1), idle_policy, None, T0)
+    assert idle.reason is Reason.AT_TARGET
+    assert not repeats(idle, idle_policy)
+    assert repeats(idle, policy(idle_policy, min_replicas=1))
+    # Held by a window, or capped by maxReplicas or the budget: the limit may move it.
+    windowed = policy(Q, scale_down=ScalingBehavior(300))
+    first = decide({QUEUE: total(50)}, state(5), windowed, None, T0)
+    held = decide({QUEUE: total(10)}, first.state, windowed, None, at(15))
+    assert held.limiting_factor is LimitingFactor.STABILIZATION_WINDOW
+    capped = policy(max_replicas=1)
+    budgeted = policy(price_per_gpu_hour=Decimal(1), max_cost_per_hour=Decimal(1))
+    assert not repeats(held, windowed)
+    assert not repeats(decide(at_target, state(2), capped, None, T0), capped)
+    assert not repeats(decide(at_target, state(2), budgeted, None, T0), budgeted)
+    # Blind: the metrics-unavailable policy decides, not the metric.
+    assert not repeats(decide({UTIL: down()}, state(1), BASE, None, T0), BASE)
 
 
 # --- budget helpers ------------------------------------------------------------------------

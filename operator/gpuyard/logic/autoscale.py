@@ -47,6 +47,8 @@ __all__ = [
     "budget_max_replicas",
     "cost_per_hour",
     "decide",
+    "repeated_state",
+    "repeats",
     "share_pool_capacity",
 ]
 
@@ -641,9 +643,14 @@ class _Caps:
     budget_limited: bool
 
 
+_UNCAPPED = _Caps(capacity_limited=False, missing_gpus=0, budget_limited=False)
+
+
 def _apply_caps(
     outcome: _Outcome, current: int, policy: ScalingPolicy, capacity_max_replicas: int | None
 ) -> _Caps:
+    if capacity_max_replicas is None and policy.max_cost_per_hour is None:
+        return _UNCAPPED  # no cap to apply: most services on most ticks
     wanted = outcome.value
     budget_cap = budget_max_replicas(policy)
     # The budget is a promise about spend: it may cut below current replicas and below
@@ -698,6 +705,33 @@ def _message(
     return f"{'; '.join(parts)}: {verb} {desired} replica(s)"
 
 
+def _next_state(
+    state: ScalingState,
+    history: tuple[Recommendation, ...],
+    now: datetime,
+    scaled_to: int | None,
+    demand: bool,
+) -> ScalingState:
+    """What a decision carries to the next tick; ``scaled_to`` is the count applied now."""
+    current, events, last_scale_time = (
+        state.current_replicas, state.scale_events, state.last_scale_time
+    )  # fmt: skip
+    if scaled_to is not None:
+        events += (ScaleEvent(now, current, scaled_to),)
+        current, last_scale_time = scaled_to, now
+    return ScalingState(
+        current_replicas=current,
+        ready_replicas=state.ready_replicas,
+        recommendations=history,
+        scale_events=events,
+        last_scale_time=last_scale_time,
+        # The idle clock restarts on demand (or on doubt), at zero, and on a fresh state.
+        last_demand_time=now
+        if demand or state.last_demand_time is None
+        else state.last_demand_time,
+    )
+
+
 def _finish(
     *,
     policy: ScalingPolicy,
@@ -718,18 +752,7 @@ def _finish(
     current = state.current_replicas
     desired = outcome.value
     applied = policy.mode is not Mode.RECOMMEND and desired != current
-    events = state.scale_events + ((ScaleEvent(now, current, desired),) if applied else ())
-    new_state = ScalingState(
-        current_replicas=desired if applied else current,
-        ready_replicas=state.ready_replicas,
-        recommendations=history,
-        scale_events=events,
-        last_scale_time=now if applied else state.last_scale_time,
-        # The idle clock restarts on demand (or on doubt), at zero, and on a fresh state.
-        last_demand_time=now
-        if demand or state.last_demand_time is None
-        else state.last_demand_time,
-    )
+    new_state = _next_state(state, history, now, desired if applied else None, demand)
     return Decision(
         desired_replicas=desired,
         recommended_replicas=recommended,
@@ -889,10 +912,13 @@ def _limit(
 ) -> _Outcome:
     current = state.current_replicas
     outcome = _Outcome(proposal.replicas, proposal.factor)
-    if not proposal.hold and not proposal.idle:
-        stabilized = _stabilize(current, proposal.replicas, history, now, policy)
-        outcome.stage(stabilized, LimitingFactor.STABILIZATION_WINDOW)
-    if not proposal.hold:
+    # A proposal to keep the current count passes every window unchanged (the lowest
+    # recommendation in a window is at most the proposal, the highest at least), and every
+    # rate limit: both are skipped then, which is most services on most ticks.
+    if not proposal.hold and proposal.replicas != current:
+        if not proposal.idle:
+            stabilized = _stabilize(current, proposal.replicas, history, now, policy)
+            outcome.stage(stabilized, LimitingFactor.STABILIZATION_WINDOW)
         limited = _rate_limited(current, outcome.value, state.scale_events, now, policy)
         outcome.stage(limited, LimitingFactor.RATE_LIMIT)
     if outcome.value < policy.min_replicas:
@@ -946,8 +972,8 @@ def decide(
         raise ValueError("now must be timezone-aware")
     if capacity_max_replicas is not None and capacity_max_replicas < 0:
         raise ValueError("capacity_max_replicas cannot be negative")
-    unknown = [spec.name for spec in samples if spec not in policy.metric_set]
-    if unknown:
+    if not policy.metric_set.issuperset(samples):
+        unknown = [spec.name for spec in samples if spec not in policy.metric_set]
         raise ValueError(f"samples for metrics the policy does not list: {unknown}")
     fresh = not state.recommendations
     state = _prune(state, policy, now)
@@ -1000,6 +1026,39 @@ def decide(
         unavailable_reason=unavailable[0].reason if unavailable else None,
         demand=current == 0 or _has_demand(judged),
     )
+
+
+def repeats(decision: Decision, policy: ScalingPolicy) -> bool:
+    """Whether ``decision`` is a fixed point: called again at any later ``now`` with samples
+    of the same values (observed at that ``now``), the same policy, the same replica counts,
+    any capacity share and the state it returned, :func:`decide` returns an equal decision,
+    whose state :func:`repeated_state` computes without deciding.
+
+    True for a service at its target and unlimited, most services of a settled cluster:
+    its proposal is its current count, which every window, rate limit and cap lets through
+    whatever the history (see ``_limit``), and a capacity share never cuts below the current
+    count. Only the idle clock could move it, so a service that may scale to zero must show
+    demand.
+    """
+    return (
+        decision.reason is Reason.AT_TARGET
+        and decision.limiting_factor is None
+        and (policy.min_replicas > 0 or _has_demand(decision.readings))
+    )
+
+
+def repeated_state(
+    state: ScalingState, decision: Decision, policy: ScalingPolicy, now: datetime
+) -> ScalingState:
+    """The state :func:`decide` returns at ``now`` when ``decision`` :func:`repeats`, given the
+    state it returned. Moving that state on once, to the last of several ticks, gives what
+    deciding at each of them in turn gives: each tick only drops what expired and dates the
+    last recommendation (and the demand) afresh."""
+    state = _prune(state, policy, now)
+    history = _with_recommendation(
+        state.recommendations, Recommendation(now, decision.recommended_replicas)
+    )
+    return _next_state(state, history, now, None, _has_demand(decision.readings))
 
 
 @dataclass(frozen=True)
