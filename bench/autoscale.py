@@ -23,9 +23,14 @@ its write. Target: reaction p95 within two autoscale intervals (2 s) of the floo
 replicas, the default 5 s interval and windows), with Kopf's indices as plain dicts and a
 fake Prometheus that decodes canned JSON bodies (what the real client does with the HTTP
 body). CPU time is ``time.process_time()`` (every thread of the process: the queries run
-in worker threads) of a steady tick, least of several (the median is printed too), with
-the garbage collector set as the operator sets it once its caches are full (the cluster's
+in worker threads) of a tick, least of several (the median is printed too), with the
+garbage collector set as the operator sets it once its caches are full (the cluster's
 objects frozen out of full collections, a higher threshold: ``keep_caches_out_of_gc``).
+Two kinds of tick: *steady*, every service at its target with the same load as the tick
+before (most ticks of a settled cluster: decisions that repeat are not made again), and
+*moving*, every service's GPU utilisation one point off the tick before's (within the
+tolerance, so the replica counts stay; status shows the value, so every service's decision
+goes to the reconcile): every service is decided again, the worst case.
 Baseline, same run and same bodies: decoding and parsing them alone, which any tick must do.
 Target: under 0.5 s at 10,000 services; queries per tick constant (3 + 1 per declaration).
 
@@ -65,7 +70,7 @@ from common import OperatorProcess, cluster, http_json, install_crds, kubectl, l
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
 from gpuyard.config import Settings
-from gpuyard.handlers.autoscaler import PolicyCache, tick
+from gpuyard.handlers.autoscaler import TickMemory, tick
 from gpuyard.handlers.context import Caches, Operator
 from gpuyard.handlers.runtime import keep_caches_out_of_gc
 from gpuyard.handlers.workqueue import WorkQueue
@@ -291,8 +296,9 @@ class CannedPrometheus:
     """Answers each query by decoding its canned JSON text, as the real client decodes the
     HTTP body; counts the queries."""
 
-    def __init__(self, bodies: dict[str, bytes]) -> None:
+    def __init__(self, bodies: dict[str, bytes], moved: dict[str, bytes]) -> None:
         self.bodies = bodies
+        self.moved = moved  # bodies that replace some of ``bodies`` for a moving tick
         self.empty = vector_body([], 0.0)
         self.count = 0
         self._lock = threading.Lock()
@@ -323,6 +329,7 @@ def synthetic_cluster(services: int, now: datetime) -> tuple[Operator, CannedPro
     nodes: dict[str, NodeInfo] = {}
     pods: list[PodInfo] = []
     gpu: list[tuple[dict[str, str], float]] = []
+    gpu_moved: list[tuple[dict[str, str], float]] = []
     tenant: dict[str, list[tuple[dict[str, str], float]]] = {}
     for p in range(pools):
         name = f"pool-{p}"
@@ -372,8 +379,10 @@ def synthetic_cluster(services: int, now: datetime) -> tuple[Operator, CannedPro
                 PodInfo(pod, namespace, node, "Running", {GPU: 1}, service=name, pool=pool,
                         ready=True)
             )  # fmt: skip
-            # At target: the steady state the autoscaler sees most ticks.
+            # At target: the steady state the autoscaler sees most ticks. Moved: one point
+            # up, which status shows, within the tolerance, which keeps the replica counts.
             gpu.append(({"namespace": namespace, "pod": pod}, 58.0 + r))
+            gpu_moved.append(({"namespace": namespace, "pod": pod}, 59.0 + r))
         query = prometheus_metric_group_query(metric, {"model": model}, Aggregation.SUM,
                                               window_seconds=WINDOW)  # fmt: skip
         tenant.setdefault(query, []).append(
@@ -385,9 +394,10 @@ def synthetic_cluster(services: int, now: datetime) -> tuple[Operator, CannedPro
         by_node.setdefault(pod_info.node_name or "", []).append(pod_info)
     indices["gpu_pods"] = by_node
     at = now.timestamp()
-    bodies = {gpu_queries(window_seconds=WINDOW)[GpuSeries.GPU_UTIL]: vector_body(gpu, at)}
+    gpu_query = gpu_queries(window_seconds=WINDOW)[GpuSeries.GPU_UTIL]
+    bodies = {gpu_query: vector_body(gpu, at)}
     bodies.update({query: vector_body(series, at) for query, series in tenant.items()})
-    prometheus = CannedPrometheus(bodies)
+    prometheus = CannedPrometheus(bodies, {gpu_query: vector_body(gpu_moved, at)})
     op = Operator(
         settings=Settings.model_construct(autoscale_interval=5.0, metrics_window_seconds=WINDOW),
         kube=cast(Kube, NoKube()),
@@ -428,34 +438,66 @@ def tick_bench(sizes: list[int], runs: int) -> list[dict[str, Any]]:
         op, prometheus = synthetic_cluster(services, now)
         # What the operator does once its caches are full (handlers.runtime.started).
         keep_caches_out_of_gc()
-        cache = PolicyCache()
+        memory = TickMemory()
         with asyncio.Runner() as runner:
             started = time.process_time()
-            runner.run(tick(op, now, cache))
+            runner.run(tick(op, now, memory))
             cold = time.process_time() - started
             queries = prometheus.count
             # Warm up to the steady state: the windows' history as the loop carries it.
             for k in range(1, 8):
-                runner.run(tick(op, now + timedelta(seconds=5 * k), cache))
+                runner.run(tick(op, now + timedelta(seconds=5 * k), memory))
             steady: list[float] = []
             for k in range(8, 8 + runs):
-                prometheus.count = 0
-                started = time.process_time()
-                runner.run(tick(op, now + timedelta(seconds=5 * k), cache))
-                steady.append(time.process_time() - started)
-                assert prometheus.count == queries, "queries per tick changed"
+                when = now + timedelta(seconds=5 * k)
+                steady.append(
+                    _measured_tick(
+                        runner, op, prometheus, when=when, memory=memory, queries=queries
+                    )
+                )
+            moving: list[float] = []
+            settled = prometheus.bodies
+            for k in range(8 + runs, 8 + 2 * runs):
+                prometheus.bodies = settled if k % 2 else {**settled, **prometheus.moved}
+                when = now + timedelta(seconds=5 * k)
+                moving.append(
+                    _measured_tick(
+                        runner, op, prometheus, when=when, memory=memory, queries=queries
+                    )
+                )
+            prometheus.bodies = settled
+        baseline = min(baseline_parse(prometheus) for _ in range(runs))
         gc.unfreeze()
         gc.set_threshold(*default_thresholds)
-        baseline = min(baseline_parse(prometheus) for _ in range(runs))
         tick_cpu = min(steady)
         results.append({
             "services": services, "queries_per_tick": queries, "first_tick_s": cold,
-            "tick_s": tick_cpu, "median_tick_s": statistics.median(steady), "baseline_s": baseline,
-            "ratio": tick_cpu / baseline, "per_service_us": tick_cpu / services * 1e6,
+            "tick_s": tick_cpu, "median_tick_s": statistics.median(steady),
+            "moving_tick_s": min(moving), "median_moving_tick_s": statistics.median(moving),
+            "baseline_s": baseline, "ratio": tick_cpu / baseline,
+            "per_service_us": tick_cpu / services * 1e6,
         })  # fmt: skip
         del op, prometheus
         gc.collect()
     return results
+
+
+def _measured_tick(
+    runner: asyncio.Runner,
+    op: Operator,
+    prometheus: CannedPrometheus,
+    *,
+    when: datetime,
+    memory: TickMemory,
+    queries: int,
+) -> float:
+    """CPU seconds of one tick, which must send ``queries`` queries as the first did."""
+    prometheus.count = 0
+    started = time.process_time()
+    runner.run(tick(op, when, memory))
+    elapsed = time.process_time() - started
+    assert prometheus.count == queries, "queries per tick changed"
+    return elapsed
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -499,23 +541,26 @@ def main(argv: list[str] | None = None) -> int:
         sizes = args.size or [10, 100, 1000, 10000]
         rows = tick_bench(sizes, args.runs)
         print(
-            "\n(b) one tick in process (CPU, all threads; steady tick = least of "
-            f"{args.runs}; baseline = decode and parse the same bodies)"
+            f"\n(b) one tick in process (CPU, all threads; least of {args.runs} ticks, median "
+            "after it; baseline = decode and parse the same bodies; ratio and per service: steady)"
         )
-        print(f"{'services':>9} {'queries':>8} {'first tick':>11} {'steady tick':>12} "
-              f"{'median':>8} {'baseline':>9} {'ratio':>7} {'per service':>12}")  # fmt: skip
+        print(f"{'services':>9} {'queries':>8} {'first tick':>11} {'steady tick':>17} "
+              f"{'moving tick':>17} {'baseline':>9} {'ratio':>6} {'per service':>12}")  # fmt: skip
         for row in rows:
             print(f"{row['services']:>9,} {row['queries_per_tick']:>8} "
-                  f"{row['first_tick_s']:>10.3f}s {row['tick_s']:>11.3f}s "
-                  f"{row['median_tick_s']:>7.3f}s {row['baseline_s']:>8.3f}s "
-                  f"{row['ratio']:>6.1f}x {row['per_service_us']:>9.0f} µs")  # fmt: skip
+                  f"{row['first_tick_s']:>10.3f}s "
+                  f"{row['tick_s']:>8.3f}s {row['median_tick_s']:>6.3f}s "
+                  f"{row['moving_tick_s']:>8.3f}s {row['median_moving_tick_s']:>6.3f}s "
+                  f"{row['baseline_s']:>8.3f}s {row['ratio']:>5.1f}x "
+                  f"{row['per_service_us']:>9.0f} µs")  # fmt: skip
         constant = len({row["queries_per_tick"] for row in rows}) == 1
         print(f"queries per tick constant: {'yes' if constant else 'NO'}")
         largest = rows[-1]
         if largest["services"] >= 10_000:
-            verdict = "met" if largest["tick_s"] < 0.5 else "MISSED"
-            print(f"tick at {largest['services']:,} services: {largest['tick_s']:.3f} s; "
-                  f"target < 0.5 s: {verdict}")  # fmt: skip
+            for kind, key in (("steady", "tick_s"), ("moving", "moving_tick_s")):
+                verdict = "met" if largest[key] < 0.5 else "MISSED"
+                print(f"{kind} tick at {largest['services']:,} services: {largest[key]:.3f} s; "
+                      f"target < 0.5 s: {verdict}")  # fmt: skip
             # The shared VM's speed drifts within minutes; the tick follows it, so say how
             # fast the machine was right after (it ran the loop in 0.42-0.46 s on good days).
             print(f"machine speed after the tick runs: 10^7-step loop {python_speed():.2f} s")

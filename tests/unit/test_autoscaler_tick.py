@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import threading
-from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, cast
 
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from gpuyard.api.pool import GPUPool
 from gpuyard.config import Settings
-from gpuyard.handlers.autoscaler import pool_is_no_limit, tick
+from gpuyard.handlers.autoscaler import TickMemory, pool_is_no_limit, tick
 from gpuyard.handlers.context import Caches, Operator, ServiceKey
 from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube
@@ -107,7 +108,7 @@ class World:
         self.pools[name] = {
             "apiVersion": "gpuyard.io/v1alpha1",
             "kind": "GPUPool",
-            "metadata": {"name": name, "generation": 1},
+            "metadata": {"name": name, "uid": f"uid-{name}", "generation": 1},
             "spec": {
                 "gpuType": "l4",
                 "nodeSelector": {"gpuyard.io/pool": name},
@@ -138,7 +139,12 @@ class World:
         self.services[key] = {
             "apiVersion": "gpuyard.io/v1alpha1",
             "kind": "AIService",
-            "metadata": {"name": name, "namespace": namespace, "generation": 1},
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": f"uid-{namespace}-{name}",
+                "generation": 1,
+            },
             "spec": {
                 "pool": pool,
                 "gpusPerReplica": gpus,
@@ -224,9 +230,9 @@ class Harness:
         # The service reconcile would apply the decision; here it only says it was asked.
         self.reconciled.append(key)
 
-    async def _tick(self) -> set[ServiceKey]:
+    async def _tick(self, now: datetime = NOW, memory: TickMemory | None = None) -> set[ServiceKey]:
         del self.reconciled[:]
-        await tick(self.op, NOW)
+        await tick(self.op, now, memory)
         queue = self.op.service_queue
         worker = asyncio.create_task(queue.run(1))
         while not queue.is_idle():
@@ -240,6 +246,18 @@ class Harness:
         """Run ``count`` ticks on one event loop; each one's keys handed to the reconcile."""
         with asyncio.Runner() as runner:
             return [runner.run(self._tick()) for _ in range(count)]
+
+    def ticks_reading(
+        self, gpu_answers: list[Body], memory: TickMemory | None
+    ) -> list[dict[ServiceKey, Decision]]:
+        """One tick per answer to the utilisation query, 5 s apart: the decisions after each."""
+        seen = []
+        with asyncio.Runner() as runner:
+            for index, answer in enumerate(gpu_answers):
+                self.prometheus.answers[UTIL_QUERY] = answer
+                runner.run(self._tick(NOW + timedelta(seconds=5 * index), memory))
+                seen.append(dict(self.op.decisions))
+        return seen
 
     @property
     def decisions(self) -> dict[ServiceKey, Decision]:
@@ -333,6 +351,65 @@ def test_a_second_tick_with_nothing_new_queues_nothing() -> None:
     assert len(first) == 10
     assert second == set()
     assert len(harness.prometheus.queries) == 2 * (3 + len(DECLARATIONS))
+
+
+def test_a_service_at_its_target_is_decided_again_only_once_its_load_moves() -> None:
+    world = World()
+    world.pool("l4", nodes=4)
+    busy, steady = (
+        world.service("team-a", name, pool="l4", replicas=1, utilisation=[50.0])
+        for name in ("busy", "steady")
+    )
+    at_target = world.gpu_answer()
+    world.gpu_values[("team-a", "busy-0")] = 100.0
+    loaded = world.gpu_answer()
+    answers = [at_target, at_target, at_target, loaded, loaded]
+
+    memory = TickMemory()
+    remembering = world.operator({}).ticks_reading(answers, memory)
+    deciding_always = world.operator({}).ticks_reading(answers, None)
+
+    # Each tick leaves the decisions that deciding every service on every tick leaves. One
+    # made anew carries the same state too; one repeated still carries the state it was made
+    # with, moved on only once it stops holding (so the busy one's state at tick 3 shows it).
+    for remembered, always in zip(remembering, deciding_always, strict=True):
+        assert {k: replace(d, state=always[k].state) for k, d in remembered.items()} == always
+    assert remembering[3][busy] == deciding_always[3][busy]
+    # The decision at target was made once.
+    assert all(decisions[steady] is remembering[0][steady] for decisions in remembering)
+    busy_decisions = [decisions[busy] for decisions in remembering]
+    assert busy_decisions[2] is busy_decisions[0]
+    assert busy_decisions[3].desired_replicas == 2
+    assert busy_decisions[3] is not busy_decisions[0]
+    assert set(memory.repeating) == {steady}  # scaling up: no longer repeating
+
+
+def test_a_changed_spec_is_decided_again_under_the_same_load() -> None:
+    world = World()
+    world.pool("l4", nodes=4)
+    key = world.service("team-a", "svc", pool="l4", replicas=1, utilisation=[50.0])
+    harness, memory, answer = world.operator({}), TickMemory(), world.gpu_answer()
+    harness.ticks_reading([answer], memory)
+    assert harness.decisions[key].desired_replicas == 1
+    assert key in memory.repeating
+
+    changed = copy.deepcopy(world.services[key])
+    changed["metadata"]["generation"] = 2
+    changed["spec"]["minReplicas"] = 2  # the metrics, and so the samples, stay the same
+    harness.op.caches.services[key] = [changed]
+    harness.ticks_reading([answer], memory)
+    assert harness.decisions[key].desired_replicas == 2
+
+
+def test_a_forgotten_decision_is_made_again() -> None:
+    world = World()
+    world.pool("l4", nodes=4)
+    key = world.service("team-a", "svc", pool="l4", replicas=1, utilisation=[50.0])
+    harness, memory, answer = world.operator({}), TickMemory(), world.gpu_answer()
+    harness.ticks_reading([answer], memory)
+    harness.op.forget_service(key)  # as a reconcile of a deletion does
+    harness.ticks_reading([answer], memory)
+    assert harness.decisions[key].desired_replicas == 1
 
 
 # --- what cannot be read is unavailable, never zero --------------------------------------------

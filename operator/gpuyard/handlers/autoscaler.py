@@ -2,9 +2,11 @@
 
 Each tick sends a fixed set of PromQL queries (three GPU series, plus one per distinct
 tenant metric declaration, whatever the number of services), maps the series to services
-through the cached pods, decides every service with the pure ``decide`` (twice: once to
-learn what each service wants, once with its fair share of the pool), and hands changed
-decisions to the service reconcile, which applies them and writes the status.
+through the cached pods, decides each service with the pure ``decide`` (once to learn what
+it wants, and again with its fair share of the pool where that share cuts it), and hands
+changed decisions to the service reconcile, which applies them and writes the status. A
+service at its target that reads what it read at the last tick is not decided again: its
+decision would be the same (``logic.autoscale.repeats``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import asyncio
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +37,8 @@ from gpuyard.logic.autoscale import (
     ScalingPolicy,
     ScalingState,
     decide,
+    repeated_state,
+    repeats,
     share_pool_capacity,
 )
 from gpuyard.logic.policy import scaling_policy
@@ -50,30 +54,62 @@ from gpuyard.logic.promql import (
 logger = logging.getLogger(__name__)
 
 
+#: What the tick read for one metric of one service: each ready pod's value (GPU metrics),
+#: the service's total (Prometheus metrics), or why there is none.
+_Read = dict[str, float] | float | str
+
+
 @dataclass(slots=True)
 class _Candidate:
     key: ServiceKey
     pool_name: str
     utilization_series: str
     policy: ScalingPolicy
-    samples: dict[MetricSpec, MetricSample]
     state: ScalingState
+    reads: dict[MetricSpec, _Read] = field(default_factory=dict)
+    samples: dict[MetricSpec, MetricSample] = field(default_factory=dict)
 
 
-class PolicyCache:
-    """Each service's parsed spec and policy, kept from one tick to the next.
+@dataclass(slots=True)
+class _Repeating:
+    """A decision that :func:`repeats`, what it was decided from, and the last tick at which
+    it held without being made again (None: none yet)."""
 
-    An entry is reused while the service and its pool keep their uid and generation (the
-    API server bumps the generation on every spec change), so a tick parses only what
-    changed: parsing and validating every AIService on every tick would cost more than
-    deciding them. Objects without a uid or generation are parsed every time.
+    policy: ScalingPolicy
+    reads: dict[MetricSpec, _Read]
+    decision: Decision
+    held_at: datetime | None = None
+
+    def holds_for(self, candidate: _Candidate) -> bool:
+        return (
+            candidate.policy is self.policy
+            and candidate.state.current_replicas == self.decision.current_replicas
+            and candidate.state.ready_replicas == self.decision.state.ready_replicas
+            and candidate.reads == self.reads
+        )
+
+
+class TickMemory:
+    """What the loop keeps from one tick to the next, to redo only what changed.
+
+    ``entries``: each service's parsed spec and policy, reused while the service and its pool
+    keep their uid and generation (the API server bumps the generation on every spec change):
+    parsing and validating every AIService on every tick would cost more than deciding them.
+    Objects without a uid or generation are parsed again when the cache holds a new body.
+
+    ``repeating``: the services whose last decision repeats itself (:func:`repeats`). While
+    what the tick reads for one, its policy and its replica counts stay the same, deciding it
+    again would return the same decision with its state moved on; the tick only notes when
+    that was, and moves the state on once, when the decision stops holding
+    (:func:`repeated_state` gives the same state for the last such tick as for each in turn).
     """
 
     def __init__(self) -> None:
-        self.entries: dict[ServiceKey, tuple[tuple[Any, ...] | None, _Parsed | None]] = {}
+        self.entries: dict[ServiceKey, _Entry] = {}
         # One instance per distinct metric declaration: the tick keys its queries and
         # answers by spec, and an identical object is found without comparing fields.
         self.specs: dict[MetricSpec, MetricSpec] = {}
+        self.repeating: dict[ServiceKey, _Repeating] = {}
 
     def parse(self, body: Mapping[str, Any], pool_body: Mapping[str, Any]) -> _Parsed | None:
         parsed = _parse(body, pool_body)
@@ -81,6 +117,35 @@ class PolicyCache:
             return None
         metrics = tuple(self.specs.setdefault(spec, spec) for spec in parsed.policy.metrics)
         return replace(parsed, policy=replace(parsed.policy, metrics=metrics))
+
+    def repeat(self, candidate: _Candidate, recorded: Decision | None, now: datetime) -> bool:
+        """Whether the service's last decision holds at ``now``; when it stops holding, the
+        candidate's state is brought to the last tick at which it did."""
+        repeating = self.repeating.get(candidate.key)
+        if repeating is None:
+            return False
+        ours = recorded is repeating.decision  # else someone decided (or forgot) since
+        if ours and repeating.holds_for(candidate):
+            repeating.held_at = now
+            return True
+        del self.repeating[candidate.key]
+        if ours and repeating.held_at is not None:
+            candidate.state = repeated_state(
+                candidate.state, repeating.decision, repeating.policy, repeating.held_at
+            )
+        return False
+
+    def remember(self, candidate: _Candidate, decision: Decision) -> None:
+        if repeats(decision, candidate.policy):
+            self.repeating[candidate.key] = _Repeating(candidate.policy, candidate.reads, decision)
+
+
+@dataclass(slots=True)
+class _Entry:
+    body: Mapping[str, Any]
+    pool_body: Mapping[str, Any]
+    stamp: tuple[Any, ...] | None
+    parsed: _Parsed | None
 
 
 @dataclass(frozen=True)
@@ -95,11 +160,11 @@ class _Parsed:
 
 async def autoscale_forever(op: Operator) -> None:
     interval = op.settings.autoscale_interval
-    cache = PolicyCache()
+    memory = TickMemory()
     while True:
         started = time.monotonic()
         try:
-            await tick(op, datetime.now(UTC), cache)
+            await tick(op, datetime.now(UTC), memory)
         except Exception:  # the loop must outlive any one bad tick
             logger.exception("autoscaler tick failed")
             op.metrics.autoscaler_errors.labels(stage="tick").inc()
@@ -115,8 +180,9 @@ def _tenant_query(source: PrometheusMetric, window_seconds: int) -> str:
     )
 
 
-async def tick(op: Operator, now: datetime, cache: PolicyCache | None = None) -> None:
-    candidates = _candidates(op, cache or PolicyCache())
+async def tick(op: Operator, now: datetime, memory: TickMemory | None = None) -> None:
+    memory = memory or TickMemory()
+    candidates = _candidates(op, memory)
     window = op.settings.metrics_window_seconds
     queries: dict[str, str] = {
         series.value: query for series, query in gpu_queries(window_seconds=window).items()
@@ -140,26 +206,42 @@ async def tick(op: Operator, now: datetime, cache: PolicyCache | None = None) ->
     }
     tenant_values = {spec: grouped[query] for spec, query in tenant_queries.items()}
     pods_by_service = _ready_pods_by_service(op)
+
+    # Pass 1: what each service wants, ignoring the pool. Pass 2: each one's fair share, for
+    # the services whose share cuts what they want (the others keep their first decision).
+    # A service whose last decision repeats itself is not decided again: it is at its target,
+    # so it neither grows nor can be cut.
+    wanted: dict[ServiceKey, Decision] = {}
+    decided: list[_Candidate] = []
     for candidate in candidates:
-        candidate.samples = _samples(
+        candidate.reads = _reads(
             candidate,
             gpu_values=gpu_values,
             tenant_values=tenant_values,
             pods_by_service=pods_by_service,
-            now=now,
         )
-
-    # Pass 1: what each service wants, ignoring the pool. Pass 2: each one's fair share, for
-    # the services whose share cuts what they want (the others keep their first decision).
-    wanted = {c.key: decide(c.samples, c.state, c.policy, None, now) for c in candidates}
-    shares = _fair_shares(op, candidates, wanted)
-    for candidate in candidates:
+        if memory.repeat(candidate, op.decisions.get(candidate.key), now):
+            continue
+        candidate.samples = _samples(candidate.reads, now)
+        wanted[candidate.key] = decide(
+            candidate.samples, candidate.state, candidate.policy, None, now
+        )
+        decided.append(candidate)
+    op.metrics.autoscaler_services.labels(decision="made").set(len(decided))
+    op.metrics.autoscaler_services.labels(decision="repeated").set(len(candidates) - len(decided))
+    shares = _fair_shares(op, decided, wanted)
+    shown: Counter[str] = Counter()  # decisions that change a status, by reason
+    for candidate in decided:
         first = wanted[candidate.key]
         capacity = shares.get(candidate.key)
         decision = first
         if not pool_is_no_limit(first, capacity):
             decision = decide(candidate.samples, candidate.state, candidate.policy, capacity, now)
-        _record(op, candidate.key, decision)
+        if _record(op, candidate.key, decision):
+            shown[decision.reason.value] += 1
+        memory.remember(candidate, decision)
+    for reason, count in shown.items():
+        op.metrics.autoscaler_decisions.labels(reason=reason).inc(count)
 
 
 def _fair_shares(
@@ -217,9 +299,9 @@ def pool_is_no_limit(wanted: Decision, share: int | None) -> bool:
     )
 
 
-def _candidates(op: Operator, cache: PolicyCache) -> list[_Candidate]:
+def _candidates(op: Operator, memory: TickMemory) -> list[_Candidate]:
     candidates = []
-    previous, kept = cache.entries, {}
+    previous, kept = memory.entries, {}
     for key in op.caches.service_keys():
         body = op.caches.service(key)
         if body is None or key in op.not_accepted:
@@ -228,12 +310,17 @@ def _candidates(op: Operator, cache: PolicyCache) -> list[_Candidate]:
         pool_body = op.caches.pool(pool_name) if isinstance(pool_name, str) else None
         if pool_body is None:
             continue
-        stamp = _stamp(body, pool_body)
         entry = previous.get(key)
-        if entry is None or stamp is None or entry[0] != stamp:
-            entry = (stamp, cache.parse(body, pool_body))
+        # The caches replace a body on each watch event and never change one: the same
+        # objects hold the same spec, and only new ones need a look at their generation.
+        if entry is None or entry.body is not body or entry.pool_body is not pool_body:
+            stamp = _stamp(body, pool_body)
+            if entry is None or stamp is None or entry.stamp != stamp:
+                entry = _Entry(body, pool_body, stamp, memory.parse(body, pool_body))
+            else:
+                entry = _Entry(body, pool_body, stamp, entry.parsed)
         kept[key] = entry
-        parsed = entry[1]
+        parsed = entry.parsed
         if parsed is None:
             continue  # the service reconcile reports what is wrong with the spec
         live = op.caches.deployment(key)
@@ -243,11 +330,14 @@ def _candidates(op: Operator, cache: PolicyCache) -> list[_Candidate]:
         ready = int((live.get("status") or {}).get("readyReplicas") or 0)
         state = op.scaling_states.get(key) or ScalingState(current, ready)
         candidate = _Candidate(
-            key, parsed.pool_name, parsed.utilization_series, parsed.policy, {},
+            key, parsed.pool_name, parsed.utilization_series, parsed.policy,
             state.observed(current, ready),
         )  # fmt: skip
         candidates.append(candidate)
-    cache.entries = kept  # services gone since the last tick drop out
+    # Services gone since the last tick drop out.
+    memory.entries = kept
+    for gone in memory.repeating.keys() - kept.keys():
+        del memory.repeating[gone]
     return candidates
 
 
@@ -309,27 +399,24 @@ def _ready_pods_by_service(op: Operator) -> dict[ServiceKey, list[str]]:
     return pods
 
 
-def _samples(
+def _reads(
     candidate: _Candidate,
     *,
     gpu_values: Mapping[str, Any],
     tenant_values: Mapping[MetricSpec, Mapping[ServiceKey, float] | str],
     pods_by_service: Mapping[ServiceKey, list[str]],
-    now: datetime,
-) -> dict[MetricSpec, MetricSample]:
-    samples: dict[MetricSpec, MetricSample] = {}
+) -> dict[MetricSpec, _Read]:
+    reads: dict[MetricSpec, _Read] = {}
     namespace = candidate.key[0]
     pods = pods_by_service.get(candidate.key, [])
     for spec in candidate.policy.metrics:
         if spec.type is MetricType.PROMETHEUS:
             grouped = tenant_values[spec]
             if isinstance(grouped, str):
-                samples[spec] = MetricSample.unavailable(grouped)
-            elif (total := grouped.get(candidate.key)) is not None:
-                samples[spec] = MetricSample.service_total(total, now)
+                reads[spec] = grouped
             else:
                 # Silence is not zero demand: a wake signal must be exported even when idle.
-                samples[spec] = MetricSample.unavailable("NoSeries")
+                reads[spec] = grouped.get(candidate.key, "NoSeries")
             continue
         if not pods:
             continue  # decide() knows a GPU metric has nothing to read without pods
@@ -340,7 +427,7 @@ def _samples(
         )
         values = gpu_values[series]
         if isinstance(values, str):
-            samples[spec] = MetricSample.unavailable(values)
+            reads[spec] = values
             continue
         found: dict[str, float] = {}
         numbers = False
@@ -349,16 +436,24 @@ def _samples(
             if value is not None:
                 found[pod] = value
                 numbers = numbers or not math.isnan(value)
-        if not found:
-            samples[spec] = MetricSample.unavailable("NoSeries")
-        elif not numbers:
-            samples[spec] = MetricSample.unavailable("NaN")
+        reads[spec] = found if numbers else "NaN" if found else "NoSeries"
+    return reads
+
+
+def _samples(reads: Mapping[MetricSpec, _Read], now: datetime) -> dict[MetricSpec, MetricSample]:
+    samples: dict[MetricSpec, MetricSample] = {}
+    for spec, read in reads.items():
+        if isinstance(read, str):
+            samples[spec] = MetricSample.unavailable(read)
+        elif isinstance(read, float):
+            samples[spec] = MetricSample.service_total(read, now)
         else:
-            samples[spec] = MetricSample(pod_values=found, observed_at=now)  # ours: no copy
+            samples[spec] = MetricSample(pod_values=read, observed_at=now)  # ours: no copy
     return samples
 
 
-def _record(op: Operator, key: ServiceKey, decision: Decision) -> None:
+def _record(op: Operator, key: ServiceKey, decision: Decision) -> bool:
+    """Keep the decision; hand it to the service reconcile if status would show a change."""
     op.scaling_states[key] = decision.state
     previous = op.decisions.get(key)
     op.decisions[key] = decision
@@ -366,9 +461,10 @@ def _record(op: Operator, key: ServiceKey, decision: Decision) -> None:
         op.metrics.autoscaler_desired_replicas.labels(namespace=key[0], service=key[1]).set(
             decision.desired_replicas
         )
-    if previous is None or _visible(previous) != _visible(decision):
-        op.metrics.autoscaler_decisions.labels(reason=decision.reason.value).inc()
-        op.service_queue.add(key)
+    if previous is not None and _visible(previous) == _visible(decision):
+        return False
+    op.service_queue.add(key)
+    return True
 
 
 def _visible(decision: Decision) -> tuple[Any, ...]:

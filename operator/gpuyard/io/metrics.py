@@ -58,6 +58,13 @@ class OperatorMetrics:
             ["stage"],
             registry=self.registry,
         )
+        self.autoscaler_services = Gauge(
+            "gpuyard_autoscaler_tick_services",
+            "Services in the last autoscaler tick: decided, or repeating their last decision "
+            "(at target, reading what they read before: nothing to decide).",
+            ["decision"],
+            registry=self.registry,
+        )
         self.autoscaler_decisions = Counter(
             "gpuyard_autoscaler_decisions_total",
             "Decisions that changed what a service's status shows, by reason.",
