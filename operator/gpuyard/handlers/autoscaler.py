@@ -410,7 +410,7 @@ def _reads(
     namespace = candidate.key[0]
     pods = pods_by_service.get(candidate.key, [])
     for spec in candidate.policy.metrics:
-        if spec.type is MetricType.PROMETHEUS:
+        if spec.prometheus is not None:  # a Prometheus metric
             grouped = tenant_values[spec]
             if isinstance(grouped, str):
                 reads[spec] = grouped
