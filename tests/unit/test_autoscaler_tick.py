@@ -384,7 +384,8 @@ def test_a_service_at_its_target_is_decided_again_only_once_its_load_moves() -> 
     assert set(memory.repeating) == {steady}  # scaling up: no longer repeating
 
 
-def test_a_changed_spec_is_decided_again_under_the_same_load() -> None:
+def _decided_once() -> tuple[World, ServiceKey, Harness, TickMemory, Body]:
+    """One service at its target, after a tick that remembered its decision as repeating."""
     world = World()
     world.pool("l4", nodes=4)
     key = world.service("team-a", "svc", pool="l4", replicas=1, utilisation=[50.0])
@@ -392,7 +393,11 @@ def test_a_changed_spec_is_decided_again_under_the_same_load() -> None:
     harness.ticks_reading([answer], memory)
     assert harness.decisions[key].desired_replicas == 1
     assert key in memory.repeating
+    return world, key, harness, memory, answer
 
+
+def test_a_changed_spec_is_decided_again_under_the_same_load() -> None:
+    world, key, harness, memory, answer = _decided_once()
     changed = copy.deepcopy(world.services[key])
     changed["metadata"]["generation"] = 2
     changed["spec"]["minReplicas"] = 2  # the metrics, and so the samples, stay the same
@@ -402,11 +407,7 @@ def test_a_changed_spec_is_decided_again_under_the_same_load() -> None:
 
 
 def test_a_forgotten_decision_is_made_again() -> None:
-    world = World()
-    world.pool("l4", nodes=4)
-    key = world.service("team-a", "svc", pool="l4", replicas=1, utilisation=[50.0])
-    harness, memory, answer = world.operator({}), TickMemory(), world.gpu_answer()
-    harness.ticks_reading([answer], memory)
+    _, key, harness, memory, answer = _decided_once()
     harness.op.forget_service(key)  # as a reconcile of a deletion does
     harness.ticks_reading([answer], memory)
     assert harness.decisions[key].desired_replicas == 1
