@@ -526,7 +526,7 @@ _PHASES = st.lists(
 
 def _read_at(
     pol: ScalingPolicy, now: datetime, pods_running: int, util: float, queue: float
-) -> Any:
+) -> dict[MetricSpec, MetricSample]:
     samples: dict[MetricSpec, MetricSample] = {}
     for spec in pol.metrics:
         if spec.prometheus is not None:
