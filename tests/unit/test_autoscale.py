@@ -578,11 +578,17 @@ def test_a_repeating_decision_is_what_deciding_again_returns(
         full = decided.state
 
 
-def test_at_target_repeats_and_what_time_or_a_limit_can_move_does_not() -> None:
+def test_at_target_or_asleep_repeats_and_what_time_or_a_limit_can_move_does_not() -> None:
     at_target = {UTIL: pods(60, 60)}
     steady = decide(at_target, state(2), BASE, None, T0)
     assert steady.reason is Reason.AT_TARGET
     assert repeats(steady, BASE)
+    # At zero with nothing asking for a replica. Without a wake metric a limit holds it
+    # there (NoWakeMetric), and limited decisions are made on every tick.
+    asleep = decide({QUEUE: total(0)}, state(0), ZQ, None, T0)
+    assert asleep.reason is Reason.NO_DEMAND
+    assert repeats(asleep, ZQ)
+    assert not repeats(decide({}, state(0), ZERO, None, T0), ZERO)
     # At target but showing no demand, and allowed to reach zero: the idle clock moves it.
     idle_policy = policy(ZERO, metrics=(QUIET,))
     idle = decide({QUIET: total(10)}, state(1), idle_policy, None, T0)

@@ -248,12 +248,13 @@ class Harness:
             return [runner.run(self._tick()) for _ in range(count)]
 
     def ticks_reading(
-        self, gpu_answers: list[Body], memory: TickMemory | None
+        self, gpu_answers: list[Body], memory: TickMemory | None, first: int = 0
     ) -> list[dict[ServiceKey, Decision]]:
-        """One tick per answer to the utilisation query, 5 s apart: the decisions after each."""
+        """One tick per answer to the utilisation query, 5 s apart from tick number ``first``:
+        the decisions after each."""
         seen = []
         with asyncio.Runner() as runner:
-            for index, answer in enumerate(gpu_answers):
+            for index, answer in enumerate(gpu_answers, start=first):
                 self.prometheus.answers[UTIL_QUERY] = answer
                 runner.run(self._tick(NOW + timedelta(seconds=5 * index), memory))
                 seen.append(dict(self.op.decisions))
@@ -402,15 +403,32 @@ def test_a_changed_spec_is_decided_again_under_the_same_load() -> None:
     changed["metadata"]["generation"] = 2
     changed["spec"]["minReplicas"] = 2  # the metrics, and so the samples, stay the same
     harness.op.caches.services[key] = [changed]
-    harness.ticks_reading([answer], memory)
+    harness.ticks_reading([answer], memory, first=1)
     assert harness.decisions[key].desired_replicas == 2
 
 
 def test_a_forgotten_decision_is_made_again() -> None:
     _, key, harness, memory, answer = _decided_once()
     harness.op.forget_service(key)  # as a reconcile of a deletion does
-    harness.ticks_reading([answer], memory)
+    harness.ticks_reading([answer], memory, first=1)
     assert harness.decisions[key].desired_replicas == 1
+
+
+def test_a_service_asleep_at_zero_is_decided_again_once_its_wake_metric_moves() -> None:
+    world = World()
+    world.pool("l4", nodes=4)
+    key = world.service("team-a", "svc", pool="l4", replicas=0, metrics=[QUEUE], minReplicas=0)
+    harness, memory = world.operator({}), TickMemory()
+    queue = {"namespace": "team-a", "service": "svc"}
+    harness.prometheus.answers[QUEUE_QUERY] = vector([(queue, 0.0)])
+    asleep = harness.ticks_reading([EMPTY, EMPTY], memory)
+    assert asleep[0][key].reason is Reason.NO_DEMAND
+    assert asleep[1][key] is asleep[0][key]  # not decided again
+
+    harness.prometheus.answers[QUEUE_QUERY] = vector([(queue, 25.0)])
+    [woken] = harness.ticks_reading([EMPTY], memory, first=2)
+    assert woken[key].reason is Reason.WOKEN
+    assert woken[key].desired_replicas == 3
 
 
 # --- what cannot be read is unavailable, never zero --------------------------------------------

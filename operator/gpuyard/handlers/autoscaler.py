@@ -5,8 +5,8 @@ tenant metric declaration, whatever the number of services), maps the series to 
 through the cached pods, decides each service with the pure ``decide`` (once to learn what
 it wants, and again with its fair share of the pool where that share cuts it), and hands
 changed decisions to the service reconcile, which applies them and writes the status. A
-service at its target that reads what it read at the last tick is not decided again: its
-decision would be the same (``logic.autoscale.repeats``).
+service at its target, or asleep at zero, that reads what it read at the last tick is not
+decided again: its decision would be the same (``logic.autoscale.repeats``).
 """
 
 from __future__ import annotations
@@ -209,8 +209,8 @@ async def tick(op: Operator, now: datetime, memory: TickMemory | None = None) ->
 
     # Pass 1: what each service wants, ignoring the pool. Pass 2: each one's fair share, for
     # the services whose share cuts what they want (the others keep their first decision).
-    # A service whose last decision repeats itself is not decided again: it is at its target,
-    # so it neither grows nor can be cut.
+    # A service whose last decision repeats itself is not decided again: it keeps its count
+    # (at its target, or asleep at zero), so it neither grows nor can be cut.
     wanted: dict[ServiceKey, Decision] = {}
     decided: list[_Candidate] = []
     for candidate in candidates:

@@ -61,7 +61,7 @@ class OperatorMetrics:
         self.autoscaler_services = Gauge(
             "gpuyard_autoscaler_tick_services",
             "Services in the last autoscaler tick: decided, or repeating their last decision "
-            "(at target, reading what they read before: nothing to decide).",
+            "(at target or asleep at zero, reading what they read before).",
             ["decision"],
             registry=self.registry,
         )

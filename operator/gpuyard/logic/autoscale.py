@@ -134,7 +134,7 @@ class ReadingStatus(StrEnum):
 # instructions of a 10,000-service tick.
 _OK, _UNAVAILABLE = ReadingStatus.OK, ReadingStatus.UNAVAILABLE
 _GPU_UTILIZATION = MetricType.GPU_UTILIZATION
-_AT_TARGET = Reason.AT_TARGET
+_AT_TARGET, _NO_DEMAND = Reason.AT_TARGET, Reason.NO_DEMAND
 _OFF, _RECOMMEND = Mode.OFF, Mode.RECOMMEND
 
 
@@ -1044,17 +1044,17 @@ def repeats(decision: Decision, policy: ScalingPolicy) -> bool:
     any capacity share and the state it returned, :func:`decide` returns an equal decision,
     whose state :func:`repeated_state` computes without deciding.
 
-    True for a service at its target and unlimited, most services of a settled cluster:
-    its proposal is its current count, which every window, rate limit and cap lets through
-    whatever the history (see ``_limit``), and a capacity share never cuts below the current
-    count. Only the idle clock could move it, so a service that may scale to zero must show
-    demand.
+    True, when nothing limits it, for a service at its target, and for one at zero that no
+    metric asks to wake: each proposes its current count, which every window, rate limit and
+    cap lets through whatever the history (see ``_limit``), and a capacity share never cuts
+    below the current count. Only the idle clock could move the first, so a service that
+    may scale to zero must show demand; at zero the idle clock does not run.
     """
-    return (
-        decision.reason is _AT_TARGET
-        and decision.limiting_factor is None
-        and (policy.min_replicas > 0 or _has_demand(decision.readings))
-    )
+    if decision.limiting_factor is not None:
+        return False
+    if decision.reason is _AT_TARGET:
+        return policy.min_replicas > 0 or _has_demand(decision.readings)
+    return decision.reason is _NO_DEMAND
 
 
 def repeated_state(
@@ -1068,7 +1068,9 @@ def repeated_state(
     history = _with_recommendation(
         state.recommendations, Recommendation(now, decision.recommended_replicas)
     )
-    return _next_state(state, history, now, None, _has_demand(decision.readings))
+    # As in decide: at zero the idle clock stands still (it restarts on every tick).
+    demand = decision.current_replicas == 0 or _has_demand(decision.readings)
+    return _next_state(state, history, now, None, demand)
 
 
 @dataclass(frozen=True)
