@@ -68,7 +68,7 @@ from typing import Any, cast
 import kubernetes
 from kubernetes.client import ApiClient
 
-from common import OperatorProcess, cluster, http_json, install_crds, kubectl, log
+from common import OperatorProcess, cluster, install_crds, kubectl, log
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
 from gpuyard.config import Settings
@@ -92,6 +92,7 @@ from gpuyard.logic.promql import (
     prometheus_metric_group_query,
 )
 from localcluster.cluster import REPO_ROOT, ClusterState, binaries_dir
+from localcluster.jsonhttp import http_json
 
 INTERVAL = 1.0
 WINDOW = 5

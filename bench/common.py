@@ -3,7 +3,6 @@ kubectl."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,6 @@ import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from localcluster.cluster import (
     REPO_ROOT,
@@ -130,12 +128,3 @@ def kubectl(state: ClusterState, *args: str, stdin: str | None = None) -> str:
         check=True,
         timeout=120,
     ).stdout
-
-
-def http_json(method: str, url: str, payload: Any = None) -> Any:
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        raw = response.read()
-    return json.loads(raw) if raw else None

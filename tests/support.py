@@ -78,12 +78,3 @@ def prometheus_query(base_url: str, query: str) -> list[dict[str, Any]]:
         raise AssertionError(f"Prometheus error for {query!r}: {body}")
     result: list[dict[str, Any]] = body["data"]["result"]
     return result
-
-
-def http_json(method: str, url: str, payload: Any = None) -> Any:
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=10) as response:
-        raw = response.read()
-    return json.loads(raw) if raw else None

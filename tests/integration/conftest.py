@@ -23,7 +23,8 @@ import pytest
 
 from chart_support import Helm, rbac_manifest, service_account_kubeconfig
 from localcluster.cluster import REPO_ROOT, ClusterState, audit_writes, binaries_dir, free_port
-from support import Kubectl, http_json, wait_until
+from localcluster.jsonhttp import http_json
+from support import Kubectl, wait_until
 
 OPERATOR_USER_AGENT = "gpuyard/"
 # Not "gpuyard": test_helm.py installs releases of that name, whose cluster-scoped

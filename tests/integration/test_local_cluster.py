@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from localcluster.cluster import REPO_ROOT, ClusterState, LocalCluster, cache_dir, process_alive
+from localcluster.jsonhttp import http_json
 from localcluster.topology import DEFAULT_TOPOLOGY, GPU_RESOURCE, POOL_LABEL, parse_topology
-from support import Kubectl, http_json, prometheus_query, wait_until
+from support import Kubectl, prometheus_query, wait_until
 
 
 def pinned(name: str) -> str:
