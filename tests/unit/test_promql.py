@@ -32,6 +32,7 @@ from gpuyard.logic.promql import (
     gpu_utilization_query,
     parse_grouped_response,
     parse_matrix_response,
+    parse_vector_by_owner,
     parse_vector_response,
     prometheus_metric_group_query,
     quote_label_value,
@@ -588,6 +589,54 @@ def test_parse_vector_rejects_a_bad_sample_shape() -> None:
     }
     with pytest.raises(PrometheusResponseError, match="bad sample"):
         parse_vector_response(body)
+
+
+OWNERS = {
+    ("team-a", "chat-0"): ("chat", "chat-0"),
+    ("team-a", "chat-1"): ("chat", "chat-1"),
+    ("team-b", "embed-0"): ("embed", "embed-0"),
+}
+
+
+def test_parse_vector_by_owner_groups_each_owned_pod_under_its_owner() -> None:
+    body = _vector(
+        ({"namespace": "team-a", "pod": "chat-0"}, "61.5"),
+        ({"exported_namespace": "team-a", "exported_pod": "chat-1", "pod": "dcgm-x"}, "NaN"),
+        ({"namespace": "team-b", "pod": "embed-0"}, "20"),
+        ({"namespace": "team-c", "pod": "someone-else"}, "99"),  # no owner: skipped
+        ({"namespace": "team-a", "pod": ""}, "3"),  # an idle GPU
+    )
+    grouped = parse_vector_by_owner(body, OWNERS)
+    assert set(grouped) == {"chat", "embed"}
+    assert grouped["chat"]["chat-0"] == 61.5
+    assert math.isnan(grouped["chat"]["chat-1"])
+    assert grouped["embed"] == {"embed-0": 20.0}
+    # The same answer keyed by pod carries the same values.
+    keyed = parse_vector_response(body)
+    for (namespace, pod), (owner, name) in OWNERS.items():
+        assert repr(grouped[owner][name]) == repr(keyed[namespace, pod])
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        # A malformed value is refused even for a pod nobody owns: the answer is not ours.
+        (_vector(({"namespace": "x", "pod": "y"}, "1_000")), "MalformedResponse"),
+        (
+            _vector(
+                ({"namespace": "team-a", "pod": "chat-0"}, "1"),
+                ({"exported_namespace": "team-a", "exported_pod": "chat-0"}, "2"),
+            ),
+            "DuplicateSeries",
+        ),
+        ('{"status":"success","data":{"resultType":"matrix","result":[]}}', "UnexpectedResultType"),
+        ('{"status":"error","errorType":"bad_data","error":"parse error"}', "PrometheusError"),
+    ],
+)
+def test_parse_vector_by_owner_errors(body: str, reason: str) -> None:
+    with pytest.raises(PrometheusResponseError) as caught:
+        parse_vector_by_owner(body, OWNERS)
+    assert caught.value.reason == reason
 
 
 # --- the real PromQL engine ----------------------------------------------------------------
