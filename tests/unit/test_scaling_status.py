@@ -38,7 +38,7 @@ BASE = Decision(
     budget_limited=False,
     metrics_available=True,
     metrics_unavailable_reason=None,
-    message="GPUUtilization is 90 for a target of 60: scale from 2 to 3 replica(s)",
+    why=None,
     readings=(),
     state=ScalingState(2, 2),
 )
@@ -96,24 +96,36 @@ AVAILABLE = ConditionUpdate("MetricsAvailable", "True", "MetricsRead", "every me
 WITHIN_BUDGET = ConditionUpdate(
     "BudgetLimited", "False", "WithinBudget", "the budget allows the wanted replicas"
 )
+# Each message is worded from the decision's fields (Decision.message): what drove it (the
+# deciding metric unless `why` says otherwise), what limited it, and the resulting count.
+METRIC = "GPUUtilization is 90 for a target of 60"
 BLIND = "metrics unavailable: GPUUtilization (PrometheusUnreachable); holding: keep 2 replica(s)"
-CAPPED = "limited by Budget; the budget caps the replicas: scale from 2 to 4 replica(s)"
-SHORT = "limited by Capacity; the pool lacks 4 GPU(s): scale from 2 to 3 replica(s)"
-BOTH = "the pool lacks 2 GPU(s); the budget caps the replicas: keep 2 replica(s)"
+CAPPED = f"{METRIC}; limited by Budget; the budget caps the replicas: keep 2 replica(s)"
+SHORT = f"{METRIC}; limited by Capacity; the pool lacks 4 GPU(s): scale from 2 to 3 replica(s)"
+BOTH = f"{METRIC}; the pool lacks 2 GPU(s); the budget caps the replicas: keep 2 replica(s)"
 OFF = "autoscaling is Off; spec.replicas is 2: keep 2 replica(s)"
+HOLDING = "metrics unavailable: GPUUtilization (PrometheusUnreachable); holding"
+
 
 CONDITIONS: dict[str, tuple[Decision | None, list[ConditionUpdate]]] = {
     "no-decision-yet": (None, []),
     "metrics-read": (decision(), [AVAILABLE, WITHIN_BUDGET]),
     "mode-off-consults-no-metric": (
-        decision(mode=Mode.OFF, reason=Reason.MANUAL, metrics_available=None, message=OFF),
+        decision(
+            mode=Mode.OFF,
+            reason=Reason.MANUAL,
+            metrics_available=None,
+            desired_replicas=2,
+            why="autoscaling is Off; spec.replicas is 2",
+        ),
         [ConditionUpdate("MetricsAvailable", "Unknown", "AutoscalingOff", OFF), WITHIN_BUDGET],
     ),
     "unavailable-with-its-reason": (
         decision(
             metrics_available=False,
             metrics_unavailable_reason="PrometheusUnreachable",
-            message=BLIND,
+            desired_replicas=2,
+            why=HOLDING,
         ),
         [
             ConditionUpdate("MetricsAvailable", "False", "PrometheusUnreachable", BLIND),
@@ -121,11 +133,11 @@ CONDITIONS: dict[str, tuple[Decision | None, list[ConditionUpdate]]] = {
         ],
     ),
     "unavailable-without-a-reason": (
-        decision(metrics_available=False, message=BLIND),
+        decision(metrics_available=False, desired_replicas=2, why=HOLDING),
         [ConditionUpdate("MetricsAvailable", "False", "MetricsUnavailable", BLIND), WITHIN_BUDGET],
     ),
     "budget-binds": (
-        decision(budget_limited=True, limiting_factor=LimitingFactor.BUDGET, message=CAPPED),
+        decision(budget_limited=True, limiting_factor=LimitingFactor.BUDGET, desired_replicas=2),
         [AVAILABLE, ConditionUpdate("BudgetLimited", "True", "BudgetCapsReplicas", CAPPED)],
     ),
     "capacity-binds": (
@@ -133,7 +145,6 @@ CONDITIONS: dict[str, tuple[Decision | None, list[ConditionUpdate]]] = {
             capacity_limited=True,
             missing_gpus=4,
             limiting_factor=LimitingFactor.CAPACITY,
-            message=SHORT,
         ),
         [
             AVAILABLE,
@@ -142,7 +153,7 @@ CONDITIONS: dict[str, tuple[Decision | None, list[ConditionUpdate]]] = {
         ],
     ),
     "both-bind": (
-        decision(capacity_limited=True, missing_gpus=2, budget_limited=True, message=BOTH),
+        decision(capacity_limited=True, missing_gpus=2, budget_limited=True, desired_replicas=2),
         [
             AVAILABLE,
             ConditionUpdate("BudgetLimited", "True", "BudgetCapsReplicas", BOTH),
