@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import gc
 import threading
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
@@ -463,6 +464,17 @@ UNAVAILABLE_CASES = {
         gpu_answer=vector([({"namespace": "other", "pod": "svc-0"}, 50.0)]),
         expected=(False, "NoSeries"),
     ),
+    "gpu-two-series-for-one-pod": Case(
+        None,
+        None,
+        gpu_answer=vector(
+            [
+                ({"namespace": "ns", "pod": "svc-0"}, 50.0),
+                ({"exported_namespace": "ns", "exported_pod": "svc-0"}, 60.0),
+            ]
+        ),
+        expected=(False, "DuplicateSeries"),
+    ),
     "gpu-query-unreachable": Case(
         [50.0], None, gpu_answer=UNREACHABLE, expected=(False, "PrometheusUnreachable")
     ),
@@ -521,6 +533,28 @@ def test_nan_empty_and_failed_answers_are_unavailable(case: Case) -> None:
         assert decision.desired_replicas == replicas
     if case.expected[1] == "PrometheusUnreachable":
         assert harness.sample("gpuyard_autoscaler_errors_total", stage="query") == 1
+
+
+def test_the_collector_is_paused_during_a_tick_and_runs_again_after_even_a_failed_one() -> None:
+    world, answers = _fleet(10)
+    harness = world.operator(answers)
+    collecting: list[bool] = []
+    ask = harness.prometheus.query
+
+    def query(promql: str) -> Body:
+        collecting.append(gc.isenabled())
+        return ask(promql)
+
+    harness.prometheus.query = query  # type: ignore[method-assign]
+    assert gc.isenabled()
+    harness.ticks()
+    assert collecting
+    assert not any(collecting)
+    assert gc.isenabled()
+    harness.op.caches.gpu_pods = None  # the next tick fails once its answers are in
+    with pytest.raises(TypeError):
+        harness.ticks()
+    assert gc.isenabled()
 
 
 def test_one_failed_query_leaves_the_other_services_readable() -> None:

@@ -12,21 +12,24 @@ decided again: its decision would be the same (``logic.autoscale.repeats``).
 from __future__ import annotations
 
 import asyncio
+import functools
+import gc
 import logging
 import math
 import time
 from collections import Counter, defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
 from gpuyard.handlers.context import Operator, ServiceKey
-from gpuyard.io.prometheus import PrometheusUnavailableError
+from gpuyard.io.prometheus import Prometheus, PrometheusUnavailableError
 from gpuyard.logic.autoscale import (
     Decision,
     MetricSample,
@@ -44,15 +47,24 @@ from gpuyard.logic.autoscale import (
 from gpuyard.logic.policy import scaling_policy
 from gpuyard.logic.promql import (
     GpuSeries,
+    PodKey,
     PrometheusResponseError,
     gpu_queries,
     parse_grouped_response,
-    parse_vector_response,
+    parse_vector_by_owner,
     prometheus_metric_group_query,
 )
 
 logger = logging.getLogger(__name__)
 
+
+# Read for every metric of every service on every tick: bound once, as Python 3.11 routes a
+# read of an enum member from its class through EnumType.__getattr__ (see logic.autoscale).
+_GPU_MEMORY, _MEMORY_SERIES = MetricType.GPU_MEMORY, GpuSeries.MEMORY.value
+
+#: A parsed answer: by (namespace, service), each one's total (tenant metrics) or its ready
+#: pods' values (GPU metrics, :func:`parse_vector_by_owner`); or why there is none.
+_Grouped = Mapping[ServiceKey, Any] | str
 
 #: What the tick read for one metric of one service: each ready pod's value (GPU metrics),
 #: the service's total (Prometheus metrics), or why there is none.
@@ -62,6 +74,7 @@ _Read = dict[str, float] | float | str
 @dataclass(slots=True)
 class _Candidate:
     key: ServiceKey
+    entry: _Entry
     pool_name: str
     utilization_series: str
     policy: ScalingPolicy
@@ -90,26 +103,28 @@ class _Repeating:
 
 
 class TickMemory:
-    """What the loop keeps from one tick to the next, to redo only what changed.
-
-    ``entries``: each service's parsed spec and policy, reused while the service and its pool
-    keep their uid and generation (the API server bumps the generation on every spec change):
-    parsing and validating every AIService on every tick would cost more than deciding them.
-    Objects without a uid or generation are parsed again when the cache holds a new body.
-
-    ``repeating``: the services whose last decision repeats itself (:func:`repeats`). While
-    what the tick reads for one, its policy and its replica counts stay the same, deciding it
-    again would return the same decision with its state moved on; the tick only notes when
-    that was, and moves the state on once, when the decision stops holding
-    (:func:`repeated_state` gives the same state for the last such tick as for each in turn).
-    """
+    """What the loop keeps from one tick to the next, to redo only what changed: an
+    :class:`_Entry` per service (``entries``), one instance per distinct metric declaration
+    (``specs``: the tick keys its queries and answers by spec, and an identical object is
+    found without comparing fields), and which service each ready pod serves."""
 
     def __init__(self) -> None:
         self.entries: dict[ServiceKey, _Entry] = {}
-        # One instance per distinct metric declaration: the tick keys its queries and
-        # answers by spec, and an identical object is found without comparing fields.
         self.specs: dict[MetricSpec, MetricSpec] = {}
-        self.repeating: dict[ServiceKey, _Repeating] = {}
+        self.ready_pods = _ReadyPods([])
+
+    def ready_pods_of(self, op: Operator) -> _ReadyPods:
+        """The ready pods, rebuilt only when the cached pods changed: comparing the lists
+        costs a tenth of building the map (the same objects compare by identity)."""
+        pods = list(op.caches.all_gpu_pods())
+        if pods != self.ready_pods.pods:
+            self.ready_pods = _ReadyPods(pods)
+        return self.ready_pods
+
+    @property
+    def repeating(self) -> set[ServiceKey]:
+        """The services whose last decision repeats itself."""
+        return {key for key, entry in self.entries.items() if entry.repeating is not None}
 
     def parse(self, body: Mapping[str, Any], pool_body: Mapping[str, Any]) -> _Parsed | None:
         parsed = _parse(body, pool_body)
@@ -118,34 +133,36 @@ class TickMemory:
         metrics = tuple(self.specs.setdefault(spec, spec) for spec in parsed.policy.metrics)
         return replace(parsed, policy=replace(parsed.policy, metrics=metrics))
 
-    def repeat(self, candidate: _Candidate, recorded: Decision | None, now: datetime) -> bool:
-        """Whether the service's last decision holds at ``now``; when it stops holding, the
-        candidate's state is brought to the last tick at which it did."""
-        repeating = self.repeating.get(candidate.key)
-        if repeating is None:
-            return False
-        ours = recorded is repeating.decision  # else someone decided (or forgot) since
-        if ours and repeating.holds_for(candidate):
-            repeating.held_at = now
-            return True
-        del self.repeating[candidate.key]
-        if ours and repeating.held_at is not None:
-            candidate.state = repeated_state(
-                candidate.state, repeating.decision, repeating.policy, repeating.held_at
-            )
-        return False
-
-    def remember(self, candidate: _Candidate, decision: Decision) -> None:
-        if repeats(decision, candidate.policy):
-            self.repeating[candidate.key] = _Repeating(candidate.policy, candidate.reads, decision)
-
 
 @dataclass(slots=True)
 class _Entry:
+    """What the loop keeps of one service.
+
+    ``parsed``: its spec and policy, reused while the service and its pool keep their uid
+    and generation (the API server bumps the generation on every spec change): parsing and
+    validating every AIService on every tick would cost more than deciding them. Objects
+    without a uid or generation are parsed again when the cache holds a new body.
+
+    ``recorded`` and ``shown``: the decision the loop recorded last and what status shows of
+    it (:func:`_visible`), so that the next decision is compared with it at the cost of one.
+
+    ``repeating``: set while the last decision repeats itself (:func:`repeats`). While what
+    the tick reads for the service, its policy and its replica counts stay the same,
+    deciding it again would return the same decision with its state moved on; the tick only
+    notes when that was, and moves the state on once, when the decision stops holding
+    (:func:`repeated_state` gives the same state for the last such tick as for each in turn).
+    """
+
     body: Mapping[str, Any]
     pool_body: Mapping[str, Any]
     stamp: tuple[Any, ...] | None
     parsed: _Parsed | None
+    # The Deployment body the replica counts (spec, ready) were read from.
+    deployment: Mapping[str, Any] | None = None
+    counts: tuple[int, int] = (0, 0)
+    recorded: Decision | None = None
+    shown: tuple[Any, ...] | None = None
+    repeating: _Repeating | None = None
 
 
 @dataclass(frozen=True)
@@ -181,82 +198,124 @@ def _tenant_query(source: PrometheusMetric, window_seconds: int) -> str:
 
 
 async def tick(op: Operator, now: datetime, memory: TickMemory | None = None) -> None:
-    memory = memory or TickMemory()
-    candidates = _candidates(op, memory)
+    with _collector_paused():
+        await _tick(op, now, memory or TickMemory())
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while the tick runs.
+
+    A tick allocates hundreds of thousands of objects at 10,000 services (decoded answers,
+    readings, decisions) and frees them by reference counting, but each allocation counts
+    towards the collector's threshold: left on, it scans them once or more per tick and
+    finds no cycle to free, which was a seventh of the tick's CPU time. Collection is
+    deferred, not skipped: the next allocation past the threshold after the tick collects.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+async def _tick(op: Operator, now: datetime, memory: TickMemory) -> None:
+    services = _services(op, memory)
     window = op.settings.metrics_window_seconds
-    queries: dict[str, str] = {
-        series.value: query for series, query in gpu_queries(window_seconds=window).items()
+    ready_pods = memory.ready_pods_of(op)
+    # Each query by its name, with the parser of its answer: a GPU answer is grouped by the
+    # service of each ready pod as it is parsed.
+    by_service = functools.partial(parse_vector_by_owner, owners=ready_pods.owners)
+    queries: dict[str, tuple[str, Callable[[Mapping[str, Any]], object]]] = {
+        series.value: (query, by_service)
+        for series, query in gpu_queries(window_seconds=window).items()
     }
     # Each distinct tenant metric is built, sent and parsed once per tick, not per service.
     tenant_queries: dict[MetricSpec, str] = {}
-    for candidate in candidates:
-        for spec in candidate.policy.prometheus_metrics:
+    for _, _, parsed in services:
+        for spec in parsed.policy.prometheus_metrics:
             if spec not in tenant_queries and spec.prometheus is not None:
                 tenant_queries[spec] = _tenant_query(spec.prometheus, window)
     for query in tenant_queries.values():
-        queries[query] = query
+        queries[query] = (query, parse_grouped_response)
     answers = await _run_queries(op, queries)
+    gpu_values = {series.value: cast(_Grouped, answers[series.value]) for series in GpuSeries}
+    tenant_values = {spec: cast(_Grouped, answers[query]) for spec, query in tenant_queries.items()}
 
-    gpu_values: dict[str, Mapping[tuple[str, str], float] | str] = {}
-    for series in GpuSeries:
-        gpu_values[series.value] = _parsed(answers[series.value], parse_vector_response)
-    grouped = {
-        query: _parsed(answers[query], parse_grouped_response)
-        for query in set(tenant_queries.values())
-    }
-    tenant_values = {spec: grouped[query] for spec, query in tenant_queries.items()}
-    pods_by_service = _ready_pods_by_service(op)
-
-    # Pass 1: what each service wants, ignoring the pool. Pass 2: each one's fair share, for
-    # the services whose share cuts what they want (the others keep their first decision).
-    # A service whose last decision repeats itself is not decided again: it keeps its count
+    # Pass 1: what each service wants, ignoring the pool; a service that wants no more than
+    # it runs is settled at once (only growth competes for free GPUs, see _fair_shares).
+    # Pass 2: each growing one's fair share, deciding again those whose share cuts it. A
+    # service whose last decision repeats itself is not decided again: it keeps its count
     # (at its target, or asleep at zero), so it neither grows nor can be cut.
-    wanted: dict[ServiceKey, Decision] = {}
-    decided: list[_Candidate] = []
-    for candidate in candidates:
-        candidate.reads = _reads(
-            candidate,
-            gpu_values=gpu_values,
-            tenant_values=tenant_values,
-            pods_by_service=pods_by_service,
-        )
-        if memory.repeat(candidate, op.decisions.get(candidate.key), now):
-            continue
-        candidate.samples = _samples(candidate.reads, now)
-        wanted[candidate.key] = decide(
-            candidate.samples, candidate.state, candidate.policy, None, now
-        )
-        decided.append(candidate)
-    op.metrics.autoscaler_services.labels(decision="made").set(len(decided))
-    op.metrics.autoscaler_services.labels(decision="repeated").set(len(candidates) - len(decided))
-    shares = _fair_shares(op, decided, wanted)
     shown: Counter[str] = Counter()  # decisions that change a status, by reason
-    for candidate in decided:
-        first = wanted[candidate.key]
+    made = repeated = 0
+    growing: list[tuple[_Candidate, Decision]] = []
+    for key, entry, parsed in services:
+        candidate = _candidate(op, key, entry, parsed)
+        if candidate is None:
+            continue
+        candidate.reads = _reads(candidate, gpu_values, tenant_values, ready_pods.services)
+        if _repeat(candidate, op.decisions.get(key), now):
+            repeated += 1
+            continue
+        made += 1
+        candidate.samples = _samples(candidate.reads, now)
+        wanted = decide(candidate.samples, candidate.state, candidate.policy, None, now)
+        if wanted.desired_replicas > candidate.state.current_replicas:
+            growing.append((candidate, wanted))
+        else:
+            _settle(op, candidate, wanted, shown)
+    op.metrics.autoscaler_services.labels(decision="made").set(made)
+    op.metrics.autoscaler_services.labels(decision="repeated").set(repeated)
+    shares = _fair_shares(op, growing)
+    for candidate, wanted in growing:
         capacity = shares.get(candidate.key)
-        decision = first
-        if not pool_is_no_limit(first, capacity):
+        decision = wanted
+        if not pool_is_no_limit(wanted, capacity):
             decision = decide(candidate.samples, candidate.state, candidate.policy, capacity, now)
-        if _record(op, candidate.key, decision):
-            shown[decision.reason.value] += 1
-        memory.remember(candidate, decision)
+        _settle(op, candidate, decision, shown)
     for reason, count in shown.items():
         op.metrics.autoscaler_decisions.labels(reason=reason).inc(count)
 
 
-def _fair_shares(
-    op: Operator, candidates: list[_Candidate], wanted: Mapping[ServiceKey, Decision]
-) -> dict[ServiceKey, int]:
+def _settle(op: Operator, candidate: _Candidate, decision: Decision, shown: Counter[str]) -> None:
+    if _record(op, candidate, decision):
+        shown[decision.reason.value] += 1
+    if repeats(decision, candidate.policy):
+        candidate.entry.repeating = _Repeating(candidate.policy, candidate.reads, decision)
+
+
+def _repeat(candidate: _Candidate, recorded: Decision | None, now: datetime) -> bool:
+    """Whether the service's last decision holds at ``now``; when it stops holding, the
+    candidate's state is brought to the last tick at which it did."""
+    entry = candidate.entry
+    repeating = entry.repeating
+    if repeating is None:
+        return False
+    ours = recorded is repeating.decision  # else someone decided (or forgot) since
+    if ours and repeating.holds_for(candidate):
+        repeating.held_at = now
+        return True
+    entry.repeating = None
+    if ours and repeating.held_at is not None:
+        candidate.state = repeated_state(
+            candidate.state, repeating.decision, repeating.policy, repeating.held_at
+        )
+    return False
+
+
+def _fair_shares(op: Operator, growing: list[tuple[_Candidate, Decision]]) -> dict[ServiceKey, int]:
     """Each growing service's maximum replicas from its pool's free GPUs.
 
     Only growth competes for free GPUs: a service that wants no more than it runs neither
     takes from the others nor can be cut (capacity never takes back), so it is left out
     and keeps its first decision.
     """
-    by_pool: dict[str, list[_Candidate]] = defaultdict(list)
-    for candidate in candidates:
-        if wanted[candidate.key].desired_replicas > candidate.state.current_replicas:
-            by_pool[candidate.pool_name].append(candidate)
+    by_pool: dict[str, list[tuple[_Candidate, Decision]]] = defaultdict(list)
+    for candidate, wanted in growing:
+        by_pool[candidate.pool_name].append((candidate, wanted))
     shares: dict[ServiceKey, int] = {}
     for pool_name, members in by_pool.items():
         usage = op.pool_usage.get(pool_name)
@@ -267,16 +326,16 @@ def _fair_shares(
                 key=f"{c.key[0]}/{c.key[1]}",
                 gpus_per_replica=c.policy.gpus_per_replica,
                 current_replicas=c.state.current_replicas,
-                wanted_replicas=wanted[c.key].desired_replicas,
+                wanted_replicas=wanted.desired_replicas,
             )
-            for c in members
+            for c, wanted in members
         ]
         # Replicas asked for but not yet bound hold no node's GPUs yet, though they count
         # in every current count: their GPUs are spoken for, not free.
         pending = max(0, sum(usage.allocated_by_namespace.values()) - usage.allocated)
         free = max(0, usage.available - pending)
         share = share_pool_capacity(free, requests)
-        for request, candidate in zip(requests, members, strict=True):
+        for request, (candidate, _) in zip(requests, members, strict=True):
             # Free GPUs spread over nodes hold fewer whole replicas than their sum.
             gpus = candidate.policy.gpus_per_replica
             fits = min(usage.replicas_that_fit(gpus), free // gpus)
@@ -299,46 +358,56 @@ def pool_is_no_limit(wanted: Decision, share: int | None) -> bool:
     )
 
 
-def _candidates(op: Operator, memory: TickMemory) -> list[_Candidate]:
-    candidates = []
+def _services(op: Operator, memory: TickMemory) -> list[tuple[ServiceKey, _Entry, _Parsed]]:
+    """The accepted services whose spec and pool parse, with what the loop keeps of them."""
+    services = []
     previous, kept = memory.entries, {}
+    pools: dict[str, Mapping[str, Any] | None] = {}  # a few pools serve many services
     for key in op.caches.service_keys():
         body = op.caches.service(key)
         if body is None or key in op.not_accepted:
             continue
         pool_name = (body.get("spec") or {}).get("pool")
-        pool_body = op.caches.pool(pool_name) if isinstance(pool_name, str) else None
+        if not isinstance(pool_name, str):
+            continue
+        if pool_name not in pools:
+            pools[pool_name] = op.caches.pool(pool_name)
+        pool_body = pools[pool_name]
         if pool_body is None:
             continue
         entry = previous.get(key)
-        # The caches replace a body on each watch event and never change one: the same
-        # objects hold the same spec, and only new ones need a look at their generation.
-        if entry is None or entry.body is not body or entry.pool_body is not pool_body:
+        if entry is None:
+            entry = _Entry(body, pool_body, _stamp(body, pool_body), memory.parse(body, pool_body))
+        elif entry.body is not body or entry.pool_body is not pool_body:
+            # The caches replace a body on each watch event and never change one: the same
+            # objects hold the same spec, and only new ones need a look at their generation.
             stamp = _stamp(body, pool_body)
-            if entry is None or stamp is None or entry.stamp != stamp:
-                entry = _Entry(body, pool_body, stamp, memory.parse(body, pool_body))
-            else:
-                entry = _Entry(body, pool_body, stamp, entry.parsed)
+            if stamp is None or entry.stamp != stamp:
+                entry.parsed = memory.parse(body, pool_body)
+            entry.body, entry.pool_body, entry.stamp = body, pool_body, stamp
         kept[key] = entry
-        parsed = entry.parsed
-        if parsed is None:
-            continue  # the service reconcile reports what is wrong with the spec
-        live = op.caches.deployment(key)
-        if live is None:
-            continue  # not created yet: nothing to resize
-        current = int(live["spec"].get("replicas") or 0)
-        ready = int((live.get("status") or {}).get("readyReplicas") or 0)
-        state = op.scaling_states.get(key) or ScalingState(current, ready)
-        candidate = _Candidate(
-            key, parsed.pool_name, parsed.utilization_series, parsed.policy,
-            state.observed(current, ready),
-        )  # fmt: skip
-        candidates.append(candidate)
-    # Services gone since the last tick drop out.
-    memory.entries = kept
-    for gone in memory.repeating.keys() - kept.keys():
-        del memory.repeating[gone]
-    return candidates
+        if entry.parsed is not None:  # else the service reconcile reports what is wrong
+            services.append((key, entry, entry.parsed))
+    memory.entries = kept  # services gone since the last tick drop out
+    return services
+
+
+def _candidate(op: Operator, key: ServiceKey, entry: _Entry, parsed: _Parsed) -> _Candidate | None:
+    live = op.caches.deployment(key)
+    if live is None:
+        return None  # not created yet: nothing to resize
+    if live is not entry.deployment:  # a new body: the counts may have moved
+        entry.deployment = live
+        entry.counts = (
+            int(live["spec"].get("replicas") or 0),
+            int((live.get("status") or {}).get("readyReplicas") or 0),
+        )
+    current, ready = entry.counts
+    state = op.scaling_states.get(key) or ScalingState(current, ready)
+    return _Candidate(
+        key, entry, parsed.pool_name, parsed.utilization_series, parsed.policy,
+        state.observed(current, ready),
+    )  # fmt: skip
 
 
 def _stamp(body: Mapping[str, Any], pool_body: Mapping[str, Any]) -> tuple[Any, ...] | None:
@@ -357,20 +426,28 @@ def _parse(body: Mapping[str, Any], pool_body: Mapping[str, Any]) -> _Parsed | N
         return None
 
 
-async def _run_queries(op: Operator, queries: dict[str, str]) -> dict[str, Any]:
-    """Every query of the tick, concurrently; each answer is a body or an error reason."""
+async def _run_queries(
+    op: Operator, queries: Mapping[str, tuple[str, Callable[[Mapping[str, Any]], object]]]
+) -> dict[str, object]:
+    """Every query of the tick, concurrently, each answer parsed where it was fetched (so
+    that the decoded body is garbage before the decisions start): a parsed answer or the
+    CamelCase reason there is none."""
     if op.prometheus is None:
         return dict.fromkeys(queries, "PrometheusNotConfigured")
     names = list(queries)
     started = time.monotonic()
+    prometheus = op.prometheus
     results = await asyncio.gather(
-        *(op.io(op.prometheus.query, queries[name]) for name in names), return_exceptions=True
+        *(op.io(_fetch, prometheus, query, parse) for query, parse in queries.values()),
+        return_exceptions=True,
     )
     op.metrics.prometheus_query_seconds.observe(time.monotonic() - started)
     op.metrics.prometheus_queries.inc(len(names))
-    answers: dict[str, Any] = {}
+    answers: dict[str, object] = {}
     for name, result in zip(names, results, strict=True):
-        if isinstance(result, PrometheusUnavailableError):
+        if isinstance(result, PrometheusResponseError):
+            answers[name] = result.reason
+        elif isinstance(result, PrometheusUnavailableError):
             op.metrics.autoscaler_errors.labels(stage="query").inc()
             answers[name] = result.reason
         elif isinstance(result, BaseException):
@@ -381,34 +458,36 @@ async def _run_queries(op: Operator, queries: dict[str, str]) -> dict[str, Any]:
     return answers
 
 
-def _parsed(answer: Any, parse: Any) -> Any:
-    """The parsed answer, or the CamelCase reason it is unusable."""
-    if isinstance(answer, str):
-        return answer
-    try:
-        return parse(answer)
-    except PrometheusResponseError as error:
-        return error.reason
+def _fetch(
+    prometheus: Prometheus, query: str, parse: Callable[[Mapping[str, Any]], object]
+) -> object:
+    return parse(prometheus.query(query))
 
 
-def _ready_pods_by_service(op: Operator) -> dict[ServiceKey, list[str]]:
-    pods: dict[ServiceKey, list[str]] = defaultdict(list)
-    for pod in op.caches.all_gpu_pods():
-        if pod.service and pod.ready and pod.phase == "Running":
-            pods[(pod.namespace, pod.service)].append(pod.name)
-    return pods
+class _ReadyPods:
+    """Which service each ready, running pod serves (a GPU metric reads those pods only)."""
+
+    def __init__(self, pods: list[Any]) -> None:
+        self.pods = pods  # the cached pod objects this was built from
+        #: (namespace, pod) -> (the pod's service, its name), for parse_vector_by_owner.
+        self.owners: dict[PodKey, tuple[ServiceKey, str]] = {}
+        #: The services with a ready pod (a GPU metric of one without reads nothing).
+        self.services: set[ServiceKey] = set()
+        for pod in pods:
+            if pod.service and pod.ready and pod.phase == "Running":
+                service = (pod.namespace, pod.service)
+                self.services.add(service)
+                self.owners[pod.namespace, pod.name] = (service, pod.name)
 
 
 def _reads(
     candidate: _Candidate,
-    *,
-    gpu_values: Mapping[str, Any],
-    tenant_values: Mapping[MetricSpec, Mapping[ServiceKey, float] | str],
-    pods_by_service: Mapping[ServiceKey, list[str]],
+    gpu_values: Mapping[str, _Grouped],
+    tenant_values: Mapping[MetricSpec, _Grouped],
+    with_ready_pods: set[ServiceKey],
 ) -> dict[MetricSpec, _Read]:
     reads: dict[MetricSpec, _Read] = {}
-    namespace = candidate.key[0]
-    pods = pods_by_service.get(candidate.key, [])
+    key = candidate.key
     for spec in candidate.policy.metrics:
         if spec.prometheus is not None:  # a Prometheus metric
             grouped = tenant_values[spec]
@@ -416,27 +495,25 @@ def _reads(
                 reads[spec] = grouped
             else:
                 # Silence is not zero demand: a wake signal must be exported even when idle.
-                reads[spec] = grouped.get(candidate.key, "NoSeries")
+                reads[spec] = grouped.get(key, "NoSeries")
             continue
-        if not pods:
+        if key not in with_ready_pods:
             continue  # decide() knows a GPU metric has nothing to read without pods
-        series = (
-            GpuSeries.MEMORY.value
-            if spec.type is MetricType.GPU_MEMORY
-            else candidate.utilization_series
-        )
+        series = _MEMORY_SERIES if spec.type is _GPU_MEMORY else candidate.utilization_series
         values = gpu_values[series]
         if isinstance(values, str):
             reads[spec] = values
             continue
-        found: dict[str, float] = {}
-        numbers = False
-        for pod in pods:
-            value = values.get((namespace, pod))
-            if value is not None:
-                found[pod] = value
-                numbers = numbers or not math.isnan(value)
-        reads[spec] = found if numbers else "NaN" if found else "NoSeries"
+        found = values.get(key)
+        if found is None:
+            reads[spec] = "NoSeries"
+            continue
+        for value in found.values():
+            if not math.isnan(value):
+                reads[spec] = found
+                break
+        else:
+            reads[spec] = "NaN"
     return reads
 
 
@@ -452,8 +529,9 @@ def _samples(reads: Mapping[MetricSpec, _Read], now: datetime) -> dict[MetricSpe
     return samples
 
 
-def _record(op: Operator, key: ServiceKey, decision: Decision) -> bool:
+def _record(op: Operator, candidate: _Candidate, decision: Decision) -> bool:
     """Keep the decision; hand it to the service reconcile if status would show a change."""
+    key, entry = candidate.key, candidate.entry
     op.scaling_states[key] = decision.state
     previous = op.decisions.get(key)
     op.decisions[key] = decision
@@ -461,7 +539,13 @@ def _record(op: Operator, key: ServiceKey, decision: Decision) -> bool:
         op.metrics.autoscaler_desired_replicas.labels(namespace=key[0], service=key[1]).set(
             decision.desired_replicas
         )
-    if previous is not None and _visible(previous) == _visible(decision):
+    shown = _visible(decision)
+    # What status shows of the previous decision, unless someone else decided since.
+    before = entry.shown if previous is entry.recorded else None
+    if before is None and previous is not None:
+        before = _visible(previous)
+    entry.recorded, entry.shown = decision, shown
+    if before == shown:
         return False
     op.service_queue.add(key)
     return True
@@ -492,6 +576,11 @@ def _visible(decision: Decision) -> tuple[Any, ...]:
     )
 
 
-def _rounded(value: float | None) -> float | None:
-    # Status shows one decimal; a utilisation wobbling below it must not rewrite it.
-    return None if value is None or not math.isfinite(value) else round(value, 1)
+def _rounded(value: float | None) -> int | None:
+    """The value in tenths: a utilisation wobbling by less must not rewrite the status.
+    (``round(value * 10)`` is an integer rounding; ``round(value, 1)`` formats the float to
+    a string and back, several times the cost, for every decided service on every tick.)"""
+    if value is None:
+        return None
+    tenths = value * 10
+    return round(tenths) if math.isfinite(tenths) else None  # an overflow to inf is None too

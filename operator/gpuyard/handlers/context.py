@@ -26,8 +26,13 @@ R = TypeVar("R")
 
 
 def _single(store: Any) -> Any | None:
-    # Keys of these indices are object names, so each store holds at most one value.
-    return next(iter(store), None) if store else None
+    # Keys of these indices are object names, so each store holds at most one value. A loop
+    # asks a Kopf store for nothing but its iterator: no __bool__, no next() (the autoscaler
+    # reads a few stores per service per tick).
+    if store is not None:
+        for value in store:
+            return value
+    return None
 
 
 @dataclass
