@@ -211,6 +211,8 @@ def _collector_paused() -> Iterator[None]:
     towards the collector's threshold: left on, it scans them once or more per tick and
     finds no cycle to free, which was a seventh of the tick's CPU time. Collection is
     deferred, not skipped: the next allocation past the threshold after the tick collects.
+    The pause spans the queries too, so it lasts at most their timeout plus the decisions
+    (the reconciles that run meanwhile have their cycles collected after it).
     """
     enabled = gc.isenabled()
     gc.disable()
