@@ -85,19 +85,18 @@ class _Candidate:
 
 @dataclass(slots=True)
 class _Repeating:
-    """A decision that :func:`repeats`, what it was decided from, and the last tick at which
-    it held without being made again (None: none yet)."""
+    """What a recorded decision that :func:`repeats` was decided from, and the last tick at
+    which it held without being made again (None: none yet)."""
 
     policy: ScalingPolicy
     reads: dict[MetricSpec, _Read]
-    decision: Decision
     held_at: datetime | None = None
 
-    def holds_for(self, candidate: _Candidate) -> bool:
+    def holds_for(self, candidate: _Candidate, decision: Decision) -> bool:
         return (
             candidate.policy is self.policy
-            and candidate.state.current_replicas == self.decision.current_replicas
-            and candidate.state.ready_replicas == self.decision.state.ready_replicas
+            and candidate.state.current_replicas == decision.current_replicas
+            and candidate.state.ready_replicas == decision.state.ready_replicas
             and candidate.reads == self.reads
         )
 
@@ -146,7 +145,7 @@ class _Entry:
     ``recorded`` and ``shown``: the decision the loop recorded last and what status shows of
     it (:func:`_visible`), so that the next decision is compared with it at the cost of one.
 
-    ``repeating``: set while the last decision repeats itself (:func:`repeats`). While what
+    ``repeating``: set while the recorded decision repeats itself (:func:`repeats`). While what
     the tick reads for the service, its policy and its replica counts stay the same,
     deciding it again would return the same decision with its state moved on; the tick only
     notes when that was, and moves the state on once, when the decision stops holding
@@ -286,24 +285,24 @@ def _settle(op: Operator, candidate: _Candidate, decision: Decision, shown: Coun
     if _record(op, candidate, decision):
         shown[decision.reason.value] += 1
     if repeats(decision, candidate.policy):
-        candidate.entry.repeating = _Repeating(candidate.policy, candidate.reads, decision)
+        candidate.entry.repeating = _Repeating(candidate.policy, candidate.reads)
 
 
 def _repeat(candidate: _Candidate, recorded: Decision | None, now: datetime) -> bool:
     """Whether the service's last decision holds at ``now``; when it stops holding, the
     candidate's state is brought to the last tick at which it did."""
     entry = candidate.entry
-    repeating = entry.repeating
-    if repeating is None:
+    repeating, decision = entry.repeating, entry.recorded  # set together by _settle
+    if repeating is None or decision is None:
         return False
-    ours = recorded is repeating.decision  # else someone decided (or forgot) since
-    if ours and repeating.holds_for(candidate):
+    ours = recorded is decision  # else someone decided (or forgot) since
+    if ours and repeating.holds_for(candidate, decision):
         repeating.held_at = now
         return True
     entry.repeating = None
     if ours and repeating.held_at is not None:
         candidate.state = repeated_state(
-            candidate.state, repeating.decision, repeating.policy, repeating.held_at
+            candidate.state, decision, repeating.policy, repeating.held_at
         )
     return False
 
