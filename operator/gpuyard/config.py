@@ -55,6 +55,30 @@ class Settings(BaseSettings):
         default=60, ge=1, le=3600, description="usage records are cut per pod per window"
     )
     meter_interval: float = Field(default=5.0, ge=0.5, le=300, description="seconds between ticks")
+    meter_concurrency: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="usage deliveries in flight at once; each account has at most one",
+    )
+    meter_max_records_per_batch: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "most records one delivery carries while catching up; one whole window always "
+            "goes, however many pods it has"
+        ),
+    )
+    node_lost_grace_seconds: int = Field(
+        default=300,
+        ge=0,
+        le=86_400,
+        description=(
+            "a node not Ready for this long is lost: its pods' billing ends when it left "
+            "Ready (300 s, the default toleration of an unreachable node)"
+        ),
+    )
     usage_stdout: bool = Field(default=True, description="print usage records as JSON lines")
     usage_ledger: Path | None = Field(
         default=None, description="append usage records to this file (fsync'ed)"

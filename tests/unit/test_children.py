@@ -72,7 +72,7 @@ def test_minimal_deployment() -> None:
                 "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
             },
             "template": {
-                "metadata": {"labels": LABELS, "finalizers": ["gpuyard.io/metering"]},
+                "metadata": {"labels": LABELS},
                 "spec": {
                     "containers": [
                         {

@@ -15,15 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuyard.logic.metering import (
+    MAX_PRICE_POINTS,
     MAX_UTILIZATION_WINDOWS,
+    Account,
     MeterConfig,
     MeteringError,
+    NodeDown,
     PodLifetime,
     PoolPricing,
     PricePoint,
-    ServiceKey,
     ServiceMark,
-    UnknownPoolError,
     UsageRecord,
     advance_mark,
     closed_through,
@@ -36,10 +37,15 @@ from gpuyard.logic.metering import (
     mark_from_status,
     mark_to_status,
     measured,
+    node_down,
+    observe_price,
     parse_time,
     plan_tick,
     pod_lifetime_from_dict,
+    pool_holding,
     price_at,
+    price_history_from_status,
+    price_history_to_status,
     record_from_json,
     record_from_line,
     record_id,
@@ -80,6 +86,15 @@ def lifetime(
         bound_at=at(bound),
         ended_at=None if ended is None else at(ended),
         prices=prices,
+        currency="USD",
+    )
+
+
+def usd_mark(through: datetime, gpu_seconds: int = 0, cost: str = "0") -> ServiceMark:
+    return ServiceMark(
+        reported_through=through,
+        gpu_seconds=gpu_seconds,
+        costs={"USD": Decimal(cost)},
         currency="USD",
     )
 
@@ -243,7 +258,7 @@ def test_a_pod_that_ends_later_keeps_the_ids_of_windows_already_cut() -> None:
 def test_advance_mark_sums_acknowledged_records_once() -> None:
     records = cut_records(lifetime(bound=0, gpus=2), None, at(120))
     mark = advance_mark(None, [*records, records[0]], at(120))
-    assert mark == ServiceMark(at(120), 240, Decimal("0.166666666"), "USD")
+    assert mark == usd_mark(at(120), 240, "0.166666666")
     later = cut_records(lifetime(bound=0, gpus=2), mark.reported_through, at(180))
     assert advance_mark(mark, later, at(180)).gpu_seconds == 360
     assert advance_mark(mark, [], at(240)) == replace(mark, reported_through=at(240))
@@ -251,16 +266,15 @@ def test_advance_mark_sums_acknowledged_records_once() -> None:
 
 @pytest.mark.parametrize(
     "problem",
-    ["backwards", "before-mark", "after-through", "currency", "two-services"],
+    ["backwards", "before-mark", "after-through", "two-services"],
 )
 def test_advance_mark_refuses_what_would_corrupt_totals(problem: str) -> None:
-    mark = ServiceMark(at(60), 60, Decimal("0.041666667"), "USD")
+    mark = usd_mark(at(60), 60, "0.041666667")
     records = cut_records(lifetime(bound=0), None, at(180))
     cases: dict[str, tuple[list[UsageRecord], datetime]] = {
         "backwards": ([], at(0)),
         "before-mark": (records[:1], at(180)),
         "after-through": (records[1:], at(120)),
-        "currency": ([replace(records[1], currency="EUR")], at(180)),
         "two-services": ([records[1], replace(records[2], service="other")], at(180)),
     }
     acknowledged, through = cases[problem]
@@ -278,10 +292,10 @@ def test_closed_through_waits_for_settling() -> None:
 def test_plan_tick_emits_from_each_mark_and_caps_catch_up() -> None:
     config = MeterConfig(window_seconds=60, settle_seconds=0, max_windows_per_tick=3)
     pods = [lifetime(bound=0, uid="p1"), lifetime(bound=130, uid="p2", service="sd")]
-    marks = {ServiceKey("team-a", "llm"): ServiceMark(at(60))}
+    marks = {Account("team-a", "llm"): ServiceMark(at(60))}
     batches = plan_tick(pods, marks, at(600), config)
     by_key = {b.key: b for b in batches}
-    llm, sd = by_key[ServiceKey("team-a", "llm")], by_key[ServiceKey("team-a", "sd")]
+    llm, sd = by_key[Account("team-a", "llm")], by_key[Account("team-a", "sd")]
     assert (llm.through, windows(list(llm.records))) == (
         at(240),
         [(60, 120, 60), (120, 180, 60), (180, 240, 60)],
@@ -294,7 +308,7 @@ def test_plan_tick_emits_from_each_mark_and_caps_catch_up() -> None:
 
 
 def test_plan_tick_moves_an_idle_service_mark_and_never_backwards() -> None:
-    key = ServiceKey("team-a", "idle")
+    key = Account("team-a", "idle")
     (batch,) = plan_tick([], {key: ServiceMark(at(0))}, at(125), MeterConfig(settle_seconds=0))
     assert (batch.key, batch.records, batch.through) == (key, (), at(120))
     assert plan_tick([], {key: ServiceMark(at(600))}, at(125)) == []
@@ -304,9 +318,9 @@ def test_re_emission_after_a_crash_repeats_the_same_ids() -> None:
     """The meter emits, the sink stores, the process dies before the mark is saved."""
     config = MeterConfig(settle_seconds=0)
     pods = [lifetime(bound=5, ended=250, uid="p1"), lifetime(bound=70, uid="p2", gpus=2)]
-    key = ServiceKey("team-a", "llm")
+    key = Account("team-a", "llm")
     sink: list[UsageRecord] = []
-    persisted: dict[ServiceKey, ServiceMark] = {}
+    persisted: dict[Account, ServiceMark] = {}
 
     (batch,) = plan_tick(pods, persisted, at(120), config)
     sink.extend(batch.records)
@@ -333,10 +347,12 @@ def test_a_pod_that_lived_and_died_while_the_operator_was_down_is_billed() -> No
         scheduled="2024-05-01T12:00:10Z",
         finished=["2024-05-01T12:02:20Z"],
     )
-    life = pod_lifetime_from_dict(pod, {"a100": pool}, cluster_id="c1")
+    life = pod_lifetime_from_dict(pod, pool, service="llm", cluster_id="c1")
     assert life is not None
     mark = ServiceMark(at(0))  # persisted before the outage
-    (batch,) = plan_tick([life], {life.key: mark}, at(3600), MeterConfig(max_windows_per_tick=120))
+    (batch,) = plan_tick(
+        [life], {life.account: mark}, at(3600), MeterConfig(max_windows_per_tick=120)
+    )
     assert sum(r.seconds for r in batch.records) == 130
     new_mark = advance_mark(mark, batch.records, batch.through)
     assert is_fully_reported(life, new_mark)
@@ -480,7 +496,7 @@ def test_record_json_rejects_lossy_or_ambiguous_input(broken: dict[str, Any]) ->
 
 
 def test_mark_round_trips_through_status_usage() -> None:
-    mark = ServiceMark(at(120), 240, Decimal("0.333333334"), "USD")
+    mark = usd_mark(at(120), 240, "0.333333334")
     usage = mark_to_status(mark)
     assert usage == {
         "gpuSeconds": 240,
@@ -504,16 +520,21 @@ def test_naive_datetimes_are_refused() -> None:
 # --------------------------------------------------------------------------- pods
 
 
-POOLS = {
-    "a100": PoolPricing("a100", "a100-80gb", "USD", (PricePoint(EPOCH_2020, Decimal("2.50")),)),
-    "mig": PoolPricing(
-        "mig",
-        "a100-1g10gb",
-        "EUR",
-        (PricePoint(EPOCH_2020, Decimal("0.40")),),
-        resource_name="nvidia.com/mig-1g.10gb",
-    ),
-}
+A100 = PoolPricing(
+    name="a100",
+    gpu_type="a100-80gb",
+    currency="USD",
+    prices=(PricePoint(EPOCH_2020, Decimal("2.50")),),
+    node_selector=(("gpuyard.io/pool", "a100"),),
+)
+MIG = PoolPricing(
+    name="mig",
+    gpu_type="a100-1g10gb",
+    currency="EUR",
+    prices=(PricePoint(EPOCH_2020, Decimal("0.40")),),
+    resource_name="nvidia.com/mig-1g.10gb",
+    node_selector=(("gpuyard.io/pool", "a100"), ("nvidia.com/mig.config", "all-1g.10gb")),
+)
 
 
 def pod_dict(
@@ -560,7 +581,7 @@ def pod_dict(
 
 
 def test_running_pod_is_billed_from_its_binding_with_gpus_from_limits() -> None:
-    life = pod_lifetime_from_dict(pod_dict(running=1), POOLS, cluster_id="c1")
+    life = pod_lifetime_from_dict(pod_dict(running=1), A100, service="llm", cluster_id="c1")
     assert life is not None
     assert (life.bound_at, life.ended_at, life.gpus) == (T0, None, 2)
     assert (life.namespace, life.service, life.pool, life.gpu_type) == (
@@ -574,21 +595,21 @@ def test_running_pod_is_billed_from_its_binding_with_gpus_from_limits() -> None:
 
 def test_terminated_pod_ends_at_its_last_container_finish() -> None:
     pod = pod_dict(phase="Succeeded", finished=["2024-05-01T12:05:00Z", "2024-05-01T12:06:30Z"])
-    life = pod_lifetime_from_dict(pod, POOLS, cluster_id="c1")
+    life = pod_lifetime_from_dict(pod, A100, service="llm", cluster_id="c1")
     assert life is not None
     assert life.ended_at == at(390)
 
 
 def test_terminating_pod_holds_its_gpus_until_its_containers_stop() -> None:
     pod = pod_dict(running=1, deletion="2024-05-01T12:10:30Z")
-    life = pod_lifetime_from_dict(pod, POOLS, cluster_id="c1")
+    life = pod_lifetime_from_dict(pod, A100, service="llm", cluster_id="c1")
     assert life is not None
     assert life.ended_at is None
     # The object vanished before we saw final statuses (force delete, lost node).
-    gone = pod_lifetime_from_dict(pod, POOLS, cluster_id="c1", gone_at=at(900))
+    gone = pod_lifetime_from_dict(pod, A100, service="llm", cluster_id="c1", gone_at=at(900))
     assert gone is not None
     assert gone.ended_at == at(630)
-    early = pod_lifetime_from_dict(pod, POOLS, cluster_id="c1", gone_at=at(620))
+    early = pod_lifetime_from_dict(pod, A100, service="llm", cluster_id="c1", gone_at=at(620))
     assert early is not None
     assert early.ended_at == at(620)
 
@@ -604,14 +625,14 @@ def test_failed_pod_without_container_times_ends_at_its_last_condition() -> None
             }
         ],
     )
-    life = pod_lifetime_from_dict(pod, POOLS, cluster_id="c1")
+    life = pod_lifetime_from_dict(pod, A100, service="llm", cluster_id="c1")
     assert life is not None
     assert life.ended_at == at(180)
 
 
 def test_finish_before_binding_by_clock_skew_is_clamped() -> None:
     pod = pod_dict(phase="Failed", finished=["2024-05-01T11:59:58Z"])
-    life = pod_lifetime_from_dict(pod, POOLS, cluster_id="c1")
+    life = pod_lifetime_from_dict(pod, A100, service="llm", cluster_id="c1")
     assert life is not None
     assert life.ended_at == life.bound_at
 
@@ -622,17 +643,11 @@ def test_finish_before_binding_by_clock_skew_is_clamped() -> None:
         pod_dict(scheduled=None) | {"spec": {"containers": []}},
         pod_dict(scheduled_status="False"),
         pod_dict(containers=[{"name": "cpu-only", "resources": {"requests": {"cpu": "1"}}}]),
-        {**pod_dict(), "metadata": {"name": "x", "uid": "u", "labels": {}}},
     ],
-    ids=["unbound", "unschedulable", "no-gpu", "not-gpuyard"],
+    ids=["unbound", "unschedulable", "no-gpu"],
 )
 def test_pods_without_pool_gpus_are_not_billable(pod: dict[str, Any]) -> None:
-    assert pod_lifetime_from_dict(pod, POOLS, cluster_id="c1") is None
-
-
-def test_unknown_pool_is_an_error_not_a_free_pod() -> None:
-    with pytest.raises(UnknownPoolError):
-        pod_lifetime_from_dict(pod_dict(pool="h100"), POOLS, cluster_id="c1")
+    assert pod_lifetime_from_dict(pod, A100, service="llm", cluster_id="c1") is None
 
 
 def test_mig_pool_counts_its_own_resource_and_init_containers_like_the_scheduler() -> None:
@@ -648,7 +663,7 @@ def test_mig_pool_counts_its_own_resource_and_init_containers_like_the_scheduler
             {"name": "side", "restartPolicy": "Always", "resources": {"limits": {mig: "1"}}},
         ],
     )
-    life = pod_lifetime_from_dict(pod, POOLS, cluster_id="c1")
+    life = pod_lifetime_from_dict(pod, MIG, service="llm", cluster_id="c1")
     # max(apps 2 + sidecar 1, init 3 + sidecars before it 0) = 3
     assert life is not None
     assert (life.gpus, life.currency) == (3, "EUR")
@@ -657,4 +672,174 @@ def test_mig_pool_counts_its_own_resource_and_init_containers_like_the_scheduler
 def test_fractional_gpu_request_is_refused() -> None:
     pod = pod_dict(containers=[{"name": "a", "resources": {"limits": {"nvidia.com/gpu": "0.5"}}}])
     with pytest.raises(MeteringError):
-        pod_lifetime_from_dict(pod, POOLS, cluster_id="c1")
+        pod_lifetime_from_dict(pod, A100, service="llm", cluster_id="c1")
+
+
+# --------------------------------------------------------------------------- who pays
+
+
+A100_NODE = {"gpuyard.io/pool": "a100", "kubernetes.io/hostname": "gpu-node-1"}
+L4 = replace(A100, name="l4", gpu_type="l4", node_selector=(("gpuyard.io/pool", "l4"),))
+
+
+def test_the_pool_is_the_one_whose_nodes_hold_the_gpus_whatever_the_labels_say() -> None:
+    pod = pod_dict(pool="l4")  # a tenant relabelled it: the node still is an a100 node
+    assert pool_holding(A100_NODE, pod["spec"], [L4, A100]) == (A100, 2)
+    assert pool_holding({"gpuyard.io/pool": "l4"}, pod["spec"], [L4, A100]) == (L4, 2)
+    assert pool_holding({"other": "node"}, pod["spec"], [L4, A100]) is None
+
+
+def test_a_pool_whose_resource_the_pod_does_not_request_holds_none_of_its_gpus() -> None:
+    pod = pod_dict()  # nvidia.com/gpu only
+    mig_node = {**A100_NODE, "nvidia.com/mig.config": "all-1g.10gb"}
+    assert pool_holding(mig_node, pod["spec"], [MIG]) is None
+    assert pool_holding(mig_node, pod["spec"], [MIG, A100]) == (A100, 2)
+
+
+def test_overlapping_pools_prefer_the_services_own_then_the_most_specific_then_a_name() -> None:
+    spec = pod_dict()["spec"]
+    broad = replace(A100, name="broad", node_selector=(("gpuyard.io/pool", "a100"),))
+    narrow = replace(A100, name="narrow", node_selector=tuple(sorted(A100_NODE.items())))
+    twin = replace(broad, name="twin")
+    assert pool_holding(A100_NODE, spec, [broad, narrow])[0] is narrow  # type: ignore[index]
+    assert pool_holding(A100_NODE, spec, [broad, narrow], preferred="broad")[0] is broad  # type: ignore[index]
+    assert pool_holding(A100_NODE, spec, [twin, broad])[0] is broad  # type: ignore[index]
+    assert pool_holding(A100_NODE, spec, [replace(A100, node_selector=())]) is None
+
+
+def test_labels_of_the_pod_are_never_read_for_billing() -> None:
+    pod = pod_dict(pool="unknown")
+    pod["metadata"]["labels"] = {"gpuyard.io/service": "someone-else"}
+    life = pod_lifetime_from_dict(pod, A100, service="llm", cluster_id="c1")
+    assert life is not None
+    assert (life.service, life.pool, life.account) == ("llm", "a100", Account("team-a", "llm"))
+
+
+def test_a_pod_of_no_service_is_unmanaged_usage_of_its_namespace_on_its_pool() -> None:
+    life = pod_lifetime_from_dict(pod_dict(running=1), A100, service=None, cluster_id="c1")
+    assert life is not None
+    assert life.account == Account("team-a", "", "a100")
+    assert life.account.unmanaged
+    (record, *_) = cut_records(life, None, at(120))
+    assert (record.service, record.unmanaged, record.account) == ("", True, life.account)
+    data = record_to_json(record)
+    assert (data["service"], data["unmanaged"], data["pool"]) == ("", True, "a100")
+    assert record_from_json(data) == record
+    with pytest.raises(MeteringError, match="unmanaged"):
+        record_from_json({**data, "unmanaged": False})
+
+
+# --------------------------------------------------------------------------- node loss
+
+
+def test_a_ready_node_is_no_reason_to_wait() -> None:
+    assert node_down(True, None, at(1000), 300) is None
+
+
+def test_a_node_down_within_the_grace_holds_its_pods_windows() -> None:
+    down = node_down(False, at(130), at(300), 300)
+    assert down == NodeDown(since=at(130), lost=False)
+    life = pod_lifetime_from_dict(
+        pod_dict(running=1), A100, service="llm", cluster_id="c1", node=down
+    )
+    assert life is not None
+    assert (life.ended_at, life.held_from) == (None, at(130))
+    config = MeterConfig(settle_seconds=0)
+    (batch,) = plan_tick([life], {}, at(300), config)
+    # Windows after the one holding the moment the node left Ready wait for the verdict.
+    assert (batch.through, windows(list(batch.records))) == (at(120), [(0, 60, 60), (60, 120, 60)])
+
+
+def test_a_node_lost_past_the_grace_ends_billing_when_it_left_ready() -> None:
+    down = node_down(False, at(130.7), at(431), 300)
+    assert down == NodeDown(since=at(130.7), lost=True)
+    life = pod_lifetime_from_dict(
+        pod_dict(running=1), A100, service="llm", cluster_id="c1", node=down
+    )
+    assert life is not None
+    assert (life.ended_at, life.held_from) == (at(130.7), None)
+    (batch,) = plan_tick([life], {}, at(600), MeterConfig(settle_seconds=0))
+    assert sum(r.seconds for r in batch.records) == 130
+    # A pod that ended before its node went keeps its own end.
+    ended = pod_dict(phase="Succeeded", finished=["2024-05-01T12:01:00Z"])
+    early = pod_lifetime_from_dict(ended, A100, service="llm", cluster_id="c1", node=down)
+    assert early is not None
+    assert early.ended_at == at(60)
+
+
+def test_a_node_that_never_reported_is_down_from_now() -> None:
+    assert node_down(False, None, at(10), 300) == NodeDown(since=at(10), lost=False)
+    assert node_down(False, None, at(10), 0) == NodeDown(since=at(10), lost=True)
+
+
+# --------------------------------------------------------------------------- backlogs
+
+
+def test_a_backlog_of_an_hour_for_a_thousand_pods_drains_in_bounded_batches() -> None:
+    """60 windows x 1,000 pods = 60,000 records behind: batches of at most 10,000 (whole
+    windows), each advancing the mark, until the mark reaches the last closed window."""
+    pods = [lifetime(bound=0, uid=f"p{i:04}") for i in range(1000)]
+    key = Account("team-a", "llm")
+    marks = {key: usd_mark(at(0))}
+    config = MeterConfig(settle_seconds=0, max_windows_per_tick=60, max_records_per_batch=10_000)
+    ticks = 0
+    delivered: set[str] = set()
+    while marks[key].reported_through < at(3600):
+        (batch,) = plan_tick(pods, marks, at(3600), config)
+        assert 0 < len(batch.records) <= 10_000
+        assert {epoch_floor(r.end) for r in batch.records} <= set(
+            range(epoch_floor(marks[key].reported_through) + 60, epoch_floor(batch.through) + 1, 60)
+        )
+        delivered.update(r.id for r in batch.records)
+        marks[key] = advance_mark(marks[key], batch.records, batch.through)
+        ticks += 1
+    assert ticks == 6
+    assert len(delivered) == 60_000
+    assert marks[key].gpu_seconds == 3600 * 1000
+
+
+def test_one_window_bigger_than_a_batch_still_goes_whole() -> None:
+    pods = [lifetime(bound=0, uid=f"p{i}") for i in range(30)]
+    config = MeterConfig(settle_seconds=0, max_records_per_batch=10)
+    (batch,) = plan_tick(pods, {}, at(180), config)
+    assert (batch.through, len(batch.records)) == (at(60), 30)
+
+
+# --------------------------------------------------------------------------- currencies
+
+
+def test_a_service_billed_in_two_currencies_keeps_a_total_in_each() -> None:
+    (usd,) = cut_records(lifetime(bound=0, ended=60), None, at(60))
+    (eur,) = cut_records(lifetime(bound=60, ended=120, uid="b"), None, at(120))
+    eur = replace(eur, currency="EUR", cost=Decimal("0.010000000"))
+    mark = advance_mark(advance_mark(None, [usd], at(60)), [eur], at(120))
+    assert mark.costs == {"EUR": Decimal("0.01"), "USD": usd.cost}
+    assert (mark.currency, mark.cost, mark.gpu_seconds) == ("EUR", Decimal("0.01"), 120)
+    usage = mark_to_status(mark)
+    assert (usage["currency"], usage["cost"]) == ("EUR", "0.010000000")
+    assert usage["costByCurrency"] == {"EUR": "0.010000000", "USD": "0.041666667"}
+    assert mark_from_status(usage) == mark
+
+
+# --------------------------------------------------------------------------- price history
+
+
+def test_a_price_history_starts_at_creation_and_records_each_change_once() -> None:
+    first = observe_price((), Decimal("2.50"), created=at(0), now=at(500))
+    assert first == (PricePoint(at(0), Decimal("2.50")),)
+    assert observe_price(first, Decimal("2.50"), created=at(0), now=at(900)) == first
+    changed = observe_price(first, Decimal("3"), created=at(0), now=at(1000))
+    assert changed == (*first, PricePoint(at(1000), Decimal(3)))
+    stored = price_history_to_status(changed)
+    assert stored[1] == {"effectiveFrom": "2024-05-01T12:16:40Z", "perGpuHour": "3"}
+    assert price_history_from_status(stored) == changed
+    with pytest.raises(MeteringError):
+        price_history_from_status([{"effectiveFrom": "yesterday", "perGpuHour": "1"}])
+
+
+def test_a_price_history_keeps_its_newest_points() -> None:
+    history: tuple[PricePoint, ...] = ()
+    for step in range(MAX_PRICE_POINTS + 5):
+        history = observe_price(history, Decimal(step), created=at(0), now=at(step))
+    assert len(history) == MAX_PRICE_POINTS
+    assert history[-1] == PricePoint(at(MAX_PRICE_POINTS + 4), Decimal(MAX_PRICE_POINTS + 4))

@@ -18,6 +18,7 @@ from gpuyard.api.common import (
     DNS1123_LABEL_PATTERN,
     DNS_LABEL_MAX_LENGTH,
     MAX_CONDITIONS,
+    AmountString,
     ApiModel,
     ApiObject,
     CelRule,
@@ -30,6 +31,7 @@ from gpuyard.api.common import (
     LabelMap,
     LabelSelector,
     ObjectMeta,
+    Timestamp,
     Toleration,
     parse_decimal,
 )
@@ -47,13 +49,27 @@ POOL_NAME_PATTERN = DNS1123_LABEL_PATTERN
 POOL_NAME_MAX_LENGTH = DNS_LABEL_MAX_LENGTH
 
 
+#: A transition rule: totals summed in one currency must never silently change unit.
+CURRENCY_IMMUTABLE: Final = {
+    "x-kubernetes-validations": [
+        {
+            "rule": "self == oldSelf",
+            "message": "price.currency cannot be changed: create a new GPUPool with the new "
+            "currency and move services to it (spec.pool)",
+        }
+    ]
+}
+
+
 class Price(ApiModel):
     """What one GPU of the pool costs per hour."""
 
     per_gpu_hour: DecimalString
-    """Price of one GPU-hour, a decimal string such as "2.75" (never a float)."""
-    currency: CurrencyCode = "USD"
-    """ISO 4217 currency code of every amount derived from this price."""
+    """Price of one GPU-hour, a decimal string such as "2.75" (never a float). A change
+    applies from the first usage window that starts after the operator sees it."""
+    currency: Annotated[CurrencyCode, Field(json_schema_extra=CURRENCY_IMMUTABLE)] = "USD"
+    """ISO 4217 currency code of every amount derived from this price; fixed for the
+    pool's life (a new currency is a new pool)."""
 
     @property
     def per_gpu_hour_decimal(self) -> Decimal:
@@ -104,6 +120,48 @@ class GPUPoolSpec(ApiModel):
 
 Count = Annotated[int, Field(ge=0, le=MAX_GPU_COUNT)]
 NodeCount = Annotated[int, Field(ge=0, le=MAX_NODE_COUNT)]
+#: Matches logic.metering.MAX_PRICE_POINTS, which trims the history to it.
+MAX_PRICE_POINTS = 100
+MAX_UNMANAGED_NAMESPACES = 1000
+
+
+class PricePoint(ApiModel):
+    """The pool's price from one moment on."""
+
+    effective_from: Timestamp
+    """Windows starting at or after this moment are priced at perGpuHour."""
+    per_gpu_hour: DecimalString
+    """Price of one GPU-hour."""
+
+
+class UnmanagedUsage(ApiModel):
+    """What one namespace's pods of no AIService have used of the pool's GPUs."""
+
+    namespace: DnsLabel
+    """The namespace billed."""
+    gpu_seconds: Annotated[int, Field(ge=0, le=2**53)]
+    """GPU-seconds held."""
+    cost: AmountString
+    """Their cost, a decimal string in currency."""
+    currency: CurrencyCode | None = None
+    """ISO 4217 code of cost (absent until the first record)."""
+    reported_through: Timestamp
+    """Usage up to this moment is included."""
+
+
+class PoolBilling(ApiModel):
+    """What the meter keeps about the pool (written by the meter alone)."""
+
+    price_history: Annotated[list[PricePoint], Field(max_length=MAX_PRICE_POINTS)] | None = None
+    """Every price the operator has seen, oldest first: it prices each window by the point in
+    force at the window's start, after restarts too."""
+    unmanaged_gpus: Count | None = None
+    """GPUs held on the pool's nodes by pods that belong to no AIService (billed as
+    unmanaged usage of their namespace)."""
+    unmanaged_usage: (
+        Annotated[list[UnmanagedUsage], Field(max_length=MAX_UNMANAGED_NAMESPACES)] | None
+    ) = None
+    """Usage of pods of no AIService, per namespace."""
 
 
 class GPUPoolStatus(ApiModel):
@@ -131,6 +189,8 @@ class GPUPoolStatus(ApiModel):
         | None
     ) = None
     """Ready tells whether the pool has nodes to schedule on."""
+    billing: PoolBilling | None = None
+    """Prices seen and unmanaged usage, kept by the meter."""
 
 
 class PoolMeta(ObjectMeta):

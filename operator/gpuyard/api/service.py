@@ -16,6 +16,7 @@ from pydantic import Field, StringConstraints, field_validator
 
 from gpuyard.api.common import (
     CONDITIONS_LIST_MAP,
+    CURRENCY_PATTERN,
     DEFAULT_EMPTY_OBJECT,
     DNS1035_LABEL_PATTERN,
     DNS_LABEL_MAX_LENGTH,
@@ -498,6 +499,14 @@ class Recommendation(ApiModel):
     """When the decision was made."""
 
 
+#: A currency code as a map key (the CRD's key check allows a pattern and a length only).
+CurrencyKey = Annotated[
+    str,
+    StringConstraints(max_length=3, pattern=CURRENCY_PATTERN),
+    Field(description="an ISO 4217 currency code"),
+]
+
+
 class UsageTotals(ApiModel):
     """What the service has consumed since it was created."""
 
@@ -506,7 +515,10 @@ class UsageTotals(ApiModel):
     cost: AmountString
     """Their cost, a decimal string in currency."""
     currency: CurrencyCode
-    """ISO 4217 code of cost, the pool's currency."""
+    """ISO 4217 code of cost: the currency of the latest billed window."""
+    cost_by_currency: Annotated[dict[CurrencyKey, AmountString], Field(max_length=16)] | None = None
+    """The total in each currency, once the service was billed in more than one (it moved
+    to a pool of another currency)."""
     reported_through: Timestamp
     """Usage up to this moment is included."""
 

@@ -16,9 +16,8 @@ from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import MultiSink
 from gpuyard.logic.autoscale import Decision, ScalingState
-from gpuyard.logic.metering import PoolPricing, ServiceMark
-from gpuyard.logic.metering import ServiceKey as MeteredService
-from gpuyard.logic.pool_accounting import PoolUsage
+from gpuyard.logic.metering import Account, PricePoint, ServiceMark
+from gpuyard.logic.pool_accounting import NodeInfo, PoolUsage
 
 ServiceKey = tuple[str, str]
 P = ParamSpec("P")
@@ -48,6 +47,7 @@ class Caches:
     network_services: Any
     namespaces: Any
     metered_pods: Any
+    replicasets: Any
 
     def pool(self, name: str) -> dict[str, Any] | None:
         return _single(self.pools.get(name))
@@ -75,6 +75,21 @@ class Caches:
 
     def services_in_namespace(self, namespace: str) -> list[ServiceKey]:
         return [key for key in self.services if key[0] == namespace]
+
+    def node(self, name: str) -> NodeInfo | None:
+        return _single(self.nodes.get(name))
+
+    def owner_metadata(self, namespace: str, kind: str, name: str) -> dict[str, Any] | None:
+        """The metadata of a pod's possible owner, for the ownership chain of the meter."""
+        if kind == "ReplicaSet":
+            return _single(self.replicasets.get((namespace, name)))
+        if kind == "Deployment":
+            body = self.deployment((namespace, name))
+        elif kind == "AIService":
+            body = self.service((namespace, name))
+        else:
+            return None
+        return body["metadata"] if body is not None else None
 
     def all_nodes(self) -> Iterator[Any]:
         for name in list(self.nodes):
@@ -112,16 +127,29 @@ class Operator:
     decisions: dict[ServiceKey, Decision] = field(default_factory=dict)
     #: What each service's autoscaling carries from one tick to the next.
     scaling_states: dict[ServiceKey, ScalingState] = field(default_factory=dict)
-    #: The last usage mark the meter wrote per service (the cache may lag the write).
-    marks: dict[MeteredService, ServiceMark] = field(default_factory=dict)
-    #: Each pool's price schedule as observed since start-up.
-    price_schedules: dict[str, PoolPricing] = field(default_factory=dict)
+    #: The last usage mark the meter wrote per account (the cache may lag the write).
+    marks: dict[Account, ServiceMark] = field(default_factory=dict)
     #: Pods seen deleted but not yet fully billed: uid -> (last state, when seen gone).
     gone_pods: dict[str, tuple[dict[str, Any], datetime]] = field(default_factory=dict)
+    #: Each pool's price history as the meter last wrote it (the cache may lag the write).
+    price_histories: dict[str, tuple[PricePoint, ...]] = field(default_factory=dict)
+    #: The pool each metered pod's node belonged to when last seen (for a deleted node).
+    pod_pools: dict[str, str] = field(default_factory=dict)
+    #: Each account's delivery in progress: a slow sink delays only its own account.
+    deliveries: dict[Account, asyncio.Task[None]] = field(default_factory=dict)
+    #: Each account's last delivery outcome: None when it went through, else why not
+    #: (a reason and a message); services show it as their UsageReported condition.
+    usage_problems: dict[Account, tuple[str, str] | None] = field(default_factory=dict)
     #: Each service's status fields as the service reconcile last wrote them.
     own_status: dict[ServiceKey, dict[str, Any]] = field(default_factory=dict)
     #: Services refused at the last reconcile, with the reason (for logs and metrics).
     not_accepted: dict[ServiceKey, str] = field(default_factory=dict)
+
+    #: Bounds the deliveries in flight at once (GPUYARD_METER_CONCURRENCY).
+    delivery_slots: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.delivery_slots = asyncio.Semaphore(self.settings.meter_concurrency)
 
     async def io(self, call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """Run a blocking API call in a worker thread.

@@ -1,44 +1,50 @@
-"""The meter: one loop that bills every GPU-second of every AIService's pods.
+"""The meter: one loop that bills every GPU-second held on every pool's nodes.
 
-Each tick turns the cached pods into lifetimes (bound-at to ended-at, from the pods' own
-timestamps), asks the pure ``plan_tick`` which closed windows each service has not yet
-reported, hands those records to the sinks, and only after every sink acknowledged moves
-the service's high-water mark in ``status.usage``. A crash between emit and mark re-emits
-the same records with the same ids; a sink that is down holds the mark where it is.
+Each tick turns the cached GPU pods into lifetimes (bound-at to ended-at, from the pods'
+own timestamps), priced by the pool whose nodes hold them and billed to the AIService that
+owns them (or, for a pod of no AIService, to its namespace as unmanaged usage). The pure
+``plan_tick`` says which closed windows each account has not yet reported; each account's
+records then go to the sinks in a task of its own, and only after every sink acknowledged
+does the account's high-water mark move. A crash between emit and mark re-emits the same
+records with the same ids; a sink that is down holds that account's mark where it is, and
+nobody else's.
 
-The mark lives in the AIService's status because it belongs to the service, is read back
-with the service at no extra cost, survives operator restarts, and disappears with the
-service. Pods carry a finalizer (see ``logic.children``) that the meter removes once a
-pod's last second is behind the mark, so a pod that ends while the operator is down is
-still there, with its timestamps, when the operator returns.
+Marks and prices live where a restart finds them: an AIService's mark in its
+``status.usage``, a namespace's unmanaged usage and each pool's price history in the
+GPUPool's ``status.billing``. The meter holds every metered pod with the
+``gpuyard.io/metering`` finalizer until the pod's last second is behind its mark, and every
+GPUPool until no pod on its nodes is left to bill, so what ends while the operator is down
+is still there, with its timestamps and its price, when the operator returns.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from kubernetes.client import ApiException
 from pydantic import ValidationError
 
+from gpuyard import API_GROUP, API_VERSION
 from gpuyard.api.pool import GPUPool
 from gpuyard.handlers.context import Operator
 from gpuyard.io.prometheus import PrometheusUnavailableError
-from gpuyard.io.sinks import MultiSink, SinkError
+from gpuyard.io.sinks import MultiSink, MultiSinkError, SinkRejectedError
 from gpuyard.logic.children import METERING_FINALIZER
 from gpuyard.logic.metering import (
+    Account,
     MeterConfig,
     MeteringError,
     PodLifetime,
     PoolPricing,
-    PricePoint,
     ServiceBatch,
-    ServiceKey,
     ServiceMark,
     UsageRecord,
     advance_mark,
@@ -47,11 +53,17 @@ from gpuyard.logic.metering import (
     mark_from_status,
     mark_to_status,
     measured,
+    node_down,
+    observe_price,
     parse_time,
     plan_tick,
     pod_lifetime_from_dict,
+    pool_holding,
+    price_history_from_status,
+    price_history_to_status,
     utilization_span,
 )
+from gpuyard.logic.ownership import owning_service
 from gpuyard.logic.promql import (
     GpuSeries,
     PodKey,
@@ -62,17 +74,24 @@ from gpuyard.logic.promql import (
 
 logger = logging.getLogger(__name__)
 
+#: Reasons of the UsageReported condition (and of the UsageNotReported event).
+REPORTED = "Reported"
+SINK_UNAVAILABLE = "SinkUnavailable"
+SINK_REJECTED = "SinkRejected"
+METERING_FAILED = "MeteringFailed"
+
 
 def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a Pod the meter reads; the cache keeps only these."""
     metadata = body.get("metadata", {})
     spec = body.get("spec", {})
     status = body.get("status", {})
+    kept_metadata = (
+        "name", "namespace", "uid", "resourceVersion", "labels", "ownerReferences",
+        "deletionTimestamp", "finalizers",
+    )  # fmt: skip
     return {
-        "metadata": {
-            key: metadata.get(key)
-            for key in ("name", "namespace", "uid", "labels", "deletionTimestamp", "finalizers")
-        },
+        "metadata": {key: metadata.get(key) for key in kept_metadata},
         "spec": {
             "nodeName": spec.get("nodeName"),
             "containers": [
@@ -99,44 +118,309 @@ async def meter_forever(op: Operator) -> None:
         await asyncio.sleep(max(0.0, op.settings.meter_interval - (time.monotonic() - started)))
 
 
-def _pricing(op: Operator, now: datetime) -> dict[str, PoolPricing]:
-    """Every pool's price schedule. A price change applies from the first window that
-    starts after the operator saw it; the schedule is kept in memory, and after a restart
-    the current price applies from the mark on (see docs/metering.md)."""
-    # A pool deleted while its pods still run keeps the price it had: they are billed
-    # at it until they end (after a restart that price is gone; see _lifetimes).
-    pricing: dict[str, PoolPricing] = dict(op.price_schedules)
+@dataclass
+class _Pods:
+    """The tick's view of the metered pods."""
+
+    lifetimes: list[PodLifetime] = field(default_factory=list)
+    #: The same lifetimes by account.
+    by_account: dict[Account, list[PodLifetime]] = field(default_factory=lambda: defaultdict(list))
+    #: The cached (or last seen) pod behind each lifetime, by uid.
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Accounts with a pod that could not be priced: their marks must not move past it.
+    blocked: dict[Account, str] = field(default_factory=dict)
+
+    def add(self, lifetime: PodLifetime, body: dict[str, Any]) -> None:
+        self.lifetimes.append(lifetime)
+        self.by_account[lifetime.account].append(lifetime)
+        self.bodies[lifetime.pod_uid] = body
+
+
+async def meter_tick(op: Operator, now: datetime) -> None:
+    """Plan every account's closed windows and start the deliveries of those that are
+    not already delivering; release what is fully billed."""
+    sinks = op.sinks
+    if sinks is None:
+        return
+    pools = await _pools(op, now)
+    pods = await _pods(op, pools, now)
+    await _hold(op, pods)
+    busy = {key for key, task in op.deliveries.items() if not task.done()}
+    # Unmanaged usage is planned while its namespace has pods on the pool; its mark stays
+    # in the pool's status for the next pod.
+    accounts = set(pods.by_account)
+    accounts.update(Account(namespace, name) for namespace, name in op.caches.service_keys())
+    marks = {key: mark for key in accounts if (mark := _mark(op, key)) is not None}
+    for key in accounts - busy:
+        await _release_reported(op, pods, key, marks.get(key))
+    skipped = busy | set(pods.blocked)
+    for key, why in pods.blocked.items():
+        await _report(op, key, (METERING_FAILED, why), now)
+    config = MeterConfig(
+        window_seconds=op.settings.usage_window_seconds,
+        max_records_per_batch=op.settings.meter_max_records_per_batch,
+    )
+    planned = plan_tick(
+        [lifetime for lifetime in pods.lifetimes if lifetime.account not in skipped],
+        {key: mark for key, mark in marks.items() if key not in skipped},
+        now,
+        config,
+    )
+    for batch in await _with_utilization(op, planned):
+        op.deliveries[batch.key] = asyncio.create_task(
+            _deliver(op, sinks, batch, marks.get(batch.key), pods),
+            name=f"meter {batch.key}",
+        )
+    await _write_unmanaged_gpus(op, pods)
+    await _release_pools(op, pods)
+    live = accounts | busy
+    for key in [key for key in op.marks if key not in live]:
+        del op.marks[key]  # no service and no pod left: nothing more to bill
+    for key in [key for key, task in op.deliveries.items() if task.done()]:
+        del op.deliveries[key]
+
+
+# --------------------------------------------------------------------------- pools
+
+
+async def _pools(op: Operator, now: datetime) -> dict[str, PoolPricing]:
+    """Every pool's price schedule, from the history in its status plus the price its spec
+    names now; a new price is written to the history before anything is billed at it, so
+    a restart prices every window as before. Every pool is held by the meter's finalizer
+    (see `_release_pools`)."""
+    pricing: dict[str, PoolPricing] = {}
     for name in op.caches.pool_names():
         body = op.caches.pool(name)
         if body is None:
             continue
         try:
             pool = GPUPool.from_mapping(body)
-        except ValidationError:
+            billing = (body.get("status") or {}).get("billing") or {}
+            stored = price_history_from_status(billing.get("priceHistory"))
+        except (ValidationError, MeteringError) as error:
+            op.metrics.meter_errors.labels(stage="pool").inc()
+            logger.error("GPUPool %s cannot price usage: %s", name, error)
             continue
-        price = pool.spec.price.per_gpu_hour_decimal
-        known = op.price_schedules.get(name)
-        if known is None:
-            created = body["metadata"].get("creationTimestamp")
-            since = parse_time(created) if created else now
-            known = PoolPricing(
-                name, pool.spec.gpu_type, pool.spec.price.currency,
-                (PricePoint(since, price),), pool.spec.resource_name,
-            )  # fmt: skip
-        elif known.prices[-1].per_gpu_hour != price:
-            known = known.with_price(PricePoint(now, price))
-        op.price_schedules[name] = known
-        pricing[name] = known
+        # The cache may not show our last write yet: the later of the two histories wins.
+        written = op.price_histories.get(name, ())
+        newer = written and (not stored or written[-1].effective_from > stored[-1].effective_from)
+        history = written if newer else stored
+        created = body["metadata"].get("creationTimestamp")
+        prices = observe_price(
+            history,
+            pool.spec.price.per_gpu_hour_decimal,
+            created=parse_time(created) if created else now,
+            now=now,
+        )
+        if prices != history:
+            try:
+                await op.io(
+                    op.kube.patch_status, "gpupools", None, name,
+                    {"billing": {"priceHistory": price_history_to_status(prices)}},
+                )  # fmt: skip
+                op.price_histories[name] = prices
+            except ApiException as error:
+                # Billing at a price a restart would not find again is worse than waiting.
+                op.metrics.meter_errors.labels(stage="price").inc()
+                logger.warning("price history of GPUPool %s not saved: %s", name, error)
+                prices = history or prices[:1]
+        meta = body["metadata"]
+        if METERING_FINALIZER not in (meta.get("finalizers") or ()) and not meta.get(
+            "deletionTimestamp"
+        ):
+            await _set_finalizers(op, body, [*(meta.get("finalizers") or []), METERING_FINALIZER])
+        pricing[name] = PoolPricing(
+            name=name,
+            gpu_type=pool.spec.gpu_type,
+            currency=pool.spec.price.currency,
+            prices=prices,
+            resource_name=pool.spec.resource_name,
+            node_selector=tuple(sorted(pool.spec.node_selector.items())),
+        )
     return pricing
 
 
-def _mark(op: Operator, key: ServiceKey) -> ServiceMark | None:
+async def _release_pools(op: Operator, pods: _Pods) -> None:
+    """Let a deleted pool go once no pod on its nodes is left to bill (its price goes
+    with it)."""
+    in_use = {lifetime.pool for lifetime in pods.lifetimes} | set(op.pod_pools.values())
+    for name in op.caches.pool_names():
+        body = op.caches.pool(name)
+        if body is None or name in in_use:
+            continue
+        finalizers = list(body["metadata"].get("finalizers") or [])
+        if body["metadata"].get("deletionTimestamp") and METERING_FINALIZER in finalizers:
+            await _set_finalizers(op, body, [f for f in finalizers if f != METERING_FINALIZER])
+
+
+# --------------------------------------------------------------------------- pods
+
+
+async def _pods(op: Operator, pools: Mapping[str, PoolPricing], now: datetime) -> _Pods:
+    """The billable lifetime of every pod on a pool's nodes, live or gone."""
+    pods = _Pods()
+    cached: list[tuple[dict[str, Any], datetime | None]]
+    cached = [(pod, None) for pod in op.caches.all_metered_pods()]
+    cached += [(pod, gone_at) for pod, gone_at in op.gone_pods.values()]
+    for pod, gone_at in cached:
+        metadata = pod["metadata"]
+        node_name = pod["spec"].get("nodeName")
+        if not node_name:
+            if gone_at is not None or metadata.get("deletionTimestamp"):
+                await _release(op, pod)  # never bound: nothing to bill
+            continue
+        namespace = metadata.get("namespace") or ""
+        service = owning_service(metadata, functools.partial(op.caches.owner_metadata, namespace))
+        try:
+            lifetime = _lifetime(op, pod, pools, service=service, gone_at=gone_at, now=now)
+        except MeteringError as error:
+            op.metrics.meter_errors.labels(stage="unpriced").inc()
+            logger.error("pod %s/%s cannot be metered: %s", namespace, metadata["name"], error)
+            if service is not None:
+                pods.blocked[Account(namespace, service)] = f"pod {metadata['name']}: {error}"
+            if gone_at is not None or metadata.get("deletionTimestamp"):
+                # Holding the pod would not price it; it would only block its namespace.
+                await _release(op, pod)
+            continue
+        if lifetime is None:
+            if gone_at is not None or metadata.get("deletionTimestamp"):
+                await _release(op, pod)  # holds none of a pool's GPUs
+            continue
+        pods.add(lifetime, pod)
+    return pods
+
+
+def _lifetime(
+    op: Operator,
+    pod: dict[str, Any],
+    pools: Mapping[str, PoolPricing],
+    *,
+    service: str | None,
+    gone_at: datetime | None,
+    now: datetime,
+) -> PodLifetime | None:
+    """One pod's lifetime, priced by the pool of the node that holds it.
+
+    A node that is gone from the API (deleted after it was lost) no longer says which pool
+    it was in: the pool seen on an earlier tick stands in, else the owning AIService's.
+    """
+    uid = pod["metadata"]["uid"]
+    node = op.caches.node(pod["spec"]["nodeName"])
+    preferred = _service_pool(op, pod["metadata"].get("namespace") or "", service)
+    if node is not None:
+        held = pool_holding(node.labels, pod["spec"], pools.values(), preferred=preferred)
+        if held is None:
+            op.pod_pools.pop(uid, None)
+            return None
+        pool = held[0]
+        down = node_down(node.ready, node.not_ready_since, now, op.settings.node_lost_grace_seconds)
+    else:
+        name = op.pod_pools.get(uid) or preferred
+        if name is None or name not in pools:
+            raise MeteringError(f"node {pod['spec']['nodeName']} is unknown and so is its pool")
+        pool, down = pools[name], None
+    lifetime = pod_lifetime_from_dict(
+        pod, pool, service=service, cluster_id=op.settings.cluster_id, gone_at=gone_at, node=down
+    )
+    if lifetime is not None:
+        op.pod_pools[uid] = pool.name
+    return lifetime
+
+
+def _service_pool(op: Operator, namespace: str, service: str | None) -> str | None:
+    if service is None:
+        return None
+    body = op.caches.service((namespace, service))
+    pool = ((body or {}).get("spec") or {}).get("pool")
+    return str(pool) if pool else None
+
+
+async def _hold(op: Operator, pods: _Pods) -> None:
+    """Put the metering finalizer on every metered pod that lacks it, so that a pod that
+    ends while the operator is down waits, with its timestamps, to be billed."""
+    for lifetime in pods.lifetimes:
+        pod = pods.bodies[lifetime.pod_uid]
+        meta = pod["metadata"]
+        finalizers = list(meta.get("finalizers") or [])
+        if METERING_FINALIZER in finalizers or meta.get("deletionTimestamp"):
+            continue
+        if lifetime.pod_uid in op.gone_pods:
+            continue
+        await _set_finalizers(op, pod, [*finalizers, METERING_FINALIZER])
+
+
+def _over(pod: Mapping[str, Any], gone: bool) -> bool:
+    """Whether a pod is over: deleted, gone or finished. A pod billed to its end because
+    its node was lost is still held until someone deletes it."""
+    finished = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+    return gone or finished or bool(pod["metadata"].get("deletionTimestamp"))
+
+
+async def _release_reported(
+    op: Operator, pods: _Pods, key: Account, mark: ServiceMark | None
+) -> None:
+    """Let go of the account's pods that are over and billed to their last second."""
+    for lifetime in pods.by_account.get(key, ()):
+        pod = pods.bodies[lifetime.pod_uid]
+        if is_fully_reported(lifetime, mark) and _over(pod, lifetime.pod_uid in op.gone_pods):
+            await _release(op, pod)
+
+
+async def _release(op: Operator, pod: dict[str, Any]) -> None:
+    """Forget a fully billed pod, and let it go if our finalizer holds it."""
+    metadata = pod["metadata"]
+    finalizers = list(metadata.get("finalizers") or [])
+    if METERING_FINALIZER in finalizers:
+        await _set_finalizers(op, pod, [f for f in finalizers if f != METERING_FINALIZER])
+    op.gone_pods.pop(metadata["uid"], None)
+    op.pod_pools.pop(metadata["uid"], None)
+
+
+async def _set_finalizers(op: Operator, body: Mapping[str, Any], finalizers: list[str]) -> None:
+    """Change a pod's or a pool's finalizers; an object that changed or went meanwhile is
+    left for the next tick, which sees it anew."""
+    metadata = body["metadata"]
+    namespace = metadata.get("namespace")
+    if namespace:
+        resource, path = "pods", f"/api/v1/namespaces/{namespace}/pods/{metadata['name']}"
+    else:
+        resource = "gpupools"
+        path = f"/apis/{API_GROUP}/{API_VERSION}/gpupools/{metadata['name']}"
+    try:
+        await op.io(op.kube.set_finalizers, resource, path, metadata, finalizers)
+    except ApiException as error:
+        if error.status not in (404, 409, 422):
+            raise
+
+
+# --------------------------------------------------------------------------- marks
+
+
+def _unmanaged_usage(op: Operator, pool: str) -> list[Mapping[str, Any]]:
+    billing = ((op.caches.pool(pool) or {}).get("status") or {}).get("billing") or {}
+    return list(billing.get("unmanagedUsage") or ())
+
+
+def _stored_mark(op: Operator, key: Account) -> ServiceMark | None:
+    if not key.unmanaged:
+        body = op.caches.service((key.namespace, key.service))
+        return mark_from_status(((body or {}).get("status") or {}).get("usage"))
+    for entry in _unmanaged_usage(op, key.pool):
+        if entry.get("namespace") == key.namespace:
+            return mark_from_status(entry)
+    return None
+
+
+def _mark(op: Operator, key: Account) -> ServiceMark | None:
     """The newer of the mark we wrote last and the one in the cached status (the cache
-    may lag our own write by a watch event). Once the service is gone, the mark we wrote
+    may lag our own write by a watch event). Once a service is gone, the mark we wrote
     last still covers the pods its finalizers hold; a service re-created under the same
     name while they are held carries their totals on (the mark follows the name)."""
-    body = op.caches.service((key.namespace, key.service))
-    stored = mark_from_status((body or {}).get("status", {}).get("usage")) if body else None
+    try:
+        stored = _stored_mark(op, key)
+    except MeteringError as error:
+        logger.error("usage mark of %s is unreadable, starting from its pods: %s", key, error)
+        stored = None
     written = op.marks.get(key)
     if written is None:
         return stored
@@ -145,61 +429,59 @@ def _mark(op: Operator, key: ServiceKey) -> ServiceMark | None:
     return stored
 
 
-async def meter_tick(op: Operator, now: datetime) -> None:
-    sinks = op.sinks
-    if sinks is None:
+async def _save_mark(op: Operator, key: Account, mark: ServiceMark) -> None:
+    op.marks[key] = mark
+    if mark.currency is None:
+        # Nothing was billed yet (only empty windows, e.g. before the first pod's first
+        # whole second), and the status requires a currency. Kept in memory; after a
+        # restart the meter re-plans those windows from the pods and finds them empty.
         return
-    lifetimes, pods_by_uid = await _lifetimes(op, now)
-    services = {lifetime.key for lifetime in lifetimes}
-    services.update(ServiceKey(namespace, name) for namespace, name in op.caches.service_keys())
-    marks = {key: mark for key in services if (mark := _mark(op, key)) is not None}
-    config = MeterConfig(window_seconds=op.settings.usage_window_seconds)
-    batches = await _with_utilization(op, plan_tick(lifetimes, marks, now, config))
-    for batch in batches:
-        mark = await _deliver(op, sinks, batch, marks.get(batch.key))
-        if mark is not None:
-            marks[batch.key] = mark
-            op.metrics.metering_lag.labels(namespace=batch.key[0], service=batch.key[1]).set(
-                (now - mark.reported_through).total_seconds()
-            )
-    for lifetime in lifetimes:
-        if is_fully_reported(lifetime, marks.get(lifetime.key)):
-            await _release(op, pods_by_uid[lifetime.pod_uid], lifetime.pod_uid)
-    for key in set(op.marks) - services:
-        del op.marks[key]  # no service and no pod left: nothing more to bill
+    if key.unmanaged:
+        if op.caches.pool(key.pool) is not None:
+            # A merge patch replaces the whole list: the entries of namespaces with no pods
+            # left are carried over from the stored status, the others come from memory.
+            entries = {str(e.get("namespace")): dict(e) for e in _unmanaged_usage(op, key.pool)}
+            for account, account_mark in op.marks.items():
+                if account.unmanaged and account.pool == key.pool and account_mark.currency:
+                    entries[account.namespace] = {
+                        "namespace": account.namespace,
+                        **mark_to_status(account_mark),
+                    }
+            patch = {"billing": {"unmanagedUsage": [entries[ns] for ns in sorted(entries)]}}
+            await op.io(op.kube.patch_status, "gpupools", None, key.pool, patch)
+        return
+    if op.caches.service((key.namespace, key.service)) is None:
+        # The service is gone: there is no status to keep a mark in. Its pods' records
+        # were delivered; until their finalizers are released a restart re-sends them
+        # with the same ids, which is what ids are for.
+        return
+    await op.io(
+        op.kube.patch_status,
+        "aiservices",
+        key.namespace,
+        key.service,
+        {"usage": mark_to_status(mark)},
+    )
 
 
-async def _lifetimes(
-    op: Operator, now: datetime
-) -> tuple[list[PodLifetime], dict[str, dict[str, Any]]]:
-    """The billable lifetime of every pod the meter knows, live or gone, by pod uid."""
-    pricing = _pricing(op, now)
-    lifetimes: list[PodLifetime] = []
-    pods_by_uid: dict[str, dict[str, Any]] = {}
-    pods: list[tuple[dict[str, Any], datetime | None]]
-    pods = [(pod, None) for pod in op.caches.all_metered_pods()]
-    pods += [(pod, gone_at) for pod, gone_at in op.gone_pods.values()]
-    for pod, gone_at in pods:
-        uid = pod["metadata"]["uid"]
-        try:
-            lifetime = pod_lifetime_from_dict(
-                pod, pricing, cluster_id=op.settings.cluster_id, gone_at=gone_at
-            )
-        except MeteringError as error:
-            op.metrics.meter_errors.labels(stage="unpriced").inc()
-            logger.error("pod %s cannot be metered: %s", pod["metadata"].get("name"), error)
-            if gone_at is not None or pod["metadata"].get("deletionTimestamp"):
-                # Holding the pod would not price it; it would only block its namespace.
-                await _release(op, pod, uid)
-            continue
-        if lifetime is not None:
-            lifetimes.append(lifetime)
-            pods_by_uid[uid] = pod
-        elif gone_at is not None or pod["metadata"].get("deletionTimestamp"):
-            # Never bound (deleted while Pending), so nothing to bill: without this the
-            # finalizer would hold the pod forever, and namespace deletion with it.
-            await _release(op, pod, uid)
-    return lifetimes, pods_by_uid
+async def _write_unmanaged_gpus(op: Operator, pods: _Pods) -> None:
+    """How many GPUs pods of no AIService hold on each pool, in the pool's status."""
+    held: dict[str, int] = defaultdict(int)
+    for lifetime in pods.lifetimes:
+        if lifetime.service == "" and lifetime.ended_at is None:
+            held[lifetime.pool] += lifetime.gpus
+    for name in op.caches.pool_names():
+        body = op.caches.pool(name)
+        billing = ((body or {}).get("status") or {}).get("billing") or {}
+        if body is not None and billing.get("unmanagedGpus") != held[name]:
+            try:
+                patch = {"billing": {"unmanagedGpus": held[name]}}
+                await op.io(op.kube.patch_status, "gpupools", None, name, patch)
+            except ApiException as error:
+                logger.warning("unmanaged GPUs of GPUPool %s not written: %s", name, error)
+
+
+# --------------------------------------------------------------------------- delivery
 
 
 async def _with_utilization(op: Operator, batches: list[ServiceBatch]) -> list[ServiceBatch]:
@@ -245,59 +527,76 @@ def _utilization_series_by_pool(op: Operator) -> dict[str, str]:
 
 
 async def _deliver(
-    op: Operator, sinks: MultiSink, batch: ServiceBatch, mark: ServiceMark | None
-) -> ServiceMark | None:
-    """Emit one service's batch and save its new mark; None when either failed (the
-    next tick sends the same records, with the same ids, from the unchanged mark)."""
+    op: Operator, sinks: MultiSink, batch: ServiceBatch, mark: ServiceMark | None, pods: _Pods
+) -> None:
+    """Emit one account's batch, save its new mark and release the pods it finished.
+
+    Whatever fails here fails for this account alone: the next tick sends the same
+    records, with the same ids, from the unchanged mark, and every other account's
+    delivery goes on meanwhile.
+    """
+    now = datetime.now(UTC)
     try:
-        await sinks.emit(batch.records)
-    except SinkError as error:
-        op.metrics.meter_errors.labels(stage="sink").inc()
-        logger.warning("usage of %s/%s not delivered, will retry: %s", *batch.key, error)
-        return None
-    new_mark = advance_mark(mark, batch.records, batch.through)
-    try:
+        async with op.delivery_slots:
+            await sinks.emit(batch.records)
+        new_mark = advance_mark(mark, batch.records, batch.through)
         await _save_mark(op, batch.key, new_mark)
-    except ApiException as error:
-        # One service's status write must not stall every other service's metering.
-        op.metrics.meter_errors.labels(stage="mark").inc()
-        logger.warning("usage mark of %s/%s not saved, will retry: %s", *batch.key, error)
-        return None
-    return new_mark
-
-
-async def _save_mark(op: Operator, key: ServiceKey, mark: ServiceMark) -> None:
-    if op.caches.service((key.namespace, key.service)) is None or mark.currency is None:
-        # The service is gone: there is no status to keep a mark in. Its pods' records
-        # were delivered; until their finalizers are released a restart re-sends them
-        # with the same ids, which is what ids are for.
-        # No currency: nothing was billed yet (only empty windows, e.g. before the first
-        # pod's first whole second), and the CRD requires one. Kept in memory; after a
-        # restart the meter re-plans those windows from the pods and finds them empty.
-        op.marks[key] = mark
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:  # noqa: BLE001 - one account's failure never stops the meter
+        reason = _failure_reason(error)
+        op.metrics.meter_errors.labels(stage=_failure_stage(error)).inc()
+        logger.warning("usage of %s not reported, will retry: %s", batch.key, error)
+        await _report(op, batch.key, (reason, _describe(error)), now)
         return
-    await op.io(
-        op.kube.patch_status,
-        "aiservices",
-        key.namespace,
-        key.service,
-        {"usage": mark_to_status(mark)},
-    )
-    op.marks[key] = mark
+    await _report(op, batch.key, None, now)
+    if not batch.key.unmanaged:
+        op.metrics.metering_lag.labels(
+            namespace=batch.key.namespace, service=batch.key.service
+        ).set((now - new_mark.reported_through).total_seconds())
+    await _release_reported(op, pods, batch.key, new_mark)
 
 
-async def _release(op: Operator, pod: dict[str, Any], uid: str) -> None:
-    """Forget a fully billed pod, and let it go if our finalizer holds it."""
-    metadata = pod["metadata"]
-    finalizers = list(metadata.get("finalizers") or [])
-    if METERING_FINALIZER in finalizers:
-        try:
-            await op.io(
-                op.kube.remove_finalizer, metadata["namespace"], metadata["name"],
-                uid, finalizers, METERING_FINALIZER,
-            )  # fmt: skip
-        except ApiException as error:
-            if error.status not in (404, 409, 422):
-                raise
-            return  # changed or gone meanwhile: the next tick looks again
-    op.gone_pods.pop(uid, None)
+def _failure_stage(error: Exception) -> str:
+    if isinstance(error, MultiSinkError):
+        return "sink"
+    if isinstance(error, ApiException):
+        return "mark"
+    return "delivery"
+
+
+def _failure_reason(error: Exception) -> str:
+    if isinstance(error, MultiSinkError):
+        if all(isinstance(e, SinkRejectedError) for e in error.failures.values()):
+            return SINK_REJECTED
+        return SINK_UNAVAILABLE
+    return METERING_FAILED
+
+
+def _describe(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+async def _report(
+    op: Operator, key: Account, problem: tuple[str, str] | None, now: datetime
+) -> None:
+    """Remember how the account's last delivery went; on a change, have the service show
+    it (its UsageReported condition) and say it in an Event when it starts failing."""
+    if key in op.usage_problems and op.usage_problems[key] == problem:
+        return
+    op.usage_problems[key] = problem
+    if not key.unmanaged:
+        op.service_queue.add((key.namespace, key.service))
+    if problem is None:
+        return
+    if key.unmanaged:
+        involved = op.caches.pool(key.pool)
+    else:
+        involved = op.caches.service((key.namespace, key.service))
+    if involved is not None:
+        reason, message = problem
+        await op.io(
+            op.kube.post_event, involved, "UsageNotReported",
+            f"usage of {key} not reported ({reason}): {message}", now, "Warning",
+        )  # fmt: skip

@@ -54,8 +54,8 @@ CACHE_IDS = (
     "network_services",
     "namespaces",
     "metered_pods",
+    "replicasets",
 )
-METERED = {SERVICE_LABEL: kopf.PRESENT}
 
 
 def holds_extended_resource(spec: Any, **_: Any) -> bool:
@@ -105,6 +105,19 @@ def index_namespace(name: str, labels: Any, **_: Any) -> dict[str, dict[str, str
 
 def index_metered_pod(uid: str, body: Any, **_: Any) -> dict[str, dict[str, Any]]:
     return {uid: slim_pod(body)}
+
+
+def index_replicaset(
+    namespace: str | None, name: str, meta: Any, **_: Any
+) -> dict[ServiceKey, dict[str, Any]]:
+    # Only what the meter's ownership chain reads: a busy cluster has many ReplicaSets.
+    return {
+        (namespace or "", name): {
+            "name": name,
+            "uid": meta.get("uid"),
+            "ownerReferences": list(meta.get("ownerReferences") or []),
+        }
+    }
 
 
 # -- start-up and shutdown ---------------------------------------------------------------
@@ -260,7 +273,12 @@ def build_registry() -> kopf.OperatorRegistry:
     )
     kopf.index("", "v1", "services", labels=MANAGED, id="network_services", registry=r)(index_child)
     kopf.index("", "v1", "namespaces", id="namespaces", registry=r)(index_namespace)
-    kopf.index("", "v1", "pods", labels=METERED, id="metered_pods", registry=r)(index_metered_pod)
+    # Every pod that may hold a pool's GPUs is metered, labelled or not: billing must not
+    # depend on anything a tenant can write.
+    kopf.index("", "v1", "pods", when=holds_extended_resource, id="metered_pods", registry=r)(
+        index_metered_pod
+    )
+    kopf.index("apps", "v1", "replicasets", id="replicasets", registry=r)(index_replicaset)
 
     kopf.on.login(registry=r)(login)
     kopf.on.startup(registry=r)(startup)
@@ -274,7 +292,7 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.on.event("", "v1", "nodes", registry=r)(on_capacity_event)
     kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_capacity_event)
     kopf.on.event("", "v1", "namespaces", registry=r)(on_namespace_event)
-    kopf.on.event("", "v1", "pods", labels=METERED, registry=r)(on_metered_pod_event)
+    kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_metered_pod_event)
     return registry
 
 

@@ -22,12 +22,15 @@ from gpuyard.logic.admission import AdmissionResult, check_service
 from gpuyard.logic.autoscale import Decision, ScalingState, decide
 from gpuyard.logic.children import build_deployment, build_service, owner_reference, selector_string
 from gpuyard.logic.conditions import (
+    ConditionUpdate,
     accepted_condition,
     apply_conditions,
     capacity_condition,
     ready_condition,
+    usage_reported_condition,
 )
 from gpuyard.logic.drift import needs_apply, with_applied_hash
+from gpuyard.logic.metering import Account
 from gpuyard.logic.policy import scaling_policy
 from gpuyard.logic.pool_accounting import PoolUsage, compute_pool_usage
 from gpuyard.logic.replicas import target_replicas
@@ -91,7 +94,7 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
     ready = int(((accepted.live or {}).get("status") or {}).get("readyReplicas") or 0)
     op.metrics.service_replicas.labels(key[0], key[1], "desired").set(replicas)
     op.metrics.service_replicas.labels(key[0], key[1], "ready").set(ready)
-    await _write_status(op, key, body, _desired_status(accepted, replicas))
+    await _write_status(op, key, body, _desired_status(op, accepted, replicas))
 
 
 async def _apply_children(op: Operator, it: _Accepted) -> int:
@@ -120,7 +123,7 @@ async def _apply_children(op: Operator, it: _Accepted) -> int:
     return replicas
 
 
-def _desired_status(it: _Accepted, replicas: int) -> dict[str, Any]:
+def _desired_status(op: Operator, it: _Accepted, replicas: int) -> dict[str, Any]:
     current_status: dict[str, Any] = it.body.get("status") or {}
     live_status = (it.live or {}).get("status") or {}
     current_replicas = int(live_status.get("replicas") or 0)
@@ -151,7 +154,8 @@ def _desired_status(it: _Accepted, replicas: int) -> dict[str, Any]:
     conditions = apply_conditions(
         current_status.get("conditions"),
         [accepted_condition(it.admission), ready, capacity]
-        + [c for c in scaling if c.type != capacity.type],
+        + [c for c in scaling if c.type != capacity.type]
+        + _usage_conditions(op, it.key),
         generation,
         it.now,
     )
@@ -190,6 +194,7 @@ async def _refuse(
                 current_replicas=0,
                 updated_replicas=0,
             ),
+            *_usage_conditions(op, key),
         ],
         generation,
         now,
@@ -217,6 +222,14 @@ async def _write_status(
         body["status"] = apply_merge_patch(current, patch)
         # The meter owns status.usage; every other field is this reconcile's alone.
         op.own_status[key] = {k: v for k, v in body["status"].items() if k != "usage"}
+
+
+def _usage_conditions(op: Operator, key: ServiceKey) -> list[ConditionUpdate]:
+    """UsageReported, once the meter has tried to deliver the service's usage."""
+    account = Account(*key)
+    if account not in op.usage_problems:
+        return []
+    return [usage_reported_condition(op.usage_problems[account])]
 
 
 def _decision(

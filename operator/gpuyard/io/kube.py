@@ -148,25 +148,34 @@ class Kube:
                 return
             raise
 
-    def remove_finalizer(
-        self, namespace: str, name: str, uid: str, finalizers: list[str], finalizer: str
+    def set_finalizers(
+        self, resource: str, path: str, metadata: Mapping[str, Any], finalizers: list[str]
     ) -> None:
-        """Remove ``finalizer`` from a pod, only if it is still the pod we saw (``uid``)
-        with the finalizers we saw: a JSON patch with tests, so nothing else is lost."""
-        self._writes.labels(verb="patch", resource="pods").inc()
-        patch = [
-            {"op": "test", "path": "/metadata/uid", "value": uid},
-            {"op": "test", "path": "/metadata/finalizers", "value": finalizers},
-            {
-                "op": "replace",
-                "path": "/metadata/finalizers",
-                "value": [f for f in finalizers if f != finalizer],
-            },
+        """Set the finalizers of the object at ``path`` to ``finalizers``, only if it is
+        still the object we saw (its uid) with the finalizers we saw: a JSON patch with
+        tests, so a finalizer another controller added meanwhile is never lost (the API
+        answers 422 and the caller looks again)."""
+        self._writes.labels(verb="patch", resource=resource).inc()
+        seen = list(metadata.get("finalizers") or [])
+        patch: list[dict[str, Any]] = [
+            {"op": "test", "path": "/metadata/uid", "value": metadata["uid"]}
         ]
-        self._call(
-            "PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}", body=patch,
-            content_type="application/json-patch+json",
-        )  # fmt: skip
+        if seen:
+            patch += [
+                {"op": "test", "path": "/metadata/finalizers", "value": seen},
+                {"op": "replace", "path": "/metadata/finalizers", "value": finalizers},
+            ]
+        else:
+            # No list to test: the resourceVersion proves nobody added one meanwhile.
+            patch += [
+                {
+                    "op": "test",
+                    "path": "/metadata/resourceVersion",
+                    "value": metadata["resourceVersion"],
+                },
+                {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
+            ]
+        self._call("PATCH", path, body=patch, content_type="application/json-patch+json")
 
     def get(self, path: str) -> Any | None:
         try:

@@ -43,6 +43,7 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 REVISION_HISTORY_LIMIT = 3
 
 
+#: The meter's finalizer on GPU pods and GPUPools: held until their usage is billed.
 METERING_FINALIZER = "gpuyard.io/metering"
 
 
@@ -192,10 +193,10 @@ def build_deployment(
                 "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
             },
             "template": {
-                # The ReplicaSet controller copies template finalizers onto every pod: the
-                # meter removes this one once the pod's last second is billed, so a pod
-                # that ends while the operator is down is still there to be metered.
-                "metadata": {"labels": labels, "finalizers": [METERING_FINALIZER]},
+                # No finalizer here: the meter puts its own on every pod it bills (this
+                # one's and a bare pod's alike) and takes it off after the last second, so
+                # nothing is left holding pods once gpuyard is uninstalled.
+                "metadata": {"labels": labels},
                 "spec": _pod_spec(service, pool),
             },
         },

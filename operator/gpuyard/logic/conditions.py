@@ -23,6 +23,7 @@ ACCEPTED = "Accepted"
 CAPACITY_LIMITED = "CapacityLimited"
 BUDGET_LIMITED = "BudgetLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
+USAGE_REPORTED = "UsageReported"
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -236,4 +237,26 @@ def pool_ready_condition(usage: PoolUsage, *, resource_name: str) -> ConditionUp
         "NodesReady",
         f"{usage.ready_nodes}/{usage.nodes} nodes ready, {usage.available}/{usage.capacity} "
         f"{resource_name} free",
+    )
+
+
+def usage_reported_condition(problem: tuple[str, str] | None) -> ConditionUpdate:
+    """`UsageReported`: whether the service's last usage delivery reached every sink.
+
+    `problem` is the reason and message of the last failure, or None after a success.
+    Billing is not lost meanwhile: the mark waits, and the same records go out again.
+    """
+    if problem is None:
+        return ConditionUpdate(
+            type=USAGE_REPORTED,
+            status="True",
+            reason="Reported",
+            message="usage records reach every sink",
+        )
+    reason, message = problem
+    return ConditionUpdate(
+        type=USAGE_REPORTED,
+        status="False",
+        reason=reason,
+        message=f"usage waits to be reported, nothing is lost: {message}",
     )

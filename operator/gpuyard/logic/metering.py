@@ -4,10 +4,18 @@ Nothing here reads a clock, a file or the network: `now` and `through` are argum
 every rule below is a table-driven unit test. The rules, stated once (docs/metering.md
 repeats them for users):
 
+- **Who pays, at what price.** A pod's GPUs are priced by the pool whose nodes hold them
+  (`pool_holding`: the pod's node matched against the pools' node selectors) and billed to
+  the AIService that controls the pod through its ReplicaSet and Deployment
+  (`logic.ownership`), never by the pod's labels. A pod of no AIService is *unmanaged*
+  usage of its namespace on that pool: billed all the same.
 - **Billed interval.** A pod holds its GPUs from `bound_at` (the `PodScheduled`
   condition's `lastTransitionTime`) until `ended_at` (see `pod_lifetime_from_dict`).
   Both ends are floored to whole seconds, so a pod's billed seconds are
   `floor(ended_at) - floor(bound_at)`: never more than the truth, less by under 1 s.
+- **Node loss.** While a pod's node is not Ready, its account's windows from the one
+  holding that moment wait (`NodeDown`); past the grace the pod's billing ends at the
+  moment the node left Ready, and if the node returns within the grace nothing changes.
 - **Windows.** Records are cut per pod per window of `window_seconds`, aligned to
   multiples of `window_seconds` since the Unix epoch (so 60 s windows start on the minute,
   3600 s windows on the hour, UTC). A window is cut only once closed (`end <= through`).
@@ -20,13 +28,16 @@ repeats them for users):
 - **Prices.** A pool's price schedule is a list of `PricePoint`s. A window is priced by
   the latest point whose `effective_from` is at or before the window's start: a change
   takes effect from the first window starting at or after it, never mid-record. Windows
-  before the first point use the first point (the operator learns prices when it starts).
+  before the first point use the first point. The schedule is kept in the pool's status
+  (`observe_price`), so a restart prices every window as before it.
 - **Rounding.** `cost = gpu_seconds * per_gpu_hour / 3600`, quantized to 1e-9 with
   ROUND_HALF_EVEN, computed in a 50-digit decimal context. A sum of record costs differs
   from the cost of the summed seconds by at most 0.5e-9 per record.
-- **Marks.** A `ServiceMark` says every window of a service ending at or before
-  `reported_through` was acknowledged by the sink. `plan_tick` cuts only windows after
-  the mark, so after a crash the meter re-emits from the mark, with the same ids.
+- **Marks.** A `ServiceMark` says every window of an account (`Account`: a service, or a
+  namespace's unmanaged usage of one pool) ending at or before `reported_through` was
+  acknowledged by the sink. `plan_tick` cuts only windows after the mark, so after a crash
+  the meter re-emits from the mark, with the same ids. A batch holds at most
+  `max_records_per_batch` records but always one whole window, so any backlog drains.
 """
 
 from __future__ import annotations
@@ -36,15 +47,15 @@ import hashlib
 import itertools
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation, localcontext
 from typing import Any, NamedTuple
 
-SERVICE_LABEL = "gpuyard.io/service"
-POOL_LABEL = "gpuyard.io/pool"
-DEFAULT_RESOURCE_NAME = "nvidia.com/gpu"
+from gpuyard.api.pool import DEFAULT_RESOURCE_NAME
+
 DEFAULT_WINDOW_SECONDS = 60
 MIN_WINDOW_SECONDS = 1
 COST_QUANTUM = Decimal("1e-9")
@@ -53,6 +64,8 @@ UTILIZATION_QUANTUM = Decimal("0.01")
 # Prometheus refuses a range query of more than 11,000 points per series.
 MAX_UTILIZATION_WINDOWS = 10_000
 RECORD_SCHEMA = "gpuyard.io/usage/v1"
+#: A pool's status keeps this many price points; older ones price no open window.
+MAX_PRICE_POINTS = 100
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_SECOND = timedelta(seconds=1)
@@ -62,14 +75,6 @@ _TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 
 class MeteringError(ValueError):
     """Input the meter refuses to bill from, rather than guess."""
-
-
-class UnknownPoolError(MeteringError):
-    """A gpuyard pod names a pool the meter has no price for.
-
-    Raised rather than returning None: None means "not billable", and a pod we cannot
-    price is billable. The caller decides (keep the mark, set a condition).
-    """
 
 
 # --------------------------------------------------------------------------- time
@@ -197,13 +202,15 @@ def window_cost(gpu_seconds: int, per_gpu_hour: Decimal) -> Decimal:
 
 @dataclass(frozen=True, slots=True)
 class PoolPricing:
-    """What the meter needs from a GPUPool: identity, GPU resource and prices."""
+    """What the meter needs from a GPUPool: identity, nodes, GPU resource and prices."""
 
     name: str
     gpu_type: str
     currency: str
     prices: tuple[PricePoint, ...]
     resource_name: str = DEFAULT_RESOURCE_NAME
+    #: The pool's nodeSelector as sorted pairs: the nodes whose GPUs it prices.
+    node_selector: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prices", _check_schedule(self.prices))
@@ -218,8 +225,139 @@ class PoolPricing:
         kept = tuple(p for p in self.prices if p.effective_from < point.effective_from)
         return replace(self, prices=(*kept, point))
 
+    def selects(self, node_labels: Mapping[str, str]) -> bool:
+        """Whether the pool's node selector selects a node with `node_labels`."""
+        return bool(self.node_selector) and all(
+            node_labels.get(key) == value for key, value in self.node_selector
+        )
+
+
+def observe_price(
+    history: Sequence[PricePoint], price: Decimal, *, created: datetime, now: datetime
+) -> tuple[PricePoint, ...]:
+    """A pool's price schedule after seeing its spec price at `now`.
+
+    An empty history starts at the pool's creation. A price that differs from the last
+    point applies from `now`, the moment the operator first saw it, so that it takes
+    effect from the first window starting at or after then. Only the newest
+    `MAX_PRICE_POINTS` points are kept: older ones price no window still open.
+    """
+    if not history:
+        return (PricePoint(created, price),)
+    schedule = _check_schedule(history)
+    if schedule[-1].per_gpu_hour == price:
+        return schedule
+    kept = tuple(p for p in schedule if p.effective_from < require_utc(now))
+    return (*kept, PricePoint(now, price))[-MAX_PRICE_POINTS:]
+
+
+def price_history_to_status(prices: Sequence[PricePoint]) -> list[dict[str, str]]:
+    """The `status.billing.priceHistory` list of a GPUPool."""
+    return [
+        {
+            "effectiveFrom": format_time(p.effective_from),
+            "perGpuHour": format_decimal(p.per_gpu_hour),
+        }
+        for p in prices
+    ]
+
+
+def price_history_from_status(entries: Any) -> tuple[PricePoint, ...]:
+    """The price points stored in a GPUPool's status; raises MeteringError when broken."""
+    if not entries:
+        return ()
+    if not isinstance(entries, Sequence):
+        raise MeteringError(f"status.billing.priceHistory must be a list: {entries!r}")
+    points = tuple(
+        PricePoint(
+            parse_time(str(_get(entry, "effectiveFrom"))),
+            parse_decimal(_get(entry, "perGpuHour"), "perGpuHour"),
+        )
+        for entry in entries
+    )
+    return _check_schedule(points)
+
+
+def pool_holding(
+    node_labels: Mapping[str, str],
+    pod_spec: Mapping[str, Any],
+    pools: Iterable[PoolPricing],
+    *,
+    preferred: str | None = None,
+) -> tuple[PoolPricing, int] | None:
+    """The pool whose nodes hold the pod's GPUs, with the number of GPUs it holds; None
+    when no pool selects the pod's node, or none of those pools' resource is requested.
+
+    Pools may overlap (two selectors matching one node). The pod's own AIService's pool
+    wins among the matches (`preferred`; a tenant can only choose among pools that really
+    hold the node), then the most specific selector, then the first name: a fixed rule,
+    so that the same pod is priced the same way on every tick and after every restart.
+    """
+
+    def rank(pool: PoolPricing) -> tuple[bool, int, str]:
+        return pool.name != preferred, -len(pool.node_selector), pool.name
+
+    holding = [
+        (pool, gpus)
+        for pool in pools
+        if pool.selects(node_labels) and (gpus := gpu_request(pod_spec, pool.resource_name)) >= 1
+    ]
+    return min(holding, key=lambda match: rank(match[0]), default=None)
+
 
 # --------------------------------------------------------------------------- lifetimes
+
+
+@dataclass(frozen=True, slots=True)
+class NodeDown:
+    """A pod's node has not been Ready since `since`; `lost` once the grace has passed."""
+
+    since: datetime
+    lost: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "since", require_utc(self.since, "since"))
+
+
+def node_down(
+    ready: bool, not_ready_since: datetime | None, now: datetime, grace_seconds: int
+) -> NodeDown | None:
+    """What a node's readiness means for billing the pods on it.
+
+    A node whose Ready condition is not True since T holds its pods' billing from T on: the
+    node may come back (a network blip, a kubelet restart), and then every second counts,
+    or stay gone, and then billing ends at T. `grace_seconds` decides which (300 s, like
+    the default toleration of an unreachable node). A node without a transition time (it
+    never reported) is taken as down since `now`.
+    """
+    if ready:
+        return None
+    since = require_utc(not_ready_since) if not_ready_since is not None else require_utc(now)
+    return NodeDown(since=since, lost=(require_utc(now) - since).total_seconds() >= grace_seconds)
+
+
+class Account(NamedTuple):
+    """Whose usage a record is: an AIService (`service` set), or the GPUs a namespace holds
+    on one pool outside any AIService (unmanaged usage: `service` empty, `pool` set). Each
+    account has one mark; an unmanaged one lives in its pool's status."""
+
+    namespace: str
+    service: str = ""
+    pool: str = ""
+
+    @property
+    def unmanaged(self) -> bool:
+        return not self.service
+
+    def __str__(self) -> str:
+        if self.service:
+            return f"{self.namespace}/{self.service}"
+        return f"{self.namespace} (unmanaged, pool {self.pool})"
+
+
+def account_of(namespace: str, service: str | None, pool: str) -> Account:
+    """The account a pod of `service` (None: of no AIService) on `pool` bills to."""
+    return Account(namespace, service) if service else Account(namespace, "", pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +368,7 @@ class PodLifetime:
     pod_uid: str
     pod_name: str
     namespace: str
+    #: The AIService that controls the pod; empty for unmanaged usage.
     service: str
     pool: str
     gpu_type: str
@@ -238,6 +377,8 @@ class PodLifetime:
     ended_at: datetime | None
     prices: tuple[PricePoint, ...]
     currency: str
+    #: The pod's node is down since then: its account's windows from here on wait.
+    held_from: datetime | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bound_at", require_utc(self.bound_at, "bound_at"))
@@ -246,13 +387,15 @@ class PodLifetime:
             # Clocks differ (kubelet's finishedAt vs the scheduler's bind time): a pod
             # never ends before it was bound.
             object.__setattr__(self, "ended_at", max(ended, self.bound_at))
+        if self.held_from is not None:
+            object.__setattr__(self, "held_from", require_utc(self.held_from, "held_from"))
         object.__setattr__(self, "prices", _check_schedule(self.prices))
         if self.gpus < 1:
             raise MeteringError(f"gpus must be >= 1, got {self.gpus}")
 
     @property
-    def key(self) -> ServiceKey:
-        return ServiceKey(self.namespace, self.service)
+    def account(self) -> Account:
+        return account_of(self.namespace, self.service, self.pool)
 
     def billed_seconds(self, through: datetime) -> int:
         """Floor-based seconds held up to `through` (the ground truth records must sum to)."""
@@ -362,15 +505,16 @@ def _ended_at(pod: Mapping[str, Any], gone_at: datetime | None) -> datetime | No
 
 def pod_lifetime_from_dict(
     pod: Mapping[str, Any],
-    pools: Mapping[str, PoolPricing],
+    pool: PoolPricing,
     *,
+    service: str | None,
     cluster_id: str,
     gone_at: datetime | None = None,
+    node: NodeDown | None = None,
 ) -> PodLifetime | None:
-    """The billable lifetime of a Pod (Kubernetes JSON), or None if it holds no pool GPU.
-
-    None when: the pod lacks the `gpuyard.io/service` / `gpuyard.io/pool` labels, is not
-    bound yet, or requests none of the pool's resource.
+    """The billable lifetime of a Pod (Kubernetes JSON) whose GPUs `pool` holds (see
+    `pool_holding`), billed to `service` (None: unmanaged usage of its namespace); None
+    when it is not bound yet or requests none of the pool's resource.
 
     `ended_at`, precisely:
     1. phase Succeeded/Failed, or every app container's current state is `terminated`:
@@ -380,38 +524,38 @@ def pod_lifetime_from_dict(
        watch event's time): min(`deletionTimestamp`, `gone_at`).
     3. otherwise None: still holding GPUs, including while Terminating (a pod being
        deleted keeps its GPUs until its containers stop).
+    A `node` lost past its grace ends the pod at the moment the node left Ready, unless
+    it ended earlier; a node down within the grace holds the pod's windows from then on.
     """
-    labels = _get(pod, "metadata", "labels") or {}
-    service, pool_name = labels.get(SERVICE_LABEL), labels.get(POOL_LABEL)
-    if not service or not pool_name:
-        return None
     bound_at = _bound_at(pod)
     if bound_at is None:
         return None
-    pool = pools.get(pool_name)
-    if pool is None:
-        raise UnknownPoolError(
-            f"pod {_get(pod, 'metadata', 'name')!r} uses unknown pool {pool_name!r}"
-        )
     gpus = gpu_request(_get(pod, "spec") or {}, pool.resource_name)
     if gpus < 1:
         return None
     uid = _get(pod, "metadata", "uid")
     if not uid:
         raise MeteringError("a bound pod without metadata.uid cannot get stable record ids")
+    ended_at = _ended_at(pod, gone_at)
+    held_from = None
+    if node is not None and node.lost:
+        ended_at = node.since if ended_at is None else min(require_utc(ended_at), node.since)
+    elif node is not None and ended_at is None:
+        held_from = node.since
     return PodLifetime(
         cluster_id=cluster_id,
         pod_uid=str(uid),
         pod_name=str(_get(pod, "metadata", "name") or ""),
         namespace=str(_get(pod, "metadata", "namespace") or ""),
-        service=str(service),
+        service=service or "",
         pool=pool.name,
         gpu_type=pool.gpu_type,
         gpus=gpus,
         bound_at=bound_at,
-        ended_at=_ended_at(pod, gone_at),
+        ended_at=ended_at,
         prices=pool.prices,
         currency=pool.currency,
+        held_from=held_from,
     )
 
 
@@ -425,6 +569,7 @@ class UsageRecord:
     id: str
     cluster_id: str
     namespace: str
+    #: The AIService billed; empty for unmanaged usage (a pod of no AIService).
     service: str
     pool: str
     gpu_type: str
@@ -442,8 +587,12 @@ class UsageRecord:
     idle_gpu_seconds: int | None = None
 
     @property
-    def key(self) -> ServiceKey:
-        return ServiceKey(self.namespace, self.service)
+    def account(self) -> Account:
+        return account_of(self.namespace, self.service, self.pool)
+
+    @property
+    def unmanaged(self) -> bool:
+        return not self.service
 
     def billing_fields(self) -> tuple[object, ...]:
         """What must be identical for two records with one id (utilisation may differ)."""
@@ -564,6 +713,7 @@ def record_to_json(record: UsageRecord) -> dict[str, Any]:
         "cluster_id": record.cluster_id,
         "namespace": record.namespace,
         "service": record.service,
+        "unmanaged": record.unmanaged,
         "pool": record.pool,
         "gpu_type": record.gpu_type,
         "pod": record.pod,
@@ -596,6 +746,9 @@ def record_from_json(data: Mapping[str, Any]) -> UsageRecord:
         raise MeteringError(f"unknown record schema {data.get('schema')!r}")
     util = data.get("avg_utilization")
     idle = data.get("idle_gpu_seconds")
+    unmanaged = data.get("unmanaged", not data.get("service"))
+    if unmanaged is not (not data.get("service")):
+        raise MeteringError("a record is unmanaged exactly when it names no service")
     return UsageRecord(
         id=_field(data, "id", str),
         cluster_id=_field(data, "cluster_id", str),
@@ -636,23 +789,28 @@ def record_from_line(line: str) -> UsageRecord:
 # --------------------------------------------------------------------------- marks
 
 
-class ServiceKey(NamedTuple):
-    namespace: str
-    service: str
-
-
 @dataclass(frozen=True, slots=True)
 class ServiceMark:
-    """A service's high-water mark: windows ending <= `reported_through` are acknowledged,
-    and the totals are the sum of exactly those records."""
+    """An account's high-water mark: windows ending <= `reported_through` are
+    acknowledged, and the totals are the sum of exactly those records.
+
+    `costs` holds a total per currency: a service that moves to a pool of another currency
+    keeps what it cost in the first one. `currency` is that of the latest billed record.
+    """
 
     reported_through: datetime
     gpu_seconds: int = 0
-    cost: Decimal = field(default_factory=lambda: Decimal(0))
+    costs: Mapping[str, Decimal] = field(default_factory=dict)
     currency: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "reported_through", require_utc(self.reported_through))
+        object.__setattr__(self, "costs", dict(sorted(self.costs.items())))
+
+    @property
+    def cost(self) -> Decimal:
+        """The total in `currency`."""
+        return self.costs.get(self.currency, Decimal(0)) if self.currency else Decimal(0)
 
 
 def advance_mark(
@@ -660,32 +818,33 @@ def advance_mark(
 ) -> ServiceMark:
     """The mark after the sink acknowledged `acknowledged`, all windows up to `through`.
 
-    Records are deduplicated by id. Refuses (MeteringError) records of several services,
-    records outside (mark, through], a mark moving backwards and mixed currencies: each
-    would make the totals disagree with the ledger.
+    Records are deduplicated by id. Refuses (MeteringError) records of several accounts,
+    records outside (mark, through] and a mark moving backwards: each would make the
+    totals disagree with the ledger.
     """
     through = require_utc(through, "through")
     if mark is not None and through < mark.reported_through:
         raise MeteringError("a mark never moves backwards")
-    records = list({r.id: r for r in acknowledged}.values())
-    if len({r.key for r in records}) > 1:
-        raise MeteringError("a mark belongs to one service; got records of several")
+    records = sorted({r.id: r for r in acknowledged}.values(), key=lambda r: (r.end, r.id))
+    if len({r.account for r in records}) > 1:
+        raise MeteringError("a mark belongs to one account; got records of several")
     currency = mark.currency if mark is not None else None
     gpu_seconds = mark.gpu_seconds if mark is not None else 0
-    cost = mark.cost if mark is not None else Decimal(0)
+    costs = dict(mark.costs) if mark is not None else {}
     for record in records:
         if record.end > through or (mark is not None and record.start < mark.reported_through):
             raise MeteringError(f"record {record.id} lies outside the window being acknowledged")
-        if currency is not None and record.currency != currency:
-            raise MeteringError(f"currency changed from {currency} to {record.currency}")
         currency = record.currency
         gpu_seconds += record.gpu_seconds
-        cost += record.cost
-    return ServiceMark(through, gpu_seconds, cost, currency)
+        costs[currency] = costs.get(currency, Decimal(0)) + record.cost
+    return ServiceMark(
+        reported_through=through, gpu_seconds=gpu_seconds, costs=costs, currency=currency
+    )
 
 
 def mark_to_status(mark: ServiceMark) -> dict[str, Any]:
-    """The AIService `status.usage` block (docs/api.md)."""
+    """The usage block of a mark: an AIService's `status.usage` (docs/api.md), and the
+    same fields in a GPUPool's `status.billing.unmanagedUsage`."""
     usage: dict[str, Any] = {
         "gpuSeconds": mark.gpu_seconds,
         "cost": format_decimal(mark.cost),
@@ -693,27 +852,39 @@ def mark_to_status(mark: ServiceMark) -> dict[str, Any]:
     }
     if mark.currency is not None:
         usage["currency"] = mark.currency
+    if len(mark.costs) > 1:
+        usage["costByCurrency"] = {code: format_decimal(cost) for code, cost in mark.costs.items()}
     return usage
 
 
 def mark_from_status(usage: Mapping[str, Any] | None) -> ServiceMark | None:
-    """The mark stored in `status.usage`, or None when the service was never metered."""
+    """The mark stored in a usage block, or None when the account was never metered."""
     if not usage or not usage.get("reportedThrough"):
         return None
     gpu_seconds = usage.get("gpuSeconds", 0)
     if isinstance(gpu_seconds, bool) or not isinstance(gpu_seconds, int):
-        raise MeteringError(f"status.usage.gpuSeconds must be an int: {gpu_seconds!r}")
+        raise MeteringError(f"usage.gpuSeconds must be an int: {gpu_seconds!r}")
+    currency = usage.get("currency") or None
+    stored = usage.get("costByCurrency")
+    if isinstance(stored, Mapping) and stored:
+        costs = {
+            str(code): parse_decimal(cost, "usage.costByCurrency") for code, cost in stored.items()
+        }
+    elif currency is not None:
+        costs = {currency: parse_decimal(usage.get("cost", "0"), "usage.cost")}
+    else:
+        costs = {}
     return ServiceMark(
         reported_through=parse_time(str(usage["reportedThrough"])),
         gpu_seconds=gpu_seconds,
-        cost=parse_decimal(usage.get("cost", "0"), "status.usage.cost"),
-        currency=usage.get("currency") or None,
+        costs=costs,
+        currency=currency,
     )
 
 
 def is_fully_reported(lifetime: PodLifetime, mark: ServiceMark | None) -> bool:
-    """True once every second of an ended pod is behind its service's mark: the meter
-    may forget the pod (and remove a metering finalizer, if one is used)."""
+    """True once every second of an ended pod is behind its account's mark: the meter
+    may forget the pod (and remove its metering finalizer)."""
     if lifetime.ended_at is None or mark is None:
         return False
     return epoch_floor(lifetime.ended_at) <= epoch_floor(mark.reported_through)
@@ -727,47 +898,71 @@ class MeterConfig:
     window_seconds: int = DEFAULT_WINDOW_SECONDS
     # How long after a window closes the meter waits before cutting it (watch lag).
     settle_seconds: int = 5
-    # Caps one service's catch-up per tick, which bounds batch size after an outage.
+    # Caps one account's catch-up per tick in windows (bounds the utilisation query) ...
     max_windows_per_tick: int = 60
+    # ... and in records (bounds one delivery); one whole window always goes, however
+    # many pods it has, so no backlog is too large to drain.
+    max_records_per_batch: int = 10_000
 
     def __post_init__(self) -> None:
         check_window_seconds(self.window_seconds)
         if self.settle_seconds < 0 or self.max_windows_per_tick < 1:
             raise MeteringError("settle_seconds must be >= 0 and max_windows_per_tick >= 1")
+        if self.max_records_per_batch < 1:
+            raise MeteringError("max_records_per_batch must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
 class ServiceBatch:
-    """What to emit for one service this tick; after the sink acknowledges `records`,
+    """What to emit for one account this tick; after the sink acknowledges `records`,
     the new mark is `advance_mark(old_mark, records, through)`."""
 
-    key: ServiceKey
+    key: Account
     records: tuple[UsageRecord, ...]
     through: datetime
 
 
+def _fit_records(
+    records: list[UsageRecord], through: int, limit: int
+) -> tuple[list[UsageRecord], int]:
+    """The records of the first windows that together hold at most `limit` records (the
+    first window whole, however many it holds), and the end of the last window kept."""
+    if len(records) <= limit:
+        return records, through
+    per_end = Counter(epoch_floor(record.end) for record in records)
+    ends = sorted(per_end)
+    kept_end, total = ends[0], per_end[ends[0]]
+    for end in ends[1:]:
+        if total + per_end[end] > limit:
+            break
+        kept_end, total = end, total + per_end[end]
+    return [r for r in records if epoch_floor(r.end) <= kept_end], kept_end
+
+
 def plan_tick(
     lifetimes: Iterable[PodLifetime],
-    marks: Mapping[ServiceKey, ServiceMark],
+    marks: Mapping[Account, ServiceMark],
     now: datetime,
     config: MeterConfig | None = None,
 ) -> list[ServiceBatch]:
-    """Which windows to emit this tick, per service, given the marks.
+    """Which windows to emit this tick, per account, given the marks.
 
-    Each service's windows run from its mark (or, with no mark, from its earliest bound
-    pod) to the last closed window, capped at `max_windows_per_tick` windows. A service
-    with a mark and no pods still gets an empty batch so its `reported_through` moves.
-    Re-running with the same marks (after a crash) yields the same records and ids.
+    Each account's windows run from its mark (or, with no mark, from its earliest bound
+    pod) to the last closed window, capped at `max_windows_per_tick` windows and then at
+    `max_records_per_batch` records (never less than one window), and held at the window
+    of a pod whose node is down (`PodLifetime.held_from`). An account with a mark and no
+    pods still gets an empty batch so its `reported_through` moves. Re-running with the
+    same marks (after a crash) yields the same records and ids.
     """
     config = config or MeterConfig()
     width = config.window_seconds
     through = closed_through(now, width, config.settle_seconds)
-    by_service: dict[ServiceKey, list[PodLifetime]] = {key: [] for key in marks}
+    by_account: dict[Account, list[PodLifetime]] = {key: [] for key in marks}
     for lifetime in lifetimes:
-        by_service.setdefault(lifetime.key, []).append(lifetime)
+        by_account.setdefault(lifetime.account, []).append(lifetime)
     batches: list[ServiceBatch] = []
-    for key in sorted(by_service):
-        pods = by_service[key]
+    for key in sorted(by_account):
+        pods = by_account[key]
         mark = marks.get(key)
         if mark is not None:
             start = epoch_floor(mark.reported_through)
@@ -775,12 +970,18 @@ def plan_tick(
             start = min(epoch_floor(p.bound_at) for p in pods)
         else:
             continue
-        cap = start - start % width + width * config.max_windows_per_tick
-        service_through = from_epoch(min(epoch_floor(through), cap))
-        if mark is not None and service_through <= mark.reported_through:
+        limit = min(
+            epoch_floor(through), start - start % width + width * config.max_windows_per_tick
+        )
+        for held in (p.held_from for p in pods if p.held_from is not None):
+            held_second = epoch_floor(held)
+            limit = min(limit, held_second - held_second % width)
+        if mark is not None and limit <= start:
             continue
         from_mark = mark.reported_through if mark is not None else None
+        service_through = from_epoch(limit)
         records = [r for p in pods for r in cut_records(p, from_mark, service_through, width)]
+        records, kept_end = _fit_records(records, limit, config.max_records_per_batch)
         records.sort(key=lambda r: (r.start, r.pod_uid))
-        batches.append(ServiceBatch(key, tuple(records), service_through))
+        batches.append(ServiceBatch(key, tuple(records), from_epoch(kept_end)))
     return batches

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -93,6 +94,9 @@ class NodeInfo:
     #: Whole-number allocatable resources, by resource name.
     allocatable: Mapping[str, int] = field(default_factory=dict)
     taints: tuple[Taint, ...] = ()
+    #: When the Ready condition last left True (None while Ready, or never reported): the
+    #: meter ends billing of the node's pods there once the node stays down (node loss).
+    not_ready_since: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -124,10 +128,15 @@ def _sequence(value: object) -> Sequence[Any]:
 def node_info_from_dict(obj: Mapping[str, Any]) -> NodeInfo:
     """A NodeInfo from a Node's Kubernetes JSON."""
     metadata, spec, status = (_mapping(obj.get(key)) for key in ("metadata", "spec", "status"))
-    ready = any(
-        _mapping(condition).get("type") == "Ready" and _mapping(condition).get("status") == "True"
-        for condition in _sequence(status.get("conditions"))
+    ready_condition = next(
+        (
+            _mapping(condition)
+            for condition in _sequence(status.get("conditions"))
+            if _mapping(condition).get("type") == "Ready"
+        ),
+        {},
     )
+    ready = ready_condition.get("status") == "True"
     allocatable = {
         name: amount
         for name, quantity in _mapping(status.get("allocatable")).items()
@@ -148,7 +157,19 @@ def node_info_from_dict(obj: Mapping[str, Any]) -> NodeInfo:
         unschedulable=bool(spec.get("unschedulable", False)),
         allocatable=allocatable,
         taints=taints,
+        not_ready_since=None if ready else _timestamp(ready_condition.get("lastTransitionTime")),
     )
+
+
+def _timestamp(value: object) -> datetime | None:
+    """An RFC 3339 timestamp in UTC, or None when absent or unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
 
 
 def _container_requests(container: Mapping[str, Any]) -> dict[str, int]:
