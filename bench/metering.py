@@ -53,22 +53,28 @@ from common import kubectl as cluster_kubectl
 from gpuyard.config import Settings
 from gpuyard.handlers.context import Caches, Operator
 from gpuyard.handlers.meter import meter_tick, slim_pod
+from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube
 from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import MultiSink, PrometheusSink
 from gpuyard.logic.metering import (
+    Account,
     MeterConfig,
+    PodLifetime,
     PoolPricing,
     PricePoint,
     ServiceMark,
     UsageRecord,
+    advance_mark,
     closed_through,
     format_time,
     mark_to_status,
     parse_time,
+    plan_tick,
     pod_lifetime_from_dict,
 )
+from gpuyard.logic.pool_accounting import NodeInfo
 from localcluster.cluster import REPO_ROOT, ClusterState, free_port
 
 WINDOW = 60
@@ -132,24 +138,66 @@ class StatusStub:
         self.patches += 1
 
 
+CREATED = "2025-01-01T00:00:00Z"
+
+
 def pool_body(name: str) -> dict[str, Any]:
+    """A pool as the meter left it: its finalizer on, its price history written."""
     gpu_type, price = POOLS[name]
     return {
         "apiVersion": "gpuyard.io/v1alpha1",
         "kind": "GPUPool",
-        "metadata": {"name": name, "creationTimestamp": "2025-01-01T00:00:00Z"},
+        "metadata": {
+            "name": name,
+            "creationTimestamp": CREATED,
+            "finalizers": ["gpuyard.io/metering"],
+        },
         "spec": {
             "gpuType": gpu_type,
             "nodeSelector": {"gpuyard.io/pool": name},
             "price": {"perGpuHour": price, "currency": "USD"},
         },
+        "status": {
+            "billing": {
+                "priceHistory": [{"effectiveFrom": CREATED, "perGpuHour": price}],
+                "unmanagedGpus": 0,
+            }
+        },
     }
+
+
+def pool_of(service: int) -> str:
+    return "a100" if service % 2 else "l4"
+
+
+def owner_chain(service: int) -> dict[str, dict[str, Any]]:
+    """The ReplicaSet, Deployment and AIService metadata that make a pod the service's."""
+    name = f"svc-{service}"
+    uid = f"{service:08d}"
+    return {
+        "ReplicaSet": {
+            "name": f"{name}-7d9f",
+            "uid": f"rs-{uid}",
+            "ownerReferences": [owner_ref("apps/v1", "Deployment", name, f"dep-{uid}")],
+        },
+        "Deployment": {
+            "name": name,
+            "uid": f"dep-{uid}",
+            "ownerReferences": [owner_ref("gpuyard.io/v1alpha1", "AIService", name, f"ais-{uid}")],
+        },
+        "AIService": {"name": name, "namespace": f"team-{service % 10}", "uid": f"ais-{uid}"},
+    }
+
+
+def owner_ref(api_version: str, kind: str, name: str, uid: str) -> dict[str, Any]:
+    return {"apiVersion": api_version, "kind": kind, "name": name, "uid": uid, "controller": True}
 
 
 def pod_body(index: int, started: datetime) -> dict[str, Any]:
     """A running gpuyard pod as the API server returns it (the meter slims it)."""
     service = index // PODS_PER_SERVICE
-    pool = "a100" if service % 2 else "l4"
+    pool = pool_of(service)
+    replica_set = owner_chain(service)["ReplicaSet"]
     stamp = format_time(started + timedelta(seconds=index % 50))
     gpus = str(1 + service % 4)
     return {
@@ -159,6 +207,10 @@ def pod_body(index: int, started: datetime) -> dict[str, Any]:
             "uid": f"00000000-0000-4000-8000-{index:012d}",
             "labels": {"gpuyard.io/service": f"svc-{service}", "gpuyard.io/pool": pool},
             "finalizers": ["gpuyard.io/metering"],
+            "resourceVersion": "1",
+            "ownerReferences": [
+                owner_ref("apps/v1", "ReplicaSet", replica_set["name"], replica_set["uid"])
+            ],
         },
         "spec": {
             "nodeName": f"gpu-{pool}-{index % 8}",
@@ -195,19 +247,35 @@ def operator_with(pods: int, mark_at: datetime) -> tuple[Operator, CountingSink,
     metrics = OperatorMetrics()
     bodies = [slim_pod(pod_body(i, NOW - timedelta(hours=1))) for i in range(pods)]
     services: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for body in bodies:
-        key = (body["metadata"]["namespace"], body["metadata"]["labels"]["gpuyard.io/service"])
-        services[key] = [{"metadata": {"name": key[1], "namespace": key[0]}, "status": {}}]
+    replica_sets: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    deployments: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for service in range(pods // PODS_PER_SERVICE):
+        chain = owner_chain(service)
+        namespace = chain["AIService"]["namespace"]
+        services[(namespace, f"svc-{service}")] = [
+            {"metadata": chain["AIService"], "spec": {"pool": pool_of(service)}, "status": {}}
+        ]
+        replica_sets[(namespace, chain["ReplicaSet"]["name"])] = [chain["ReplicaSet"]]
+        deployments[(namespace, f"svc-{service}")] = [chain["Deployment"]]
+    nodes = {
+        f"gpu-{pool}-{index}": [
+            NodeInfo(name=f"gpu-{pool}-{index}", labels={"gpuyard.io/pool": pool}, ready=True)
+        ]
+        for pool in POOLS
+        for index in range(8)
+    }
     caches = Caches(
         pools={name: [pool_body(name)] for name in POOLS},
         services=services,
         services_by_pool={},
-        nodes={},
+        nodes=nodes,
         gpu_pods={},
         deployments={},
         network_services={},
         namespaces={},
         metered_pods={body["metadata"]["uid"]: [body] for body in bodies},
+        replicasets=replica_sets,
+        deployment_owners=deployments,
     )
     stub = StatusStub()
     sink = CountingSink()
@@ -220,13 +288,19 @@ def operator_with(pods: int, mark_at: datetime) -> tuple[Operator, CountingSink,
         sinks=MultiSink({"prometheus": PrometheusSink(metrics.registry), "null": sink}),
         prometheus=cast(Prometheus, CannedPrometheus(bodies, window_end)),
     )
+    # The meter asks for a service reconcile when a service's UsageReported changes.
+    operator.service_queue = WorkQueue("service", _no_reconcile)
     set_marks(operator, mark_at)
     return operator, sink, stub
 
 
+async def _no_reconcile(_: object) -> None:
+    return None
+
+
 def set_marks(operator: Operator, mark_at: datetime) -> None:
     """Every service's stored mark at `mark_at`, and nothing remembered in memory."""
-    usage = mark_to_status(ServiceMark(mark_at, 0, currency="USD"))
+    usage = mark_to_status(ServiceMark(reported_through=mark_at, currency="USD"))
     for (body,) in operator.caches.services.values():
         body["status"] = {"usage": usage}
     operator.marks.clear()
@@ -246,9 +320,15 @@ def tick_costs(pods: int, repeat: int) -> dict[str, float]:
     through = closed_through(NOW, WINDOW, MeterConfig().settle_seconds)
     previous = through - timedelta(seconds=WINDOW)
     operator, sink, stub = operator_with(pods, previous)
-    created = parse_time("2025-01-01T00:00:00Z")
+    created = parse_time(CREATED)
     pricing = {
-        name: PoolPricing(name, gpu_type, "USD", (PricePoint(created, Decimal(price)),))
+        name: PoolPricing(
+            name=name,
+            gpu_type=gpu_type,
+            currency="USD",
+            prices=(PricePoint(created, Decimal(price)),),
+            node_selector=(("gpuyard.io/pool", name),),
+        )
         for name, (gpu_type, price) in POOLS.items()
     }
     cached = list(operator.caches.all_metered_pods())
@@ -256,14 +336,21 @@ def tick_costs(pods: int, repeat: int) -> dict[str, float]:
 
     def baseline() -> None:
         for pod in cached:
-            pod_lifetime_from_dict(pod, pricing, cluster_id="bench")
+            pool = pricing[pod["metadata"]["labels"]["gpuyard.io/pool"]]
+            service = pod["metadata"]["labels"]["gpuyard.io/service"]
+            pod_lifetime_from_dict(pod, pool, service=service, cluster_id="bench")
+
+    async def tick_and_deliveries() -> None:
+        # Deliveries run in tasks of their own: the tick's cost includes them.
+        await meter_tick(operator, NOW)
+        await asyncio.gather(*operator.deliveries.values())
 
     def window_tick() -> None:
         set_marks(operator, previous)
-        loop.run_until_complete(meter_tick(operator, NOW))
+        loop.run_until_complete(tick_and_deliveries())
 
     def quiet_tick() -> None:
-        loop.run_until_complete(meter_tick(operator, NOW))
+        loop.run_until_complete(tick_and_deliveries())
 
     try:
         costs = {"baseline": cpu_seconds(baseline, repeat)}
@@ -357,6 +444,56 @@ def operator_process(state: ClusterState, env: dict[str, str], log: Path) -> Ite
 def percentile(values: Sequence[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def run_backlog_bench(pods: int, hours: float) -> list[str]:
+    """How a service of `pods` pods that is `hours` behind catches up: the batches
+    plan_tick hands out from its mark (bounded by MeterConfig's records per batch, whole
+    windows each) until the mark reaches the last closed window, with their CPU time."""
+    config = MeterConfig()
+    through = closed_through(NOW, WINDOW, config.settle_seconds)
+    behind = through - timedelta(hours=hours)
+    started = parse_time(CREATED)
+    pool = PoolPricing(
+        name="a100",
+        gpu_type="a100-80gb",
+        currency="USD",
+        prices=(PricePoint(started, Decimal("2.50")),),
+    )
+    lifetimes = [
+        PodLifetime(
+            cluster_id="bench",
+            pod_uid=f"pod-{index}",
+            pod_name=f"llm-{index}",
+            namespace="team-0",
+            service="llm",
+            pool="a100",
+            gpu_type="a100-80gb",
+            gpus=1,
+            bound_at=started,
+            ended_at=None,
+            prices=pool.prices,
+            currency="USD",
+        )
+        for index in range(pods)
+    ]
+    key = Account("team-0", "llm")
+    marks = {key: ServiceMark(reported_through=behind, currency="USD")}
+    sizes: list[int] = []
+    cpu = time.process_time()
+    while marks[key].reported_through < through:
+        (batch,) = plan_tick(lifetimes, marks, NOW, config)
+        sizes.append(len(batch.records))
+        marks[key] = advance_mark(marks[key], batch.records, batch.through)
+    cpu = time.process_time() - cpu
+    lines = [
+        f"catch-up of {hours:g} h for one service of {pods:,} pods ({WINDOW} s windows, "
+        f"at most {config.max_records_per_batch:,} records per batch): {len(sizes)} batches "
+        f"of {min(sizes):,}-{max(sizes):,} records, {sum(sizes):,} records in all, "
+        f"planned in {cpu:.2f} s CPU ({cpu / len(sizes) * 1e3:.0f} ms per batch)"
+    ]
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 def run_e2e_bench(seconds: float, intervals: Sequence[float]) -> list[str]:
@@ -459,6 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"# {os.cpu_count()} CPUs; command: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
     run_tick_bench(args.repeat)
+    print()
+    run_backlog_bench(pods=1_000, hours=1)
     if not args.no_cluster:
         print()
         run_e2e_bench(args.e2e_seconds, [float(i) for i in args.intervals.split(",")])

@@ -115,6 +115,12 @@ then extraEnv.
   value: {{ .Values.operator.resyncSeconds | quote }}
 - name: GPUYARD_WORKERS
   value: {{ .Values.operator.workers | quote }}
+- name: GPUYARD_NODE_LOST_GRACE_SECONDS
+  value: {{ .Values.operator.nodeLostGraceSeconds | quote }}
+- name: GPUYARD_METER_CONCURRENCY
+  value: {{ .Values.operator.meterConcurrency | quote }}
+- name: GPUYARD_METER_MAX_RECORDS_PER_BATCH
+  value: {{ .Values.operator.meterMaxRecordsPerBatch | quote }}
 - name: GPUYARD_LOG_LEVEL
   value: {{ .Values.operator.logLevel | quote }}
 - name: GPUYARD_LOG_FORMAT

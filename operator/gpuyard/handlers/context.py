@@ -48,6 +48,7 @@ class Caches:
     namespaces: Any
     metered_pods: Any
     replicasets: Any
+    deployment_owners: Any
 
     def pool(self, name: str) -> dict[str, Any] | None:
         return _single(self.pools.get(name))
@@ -84,12 +85,11 @@ class Caches:
         if kind == "ReplicaSet":
             return _single(self.replicasets.get((namespace, name)))
         if kind == "Deployment":
-            body = self.deployment((namespace, name))
-        elif kind == "AIService":
+            return _single(self.deployment_owners.get((namespace, name)))
+        if kind == "AIService":
             body = self.service((namespace, name))
-        else:
-            return None
-        return body["metadata"] if body is not None else None
+            return body["metadata"] if body is not None else None
+        return None
 
     def all_nodes(self) -> Iterator[Any]:
         for name in list(self.nodes):
@@ -135,6 +135,10 @@ class Operator:
     price_histories: dict[str, tuple[PricePoint, ...]] = field(default_factory=dict)
     #: The pool each metered pod's node belonged to when last seen (for a deleted node).
     pod_pools: dict[str, str] = field(default_factory=dict)
+    #: The AIService each metered pod is billed to (None: unmanaged), decided once.
+    pod_services: dict[str, str | None] = field(default_factory=dict)
+    #: Since when each pod's owner has been unknown to the caches.
+    owner_wait: dict[str, datetime] = field(default_factory=dict)
     #: Each account's delivery in progress: a slow sink delays only its own account.
     deliveries: dict[Account, asyncio.Task[None]] = field(default_factory=dict)
     #: Each account's last delivery outcome: None when it went through, else why not

@@ -63,7 +63,7 @@ from gpuyard.logic.metering import (
     price_history_to_status,
     utilization_span,
 )
-from gpuyard.logic.ownership import owning_service
+from gpuyard.logic.ownership import OwnerNotKnownError, owning_service
 from gpuyard.logic.promql import (
     GpuSeries,
     PodKey,
@@ -79,6 +79,8 @@ REPORTED = "Reported"
 SINK_UNAVAILABLE = "SinkUnavailable"
 SINK_REJECTED = "SinkRejected"
 METERING_FAILED = "MeteringFailed"
+#: How long a pod's owner may be unknown to the caches before the pod counts as unmanaged.
+OWNER_WAIT_SECONDS = 30
 
 
 def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -129,6 +131,9 @@ class _Pods:
     bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Accounts with a pod that could not be priced: their marks must not move past it.
     blocked: dict[Account, str] = field(default_factory=dict)
+    #: Namespaces with a pod whose owner is not known yet: any of their accounts may be
+    #: the pod's, so none of their marks may move past it.
+    held_namespaces: set[str] = field(default_factory=set)
 
     def add(self, lifetime: PodLifetime, body: dict[str, Any]) -> None:
         self.lifetimes.append(lifetime)
@@ -154,6 +159,7 @@ async def meter_tick(op: Operator, now: datetime) -> None:
     for key in accounts - busy:
         await _release_reported(op, pods, key, marks.get(key))
     skipped = busy | set(pods.blocked)
+    skipped.update(key for key in accounts if key.namespace in pods.held_namespaces)
     for key, why in pods.blocked.items():
         await _report(op, key, (METERING_FAILED, why), now)
     config = MeterConfig(
@@ -270,7 +276,11 @@ async def _pods(op: Operator, pools: Mapping[str, PoolPricing], now: datetime) -
                 await _release(op, pod)  # never bound: nothing to bill
             continue
         namespace = metadata.get("namespace") or ""
-        service = owning_service(metadata, functools.partial(op.caches.owner_metadata, namespace))
+        try:
+            service = _owner(op, metadata, now)
+        except OwnerNotKnownError:
+            pods.held_namespaces.add(namespace)
+            continue
         try:
             lifetime = _lifetime(op, pod, pools, service=service, gone_at=gone_at, now=now)
         except MeteringError as error:
@@ -286,8 +296,35 @@ async def _pods(op: Operator, pools: Mapping[str, PoolPricing], now: datetime) -
             if gone_at is not None or metadata.get("deletionTimestamp"):
                 await _release(op, pod)  # holds none of a pool's GPUs
             continue
+        op.pod_services[metadata["uid"]] = service
         pods.add(lifetime, pod)
+    # What was decided about a pod is kept while the pod is seen (a released pod may stay
+    # in the cache a moment: it must not be decided anew and billed again elsewhere).
+    seen = {pod["metadata"]["uid"] for pod, _ in cached}
+    for remembered in (op.pod_pools, op.pod_services, op.owner_wait):
+        for uid in remembered.keys() - seen:
+            del remembered[uid]
     return pods
+
+
+def _owner(op: Operator, metadata: Mapping[str, Any], now: datetime) -> str | None:
+    """The AIService a pod is billed to, decided once for the pod's life: a pod that a
+    tenant re-parents (or whose Deployment loses its owner for a moment) keeps billing
+    where it started, so no window is billed twice or never. An owner the caches do not
+    hold yet is waited for (`OwnerNotKnownError`) a short while, then taken as none."""
+    uid = metadata["uid"]
+    if uid in op.pod_services:
+        return op.pod_services[uid]
+    namespace = metadata.get("namespace") or ""
+    try:
+        service = owning_service(metadata, functools.partial(op.caches.owner_metadata, namespace))
+    except OwnerNotKnownError:
+        waiting_since = op.owner_wait.setdefault(uid, now)
+        if (now - waiting_since).total_seconds() < OWNER_WAIT_SECONDS:
+            raise
+        service = None
+    op.owner_wait.pop(uid, None)
+    return service
 
 
 def _lifetime(
@@ -301,24 +338,28 @@ def _lifetime(
 ) -> PodLifetime | None:
     """One pod's lifetime, priced by the pool of the node that holds it.
 
-    A node that is gone from the API (deleted after it was lost) no longer says which pool
-    it was in: the pool seen on an earlier tick stands in, else the owning AIService's.
+    The pool is decided once per pod, as its owner is: relabelling a node (or creating an
+    overlapping pool) changes the price of new pods, never of running ones. A node gone
+    from the API (deleted after it was lost) no longer says which pool it was in: the pool
+    decided earlier stands in, else the owning AIService's.
     """
     uid = pod["metadata"]["uid"]
     node = op.caches.node(pod["spec"]["nodeName"])
+    pool = pools.get(op.pod_pools.get(uid) or "")
     preferred = _service_pool(op, pod["metadata"].get("namespace") or "", service)
-    if node is not None:
+    if pool is None and node is not None:
         held = pool_holding(node.labels, pod["spec"], pools.values(), preferred=preferred)
         if held is None:
-            op.pod_pools.pop(uid, None)
             return None
         pool = held[0]
-        down = node_down(node.ready, node.not_ready_since, now, op.settings.node_lost_grace_seconds)
-    else:
-        name = op.pod_pools.get(uid) or preferred
-        if name is None or name not in pools:
-            raise MeteringError(f"node {pod['spec']['nodeName']} is unknown and so is its pool")
-        pool, down = pools[name], None
+    if pool is None:
+        pool = pools.get(preferred or "")
+    if pool is None:
+        raise MeteringError(f"node {pod['spec']['nodeName']} is unknown and so is its pool")
+    down = None
+    if node is not None:
+        grace = op.settings.node_lost_grace_seconds
+        down = node_down(node.ready, node.not_ready_since, now, grace)
     lifetime = pod_lifetime_from_dict(
         pod, pool, service=service, cluster_id=op.settings.cluster_id, gone_at=gone_at, node=down
     )
@@ -373,7 +414,6 @@ async def _release(op: Operator, pod: dict[str, Any]) -> None:
     if METERING_FINALIZER in finalizers:
         await _set_finalizers(op, pod, [f for f in finalizers if f != METERING_FINALIZER])
     op.gone_pods.pop(metadata["uid"], None)
-    op.pod_pools.pop(metadata["uid"], None)
 
 
 async def _set_finalizers(op: Operator, body: Mapping[str, Any], finalizers: list[str]) -> None:

@@ -55,6 +55,7 @@ CACHE_IDS = (
     "namespaces",
     "metered_pods",
     "replicasets",
+    "deployment_owners",
 )
 
 
@@ -107,10 +108,11 @@ def index_metered_pod(uid: str, body: Any, **_: Any) -> dict[str, dict[str, Any]
     return {uid: slim_pod(body)}
 
 
-def index_replicaset(
+def index_owner_links(
     namespace: str | None, name: str, meta: Any, **_: Any
 ) -> dict[ServiceKey, dict[str, Any]]:
-    # Only what the meter's ownership chain reads: a busy cluster has many ReplicaSets.
+    # Only what the meter's ownership chain reads (a busy cluster has many ReplicaSets and
+    # Deployments), from every one of them: a label would be a tenant's to remove.
     return {
         (namespace or "", name): {
             "name": name,
@@ -278,7 +280,8 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.index("", "v1", "pods", when=holds_extended_resource, id="metered_pods", registry=r)(
         index_metered_pod
     )
-    kopf.index("apps", "v1", "replicasets", id="replicasets", registry=r)(index_replicaset)
+    kopf.index("apps", "v1", "replicasets", id="replicasets", registry=r)(index_owner_links)
+    kopf.index("apps", "v1", "deployments", id="deployment_owners", registry=r)(index_owner_links)
 
     kopf.on.login(registry=r)(login)
     kopf.on.startup(registry=r)(startup)

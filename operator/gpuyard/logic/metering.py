@@ -47,7 +47,6 @@ import hashlib
 import itertools
 import json
 import math
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -922,23 +921,6 @@ class ServiceBatch:
     through: datetime
 
 
-def _fit_records(
-    records: list[UsageRecord], through: int, limit: int
-) -> tuple[list[UsageRecord], int]:
-    """The records of the first windows that together hold at most `limit` records (the
-    first window whole, however many it holds), and the end of the last window kept."""
-    if len(records) <= limit:
-        return records, through
-    per_end = Counter(epoch_floor(record.end) for record in records)
-    ends = sorted(per_end)
-    kept_end, total = ends[0], per_end[ends[0]]
-    for end in ends[1:]:
-        if total + per_end[end] > limit:
-            break
-        kept_end, total = end, total + per_end[end]
-    return [r for r in records if epoch_floor(r.end) <= kept_end], kept_end
-
-
 def plan_tick(
     lifetimes: Iterable[PodLifetime],
     marks: Mapping[Account, ServiceMark],
@@ -970,9 +952,10 @@ def plan_tick(
             start = min(epoch_floor(p.bound_at) for p in pods)
         else:
             continue
-        limit = min(
-            epoch_floor(through), start - start % width + width * config.max_windows_per_tick
-        )
+        # A window holds at most one record per pod: so many windows fit in one batch.
+        fitting = max(1, config.max_records_per_batch // max(1, len(pods)))
+        windows = min(config.max_windows_per_tick, fitting)
+        limit = min(epoch_floor(through), start - start % width + width * windows)
         for held in (p.held_from for p in pods if p.held_from is not None):
             held_second = epoch_floor(held)
             limit = min(limit, held_second - held_second % width)
@@ -981,7 +964,6 @@ def plan_tick(
         from_mark = mark.reported_through if mark is not None else None
         service_through = from_epoch(limit)
         records = [r for p in pods for r in cut_records(p, from_mark, service_through, width)]
-        records, kept_end = _fit_records(records, limit, config.max_records_per_batch)
         records.sort(key=lambda r: (r.start, r.pod_uid))
-        batches.append(ServiceBatch(key, tuple(records), from_epoch(kept_end)))
+        batches.append(ServiceBatch(key, tuple(records), service_through))
     return batches
