@@ -264,6 +264,12 @@ GPUPOOL = KindInfo(
             "jsonPath": ".spec.price.currency",
         },
         {"name": "Resource", "type": "string", "priority": 1, "jsonPath": ".spec.resourceName"},
+        {
+            "name": "Unmanaged",
+            "type": "integer",
+            "priority": 1,
+            "jsonPath": ".status.billing.unmanagedGpus",
+        },
         {"name": "Status", "type": "string", "jsonPath": _ready_condition_column("status")},
         _AGE_COLUMN,
     ),

@@ -81,6 +81,10 @@ SINK_REJECTED = "SinkRejected"
 METERING_FAILED = "MeteringFailed"
 #: How long a pod's owner may be unknown to the caches before the pod counts as unmanaged.
 OWNER_WAIT_SECONDS = 30
+#: The AIService a pod is billed to, written by the meter with its finalizer: it outlives
+#: the ReplicaSet and Deployment of a deleted service, whose pods may still be unbilled
+#: when the operator restarts. Read only when those owners are gone.
+BILLED_TO_ANNOTATION = "gpuyard.io/billed-to"
 
 
 def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,8 +93,8 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     spec = body.get("spec", {})
     status = body.get("status", {})
     kept_metadata = (
-        "name", "namespace", "uid", "resourceVersion", "labels", "ownerReferences",
-        "deletionTimestamp", "finalizers",
+        "name", "namespace", "uid", "resourceVersion", "labels", "annotations",
+        "ownerReferences", "deletionTimestamp", "finalizers",
     )  # fmt: skip
     return {
         "metadata": {key: metadata.get(key) for key in kept_metadata},
@@ -319,10 +323,12 @@ def _owner(op: Operator, metadata: Mapping[str, Any], now: datetime) -> str | No
     try:
         service = owning_service(metadata, functools.partial(op.caches.owner_metadata, namespace))
     except OwnerNotKnownError:
+        # The owners of a pod of a deleted service go before the pod does.
+        billed_to = (metadata.get("annotations") or {}).get(BILLED_TO_ANNOTATION)
         waiting_since = op.owner_wait.setdefault(uid, now)
-        if (now - waiting_since).total_seconds() < OWNER_WAIT_SECONDS:
+        if not billed_to and (now - waiting_since).total_seconds() < OWNER_WAIT_SECONDS:
             raise
-        service = None
+        service = billed_to or None
     op.owner_wait.pop(uid, None)
     return service
 
@@ -387,7 +393,8 @@ async def _hold(op: Operator, pods: _Pods) -> None:
             continue
         if lifetime.pod_uid in op.gone_pods:
             continue
-        await _set_finalizers(op, pod, [*finalizers, METERING_FINALIZER])
+        billed_to = {BILLED_TO_ANNOTATION: lifetime.service} if lifetime.service else None
+        await _set_finalizers(op, pod, [*finalizers, METERING_FINALIZER], billed_to)
 
 
 def _over(pod: Mapping[str, Any], gone: bool) -> bool:
@@ -416,9 +423,14 @@ async def _release(op: Operator, pod: dict[str, Any]) -> None:
     op.gone_pods.pop(metadata["uid"], None)
 
 
-async def _set_finalizers(op: Operator, body: Mapping[str, Any], finalizers: list[str]) -> None:
-    """Change a pod's or a pool's finalizers; an object that changed or went meanwhile is
-    left for the next tick, which sees it anew."""
+async def _set_finalizers(
+    op: Operator,
+    body: Mapping[str, Any],
+    finalizers: list[str],
+    annotations: Mapping[str, str] | None = None,
+) -> None:
+    """Change a pod's or a pool's finalizers (and add `annotations`); an object that
+    changed or went meanwhile is left for the next tick, which sees it anew."""
     metadata = body["metadata"]
     namespace = metadata.get("namespace")
     if namespace:
@@ -427,7 +439,7 @@ async def _set_finalizers(op: Operator, body: Mapping[str, Any], finalizers: lis
         resource = "gpupools"
         path = f"/apis/{API_GROUP}/{API_VERSION}/gpupools/{metadata['name']}"
     try:
-        await op.io(op.kube.set_finalizers, resource, path, metadata, finalizers)
+        await op.io(op.kube.set_finalizers, resource, path, metadata, finalizers, annotations)
     except ApiException as error:
         if error.status not in (404, 409, 422):
             raise

@@ -149,7 +149,12 @@ class Kube:
             raise
 
     def set_finalizers(
-        self, resource: str, path: str, metadata: Mapping[str, Any], finalizers: list[str]
+        self,
+        resource: str,
+        path: str,
+        metadata: Mapping[str, Any],
+        finalizers: list[str],
+        annotations: Mapping[str, str] | None = None,
     ) -> None:
         """Set the finalizers of the object at ``path`` to ``finalizers``, only if it is
         still the object we saw (its uid) with the finalizers we saw: a JSON patch with
@@ -175,6 +180,22 @@ class Kube:
                 },
                 {"op": "add", "path": "/metadata/finalizers", "value": finalizers},
             ]
+        if annotations:
+            if metadata.get("annotations"):
+                patch += [
+                    {"op": "add", "path": f"/metadata/annotations/{_pointer(key)}", "value": value}
+                    for key, value in annotations.items()
+                ]
+            else:
+                # A whole new map: the resourceVersion proves there was none meanwhile.
+                patch += [
+                    {
+                        "op": "test",
+                        "path": "/metadata/resourceVersion",
+                        "value": metadata["resourceVersion"],
+                    },
+                    {"op": "add", "path": "/metadata/annotations", "value": dict(annotations)},
+                ]
         self._call("PATCH", path, body=patch, content_type="application/json-patch+json")
 
     def get(self, path: str) -> Any | None:
@@ -220,6 +241,11 @@ class Kube:
 
 
 _PLURALS = {"Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps"}
+
+
+def _pointer(key: str) -> str:
+    """A map key as one JSON Pointer segment (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 def _object_path(obj: Mapping[str, Any]) -> str:
