@@ -50,17 +50,17 @@ def admitted(result: Result) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def probe_pod(namespace: str) -> str:
-    """A pod that carries a gpuyard mark, which only gpuyard's ReplicaSets may create."""
+def probe_pod(namespace: str, *, finalizer: bool = False) -> str:
+    """A pod that carries a gpuyard mark, which only gpuyard's ReplicaSets may create: its
+    service label, or the metering finalizer."""
+    marks: dict[str, Any] = (
+        {"finalizers": [FINALIZER]} if finalizer else {"labels": {SERVICE_LABEL: "probe"}}
+    )
     return json.dumps(
         {
             "apiVersion": "v1",
             "kind": "Pod",
-            "metadata": {
-                "name": "policy-probe",
-                "namespace": namespace,
-                "labels": {SERVICE_LABEL: "probe"},
-            },
+            "metadata": {"name": "policy-probe", "namespace": namespace, **marks},
             "spec": {"containers": [{"name": "main", "image": "registry.example/probe:1"}]},
         }
     )
@@ -338,6 +338,10 @@ def test_a_tenant_cannot_move_gpuyards_marks(
         "pod policy-probe may not carry gpuyard.io/ labels or annotations "
         f"(refused: {SERVICE_LABEL})",
         "run the workload as an AIService",
+    )
+    refusal(
+        tenant("create", "--dry-run=server", "-f", "-", stdin=probe_pod(namespace, finalizer=True)),
+        "the gpuyard.io/metering finalizer is set by gpuyard, on the pods it bills, only",
     )
     refusal(
         tenant("create", "--dry-run=server", "-f", "-", stdin=probe_deployment(namespace)),
