@@ -37,13 +37,12 @@ Result = subprocess.CompletedProcess[str]
 Run = Callable[..., Result]
 
 
-def refusal(result: Result, *expected: str) -> str:
-    """The policy's message of a refused kubectl call (and that it was refused)."""
+def refusal(result: Result, *expected: str) -> None:
+    """Check that a policy refused the kubectl call, with a message holding `expected`."""
     assert result.returncode != 0, f"admitted: {result.stdout}"
     assert DENIED in result.stderr, result.stderr
     for text in expected:
         assert text in result.stderr, result.stderr
-    return str(result.stderr)
 
 
 def admitted(result: Result) -> None:
@@ -51,8 +50,8 @@ def admitted(result: Result) -> None:
 
 
 def probe_pod(namespace: str, *, finalizer: bool = False) -> str:
-    """A pod that carries a gpuyard mark, which only gpuyard's ReplicaSets may create: its
-    service label, or the metering finalizer."""
+    """A pod created with one of gpuyard's marks: its service label, or the metering
+    finalizer."""
     marks: dict[str, Any] = (
         {"finalizers": [FINALIZER]} if finalizer else {"labels": {SERVICE_LABEL: "probe"}}
     )
@@ -173,7 +172,7 @@ def mig_pool(kubectl: Kubectl, policies: None) -> Iterator[str]:
     }
     kubectl.apply(json.dumps(pool))
     yield name
-    kubectl.run("delete", "gpupool", name, "--ignore-not-found", check=False)
+    kubectl.run("delete", "gpupool", name, "--ignore-not-found", "--wait=false", check=False)
 
 
 @pytest.fixture
