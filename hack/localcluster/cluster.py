@@ -40,6 +40,7 @@ from localcluster.topology import DEFAULT_TOPOLOGY, node_manifests, parse_topolo
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-binaries.sh"
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
+CONTROLLER_MANAGER_KUBECONFIG = "controller-manager.kubeconfig"
 STATE_FILE = "state.json"
 STARTUP_TIMEOUT = 120.0
 # Processes this Python process started, whichever LocalCluster started them, kept so they
@@ -139,11 +140,15 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 def make_certificates(pki: Path) -> None:
-    """A CA, the API server's serving certificate and an admin client certificate.
+    """A CA, the API server's serving certificate and client certificates for the admin
+    and for kube-controller-manager.
 
     Client certificates with ``O=system:masters`` are how envtest and kubeadm give the
     cluster's own components and the admin full access while RBAC stays on for everyone
-    else (the operator's ServiceAccount among them).
+    else (the operator's ServiceAccount among them). The controller-manager authenticates
+    as ``system:kube-controller-manager``, the name a real cluster gives it: without
+    --use-service-account-credentials every controller acts under that name, and gpuyard's
+    admission policy lets it copy gpuyard's pod templates by that name.
     """
     pki.mkdir(parents=True)
     _openssl(
@@ -159,6 +164,7 @@ def make_certificates(pki: Path) -> None:
     for name, subject, ext in (
         ("apiserver", "/CN=kube-apiserver", "serving.ext"),
         ("admin", "/O=system:masters/CN=gpuyard-admin", "client.ext"),
+        ("controller-manager", "/O=system:masters/CN=system:kube-controller-manager", "client.ext"),
     ):
         _openssl(
             "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
@@ -172,7 +178,9 @@ def make_certificates(pki: Path) -> None:
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
 
-def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
+def write_kubeconfig(path: Path, server: str, pki: Path, client: str = "admin") -> None:
+    """A kubeconfig that authenticates with the client certificate `client` of `pki`."""
+
     def data(name: str) -> str:
         return base64.b64encode((pki / name).read_bytes()).decode()
 
@@ -187,17 +195,17 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
         ],
         "users": [
             {
-                "name": "gpuyard-admin",
+                "name": f"gpuyard-{client}",
                 "user": {
-                    "client-certificate-data": data("admin.crt"),
-                    "client-key-data": data("admin.key"),
+                    "client-certificate-data": data(f"{client}.crt"),
+                    "client-key-data": data(f"{client}.key"),
                 },
             }
         ],
         "contexts": [
             {
                 "name": "gpuyard-local",
-                "context": {"cluster": "gpuyard-local", "user": "gpuyard-admin"},
+                "context": {"cluster": "gpuyard-local", "user": f"gpuyard-{client}"},
             }
         ],
         "current-context": "gpuyard-local",
@@ -333,6 +341,8 @@ class LocalCluster:
         server = f"https://127.0.0.1:{ports['apiserver']}"
         kubeconfig = self.state_dir / "kubeconfig"
         write_kubeconfig(kubeconfig, server, pki)
+        write_kubeconfig(self.state_dir / CONTROLLER_MANAGER_KUBECONFIG, server, pki,
+                         client="controller-manager")  # fmt: skip
         state = ClusterState(
             name=self.name,
             state_dir=str(self.state_dir),
@@ -422,7 +432,6 @@ class LocalCluster:
         )
 
         common = [
-            f"--kubeconfig={kubeconfig}",
             f"--authentication-kubeconfig={kubeconfig}",
             f"--authorization-kubeconfig={kubeconfig}",
             "--leader-elect=false",
@@ -432,6 +441,8 @@ class LocalCluster:
         log("kube-controller-manager")
         controller_manager = self._start(state, "kube-controller-manager", [
             str(bins / "kube-controller-manager"), *common,
+            # Its own name, not the admin's (see make_certificates).
+            f"--kubeconfig={self.state_dir / CONTROLLER_MANAGER_KUBECONFIG}",
             f"--secure-port={ports['controller-manager']}",
             f"--service-account-private-key-file={pki / 'sa.key'}",
             f"--root-ca-file={pki / 'ca.crt'}",
@@ -443,7 +454,7 @@ class LocalCluster:
         ])  # fmt: skip
         log("kube-scheduler")
         scheduler = self._start(state, "kube-scheduler", [
-            str(bins / "kube-scheduler"), *common,
+            str(bins / "kube-scheduler"), *common, f"--kubeconfig={kubeconfig}",
             f"--secure-port={ports['scheduler']}",
             "--v=1",
         ])  # fmt: skip

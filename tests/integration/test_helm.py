@@ -33,6 +33,9 @@ from localcluster.cluster import ClusterState, binaries_dir
 from support import Kubectl, wait_until
 
 CRDS = ("aiservices.gpuyard.io", "gpupools.gpuyard.io")
+#: The chart's admission policies, each with a binding of the same name (name suffixes).
+POLICIES = ("pods", "workloads", "deployment-scale")
+POLICY_KINDS = ("validatingadmissionpolicy", "validatingadmissionpolicybinding")
 RULES_SNAPSHOT = REPO_ROOT / "tests" / "data" / "clusterrole-rules.yaml"
 RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"
 
@@ -157,6 +160,9 @@ def test_install_upgrade_and_uninstall_in_a_restricted_namespace(
             what="the operator pod to run",
         )
         assert pod["spec"]["nodeName"] == "cpu-0"
+        for kind in POLICY_KINDS:
+            for policy in POLICIES:
+                assert exists(kubectl, kind, f"{fullname}-{policy}"), (kind, policy)
 
         # ... and the namespace really enforces it: a weaker container is refused.
         deployment = kubectl.json("get", "deployment", fullname, "-n", restricted)
@@ -250,6 +256,7 @@ def test_install_upgrade_and_uninstall_in_a_restricted_namespace(
             ("serviceaccount", fullname, restricted),
             ("clusterrole", fullname, None),
             ("clusterrolebinding", fullname, None),
+            *((kind, f"{fullname}-{policy}", None) for kind in POLICY_KINDS for policy in POLICIES),
         ):
             assert not exists(kubectl, kind, name, ns), (kind, name)
         for crd in CRDS:
@@ -265,10 +272,14 @@ def test_install_upgrade_and_uninstall_in_a_restricted_namespace(
 @pytest.fixture
 def dist_namespace_free(kubectl: Kubectl) -> Iterator[None]:
     """dist/install.yaml installs into gpuyard-system with fixed names: they must be free in
-    this shared cluster, and are removed afterwards (the CRDs stay, as for a user)."""
+    this shared cluster, and are removed afterwards (the CRDs stay, as for a user). Its
+    admission policies exempt its own operator, not the session's: they go first."""
     if exists(kubectl, "namespace", DIST_NAMESPACE):
         pytest.skip(f"namespace {DIST_NAMESPACE} is in use on this cluster")
     yield
+    for kind in POLICY_KINDS:
+        for policy in POLICIES:
+            kubectl.run("delete", kind, f"gpuyard-{policy}", "--ignore-not-found", check=False)
     kubectl.run("delete", "namespace", DIST_NAMESPACE, "--wait=true", "--timeout=60s", check=False)
     for kind in ("clusterrolebinding", "clusterrole"):
         kubectl.run("delete", kind, "gpuyard", "--ignore-not-found", check=False)

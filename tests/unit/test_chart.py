@@ -35,6 +35,18 @@ from gpuyard.api.crd import crd_files
 from gpuyard.config import Settings
 
 RULES_SNAPSHOT = REPO_ROOT / "tests" / "data" / "clusterrole-rules.yaml"
+CLUSTER_SCOPED_KINDS = {
+    "CustomResourceDefinition",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
+POLICIES_OF_RELEASE_GPUYARD = {
+    (kind, f"gpuyard-{name}")
+    for kind in ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+    for name in ("pods", "workloads", "deployment-scale")
+}
 ALL_FEATURES: dict[str, Any] = {
     "serviceMonitor": {"enabled": True},
     "podMonitor": {"enabled": True},
@@ -92,13 +104,14 @@ def test_default_render_has_exactly_the_operators_objects(
         ("Service", "gpuyard-metrics"),
         ("Deployment", "gpuyard"),
         ("Pod", "gpuyard-test-metrics"),
+        *POLICIES_OF_RELEASE_GPUYARD,
     }
     for obj in default_objects:
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "gpuyard", obj["kind"]
         assert labels["app.kubernetes.io/instance"] == "gpuyard", obj["kind"]
         assert labels["app.kubernetes.io/version"] == "0.1.0", obj["kind"]
-        if obj["kind"] not in {"CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"}:
+        if obj["kind"] not in CLUSTER_SCOPED_KINDS:
             assert obj["metadata"]["namespace"] == DIST_NAMESPACE, obj["kind"]
 
 
@@ -290,6 +303,122 @@ def test_clusterrole_rules_each_carry_a_reason() -> None:
         assert lines[index - 1].strip().startswith("#"), lines[index]
 
 
+# --- admission policies --------------------------------------------------------------------
+
+CONTROLLER_MANAGER = "system:kube-controller-manager"
+REPLICASET_CONTROLLER = "system:serviceaccount:kube-system:replicaset-controller"
+DEPLOYMENT_CONTROLLER = "system:serviceaccount:kube-system:deployment-controller"
+
+
+def policies(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        policy["metadata"]["name"]: policy
+        for policy in of_kind(objects, "ValidatingAdmissionPolicy")
+    }
+
+
+def exempt_users(policy: dict[str, Any]) -> set[str]:
+    """The user names a policy's match condition lets through (a CEL list literal)."""
+    [condition] = [
+        condition
+        for condition in policy["spec"]["matchConditions"]
+        if "request.userInfo.username" in condition["expression"]
+    ]
+    match = re.fullmatch(r"!\(request\.userInfo\.username in \[(.*)\]\)", condition["expression"])
+    assert match, condition
+    return set(re.findall(r"'([^']*)'", match.group(1)))
+
+
+def test_admission_policies_deny_through_their_bindings(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    found = policies(default_objects)
+    bindings = of_kind(default_objects, "ValidatingAdmissionPolicyBinding")
+
+    assert set(found) == {"gpuyard-pods", "gpuyard-workloads", "gpuyard-deployment-scale"}
+    assert sorted(binding["spec"]["policyName"] for binding in bindings) == sorted(found)
+    for obj in [*found.values(), *bindings]:
+        assert obj["apiVersion"] == "admissionregistration.k8s.io/v1"
+    for binding in bindings:
+        # Deny, in every namespace, with no parameters.
+        assert binding["spec"] == {
+            "policyName": binding["metadata"]["name"],
+            "validationActions": ["Deny"],
+        }
+    for policy in found.values():
+        assert policy["spec"]["failurePolicy"] == "Fail"
+        for validation in policy["spec"]["validations"]:
+            assert validation["message"], validation
+            # Each refusal says what to do instead.
+            assert re.search(r"instead|leave", validation["messageExpression"]), validation
+            assert validation["reason"] == "Forbidden"
+
+
+def test_admission_policies_match_only_what_they_guard(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    # No subresource of pods (binding, status, eviction, ...) and no DELETE: the scheduler,
+    # the kubelet (kwok here), evictions, the garbage collector's and a namespace's
+    # deletions never meet the policies.
+    rules = {
+        name: policy["spec"]["matchConstraints"]["resourceRules"]
+        for name, policy in policies(default_objects).items()
+    }
+
+    def rule(group: str, operations: list[str], resources: list[str]) -> dict[str, Any]:
+        return {
+            "apiGroups": [group],
+            "apiVersions": ["v1"],
+            "operations": operations,
+            "resources": resources,
+        }
+
+    assert rules == {
+        "gpuyard-pods": [rule("", ["CREATE", "UPDATE"], ["pods"])],
+        "gpuyard-workloads": [rule("apps", ["CREATE", "UPDATE"], ["deployments", "replicasets"])],
+        "gpuyard-deployment-scale": [rule("apps", ["UPDATE"], ["deployments/scale"])],
+    }
+
+
+def test_admission_policies_can_be_turned_off(helm: Helm) -> None:
+    objects = helm.template({"admissionPolicy": {"enabled": False}})
+
+    kinds = {kind for kind, _ in kinds_and_names(objects)}
+    assert kinds.isdisjoint({"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"})
+    assert of_kind(objects, "Deployment")
+
+
+@pytest.mark.parametrize(
+    ("values", "account"),
+    [
+        ({}, "prod-gpuyard"),
+        ({"serviceAccount": {"name": "gpu-operator"}}, "gpu-operator"),
+        ({"serviceAccount": {"create": False, "name": "platform-sa"}}, "platform-sa"),
+    ],
+)
+def test_admission_policies_exempt_the_operator_and_the_controllers_that_copy_its_templates(
+    helm: Helm, values: dict[str, Any], account: str
+) -> None:
+    objects = helm.template(values, release="prod", namespace="ml")
+    operator = f"system:serviceaccount:ml:{account}"
+
+    assert {name: exempt_users(policy) for name, policy in policies(objects).items()} == {
+        "prod-gpuyard-pods": {operator, REPLICASET_CONTROLLER, CONTROLLER_MANAGER},
+        "prod-gpuyard-workloads": {operator, DEPLOYMENT_CONTROLLER, CONTROLLER_MANAGER},
+        "prod-gpuyard-deployment-scale": {operator},
+    }
+    # ... which is the account the operator's pod runs as.
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == account
+
+
+def test_admission_policies_exempt_the_users_the_values_add(helm: Helm) -> None:
+    job = "system:serviceaccount:platform:release-job"
+    objects = helm.template({"admissionPolicy": {"exemptUsers": [job]}})
+
+    for name, policy in policies(objects).items():
+        assert job in exempt_users(policy), name
+
+
 # --- values and their schema ---------------------------------------------------------------
 
 
@@ -309,6 +438,8 @@ def test_clusterrole_rules_each_carry_a_reason() -> None:
         ({"resources": {"limits": {"memory": "lots"}}}, "at '/resources/limits/memory'"),
         ({"networkPolicy": {"apiServer": {"ports": []}}}, "at '/networkPolicy/apiServer/ports'"),
         ({"prometheusRule": {"poolNearlyFullPercent": 150}}, "poolNearlyFullPercent"),
+        ({"admissionPolicy": {"enabled": "yes"}}, "at '/admissionPolicy/enabled'"),
+        ({"admissionPolicy": {"exemptUsers": ["o'brien"]}}, "at '/admissionPolicy/exemptUsers/0'"),
         (
             {"operator": {"metricsPort": 9000, "healthPort": 9000}},
             "operator.metricsPort and operator.healthPort must differ",

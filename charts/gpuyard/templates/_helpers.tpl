@@ -63,6 +63,21 @@ The ServiceAccount the operator runs as.
 {{- end }}
 
 {{/*
+The user name the API server gives the operator: its ServiceAccount's.
+*/}}
+{{- define "gpuyard.operatorUser" -}}
+{{- printf "system:serviceaccount:%s:%s" .Release.Namespace (include "gpuyard.serviceAccountName" .) }}
+{{- end }}
+
+{{/*
+A list of strings as a CEL list literal. The strings hold no quote or backslash (user
+names; values.schema.json refuses both in admissionPolicy.exemptUsers).
+*/}}
+{{- define "gpuyard.celStrings" -}}
+[{{ range $index, $item := . }}{{ if $index }}, {{ end }}'{{ $item }}'{{ end }}]
+{{- end }}
+
+{{/*
 The operator image: repository@digest when a digest is given, else repository:tag with the
 tag defaulting to the chart's appVersion.
 */}}
