@@ -42,6 +42,7 @@ from gpuyard.logic.finalizer_release import (
     BillingWait,
     ReleaseTally,
     awaits_billing,
+    belongs_to_deployment,
     holds_metering_finalizer,
     is_running,
     label_selector,
@@ -188,11 +189,16 @@ def _stop(
     replicas = int(deployment["spec"].get("replicas", 1))
     if replicas:
         api.scale_to_zero(namespace, name)
+
+    def operator_pods() -> list[str]:
+        pods = api.pods(namespace, selector)
+        return sorted(p["metadata"]["name"] for p in pods if belongs_to_deployment(p, name))
+
     started = time.monotonic()
-    left = api.pod_names(namespace, selector)
+    left = operator_pods()
     while left and time.monotonic() - started < timeout:
         time.sleep(POLL_SECONDS)
-        left = api.pod_names(namespace, selector)
+        left = operator_pods()
     if left:
         raise IncompleteReleaseError(
             f"deployment {namespace}/{name} still has {plural(len(left), 'pod')} "

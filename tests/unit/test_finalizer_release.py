@@ -14,6 +14,7 @@ from gpuyard.logic.finalizer_release import (
     BillingWait,
     ReleaseTally,
     awaits_billing,
+    belongs_to_deployment,
     holds_metering_finalizer,
     is_running,
     label_selector,
@@ -136,6 +137,30 @@ def test_label_selector_refuses_what_it_cannot_express(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         label_selector(selector)
+
+
+def owned_pod(owner_kind: str, owner_name: str, template_hash: str | None) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/name": "gpuyard", "app.kubernetes.io/instance": "gy"}
+    if template_hash:
+        labels["pod-template-hash"] = template_hash
+    owner = {"kind": owner_kind, "name": owner_name, "controller": True, "uid": "o-1"}
+    return {"metadata": {"name": "p", "labels": labels, "ownerReferences": [owner]}}
+
+
+@pytest.mark.parametrize(
+    ("pod_", "belongs"),
+    [
+        (owned_pod("ReplicaSet", "gy-gpuyard-5d8f7", "5d8f7"), True),
+        # The release's other pods share its labels: the uninstall hook's own pod...
+        (owned_pod("Job", "gy-gpuyard-release-finalizers", None), False),
+        # ... and a ReplicaSet of another Deployment whose name shares the prefix.
+        (owned_pod("ReplicaSet", "gy-gpuyard-other-5d8f7", "5d8f7"), False),
+        (owned_pod("ReplicaSet", "gy-gpuyard-5d8f7", "aaaaa"), False),
+        ({"metadata": {"name": "bare", "labels": {"pod-template-hash": "5d8f7"}}}, False),
+    ],
+)
+def test_only_the_deployments_own_pods_are_waited_for(pod_: dict[str, Any], belongs: bool) -> None:
+    assert belongs_to_deployment(pod_, "gy-gpuyard") is belongs
 
 
 @pytest.mark.parametrize(

@@ -156,10 +156,11 @@ class ReleaseClient:
             content_type="application/merge-patch+json",
         )
 
-    def pod_names(self, namespace: str, selector: str) -> list[str]:
+    def pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         """The pods ``selector`` picks in ``namespace``, terminating ones included: a pod
         object goes only once its containers have stopped."""
         page = self._call(
             "GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)]
         )
-        return sorted(item["metadata"]["name"] for item in page.get("items") or [])
+        found: list[dict[str, Any]] = page.get("items") or []
+        return found

@@ -70,6 +70,24 @@ def label_selector(selector: Mapping[str, Any]) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
 
 
+def belongs_to_deployment(pod: Mapping[str, Any], deployment: str) -> bool:
+    """Whether ``pod`` was made by a ReplicaSet of the Deployment named ``deployment``.
+
+    The selector alone is not enough: the chart's other pods (this very hook's, the
+    ``helm test`` pod) carry the same release labels. A Deployment names each ReplicaSet
+    ``<deployment>-<pod-template-hash>`` and labels its pods with that hash.
+    """
+    meta = pod["metadata"]
+    template_hash = (meta.get("labels") or {}).get("pod-template-hash")
+    if not template_hash:
+        return False
+    return any(
+        owner.get("controller") and owner.get("kind") == "ReplicaSet"
+        and owner.get("name") == f"{deployment}-{template_hash}"
+        for owner in meta.get("ownerReferences") or ()
+    )  # fmt: skip
+
+
 def parse_deployment_ref(text: str) -> tuple[str, str]:
     """``NAMESPACE/NAME`` as (namespace, name)."""
     namespace, slash, name = text.partition("/")
