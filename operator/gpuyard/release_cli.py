@@ -30,6 +30,7 @@ from kubernetes.client import ApiException
 
 from gpuyard.io.kube import make_api_client
 from gpuyard.io.release import (
+    PAGE_SIZE,
     PODS,
     POOLS,
     Kind,
@@ -46,6 +47,7 @@ from gpuyard.logic.finalizer_release import (
     holds_metering_finalizer,
     is_running,
     label_selector,
+    listed,
     object_key,
     parse_deployment_ref,
     plural,
@@ -67,6 +69,12 @@ def _seconds_arg(text: str) -> float:
     if not 0 <= value <= 3600:
         raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds: {text!r}")
     return value
+
+
+def _page_size_arg(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 5000:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 5000: {text!r}")
+    return int(text)
 
 
 def _deployment_arg(text: str) -> tuple[str, str]:
@@ -110,6 +118,13 @@ def add_release_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long the operator's pods may take to go once scaled to 0 (default 60)",
     )
+    parser.add_argument(
+        "--page-size",
+        type=_page_size_arg,
+        default=PAGE_SIZE,
+        metavar="N",
+        help=f"objects per list request (default {PAGE_SIZE})",
+    )
     parser.set_defaults(func=run_release)
     return parser
 
@@ -117,7 +132,7 @@ def add_release_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run_release(args: argparse.Namespace) -> int:
     """Exit status 0 when no pod and no GPUPool holds the finalizer any more, else 1."""
     try:
-        api = ReleaseClient(make_api_client(args.kubeconfig, pool_size=4))
+        api = ReleaseClient(make_api_client(args.kubeconfig, pool_size=4), args.page_size)
         if args.stop_deployment:
             namespace, name = args.stop_deployment
             _bill_then_stop(api, namespace, name, args.billing_timeout, args.stop_timeout)
@@ -202,7 +217,7 @@ def _stop(
     if left:
         raise IncompleteReleaseError(
             f"deployment {namespace}/{name} still has {plural(len(left), 'pod')} "
-            f"({', '.join(left)}) {timeout:.0f}s after scaling to 0; nothing was released, "
+            f"({listed(left)}) {timeout:.0f}s after scaling to 0; nothing was released, "
             "since a running operator puts the finalizer back. Run again once they are gone."
         )
     print(
@@ -235,16 +250,16 @@ def _check_none_left(api: ReleaseClient, tallies: list[ReleaseTally]) -> None:
         for obj in api.list_all(kind)
         if holds_metering_finalizer(obj)
     ]
-    failed = sum(len(tally.failed) for tally in tallies)
     if left:
+        failed = sum(len(tally.failed) for tally in tallies)
+        why = (
+            f"{plural(failed, 'release')} failed (see above)"
+            if failed
+            else "a gpuyard operator that still runs puts it back: stop it "
+            "(--stop-deployment NAMESPACE/NAME) and run again"
+        )
         raise IncompleteReleaseError(
-            f"{plural(len(left), 'object')} still carry {METERING_FINALIZER} "
-            f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''}). "
-            + (
-                f"{failed} could not be released (see above). "
-                if failed
-                else "A gpuyard operator that still runs puts it back: stop it "
-                "(--stop-deployment NAMESPACE/NAME) and run again."
-            )
+            f"{METERING_FINALIZER} is still on {plural(len(left), 'object')} "
+            f"({listed(left)}): {why}"
         )
     print(f"check: no pod and no GPUPool carries {METERING_FINALIZER} any more")

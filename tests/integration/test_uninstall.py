@@ -164,7 +164,9 @@ def test_release_finalizers_removes_only_gpuyards_finalizer(
     # Deleted while held: it stays Terminating until the finalizer goes.
     kubectl("delete", "pod", "ended", "-n", namespace, "--wait=false")
 
-    result = release_finalizers(cluster)
+    # Two per page: the three holders cannot come in one page, so releasing all of them
+    # shows that the listing follows its continue tokens.
+    result = release_finalizers(cluster, "--page-size", "2")
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "stop: no --stop-deployment given: assuming no operator is running" in result.stdout
@@ -244,6 +246,65 @@ def test_release_finalizers_lets_a_running_operator_bill_then_stops_it(
     assert kubectl.json("get", "deployment", "operator", "-n", namespace)["spec"]["replicas"] == 0
     assert lines[2].startswith(f"released: {METERING} from 1 pod ("), out
     assert finalizers_of(kubectl, "pod", "running", "-n", namespace) == []
+
+
+@pytest.mark.usefixtures("no_operator")
+def test_release_finalizers_fails_clearly_when_a_release_is_refused(
+    cluster: ClusterState, kubectl: Kubectl, namespace: str, tmp_path: Path
+) -> None:
+    # An account that may see pods but not patch them: the release is refused.
+    account = f"{namespace}-read-pods"
+    rbac = [
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "reader", "namespace": namespace},
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": account},
+            "rules": [
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+                {"apiGroups": ["gpuyard.io"], "resources": ["gpupools"], "verbs": ["get", "list"]},
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": account},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": account,
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+        },
+    ]
+    manifest = yaml.safe_dump_all(rbac)
+    kubectl.apply(manifest)
+    try:
+        assert release_finalizers(cluster).returncode == 0  # only our pod is left to release
+        kubectl.apply(yaml.safe_dump(bare_pod("held", [METERING])), namespace)
+        token = kubectl("create", "token", "reader", "-n", namespace).strip()
+        config = service_account_kubeconfig(cluster.kubeconfig, token, tmp_path / "kubeconfig")
+
+        result = release_finalizers(cluster, kubeconfig=str(config))
+
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"released: {METERING} from 0 pods (" in result.stdout
+        assert f"1 could not be released: {namespace}/held (403 Forbidden: " in result.stdout
+        assert result.stderr.strip() == (
+            f"gpuyard release-finalizers: error: {METERING} is still on 1 object "
+            f"(pod {namespace}/held): 1 release failed (see above)"
+        )
+        assert finalizers_of(kubectl, "pod", "held", "-n", namespace) == [METERING]
+    finally:
+        kubectl.run("delete", "-f", "-", "--ignore-not-found", stdin=manifest, check=False)
+        kubectl.run(
+            "patch", "pod", "held", "-n", namespace, "--type=merge",
+            "-p", '{"metadata":{"finalizers":null}}', check=False,
+        )  # fmt: skip
 
 
 # --- helm uninstall ---------------------------------------------------------------------

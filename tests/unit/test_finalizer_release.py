@@ -241,6 +241,7 @@ def test_command_arguments() -> None:
     assert (args.billing_timeout, args.stop_timeout) == (5.0, 60.0)
     defaults = build_parser().parse_args(["release-finalizers"])
     assert (defaults.stop_deployment, defaults.billing_timeout) == (None, 90.0)
+    assert defaults.page_size == 500
 
 
 @pytest.mark.parametrize(
@@ -249,6 +250,7 @@ def test_command_arguments() -> None:
         (["--stop-deployment", "gpuyard"], "expected NAMESPACE/NAME, got 'gpuyard'"),
         (["--billing-timeout", "soon"], "not a number of seconds: 'soon'"),
         (["--stop-timeout", "-1"], "must be between 0 and 3600 seconds: '-1'"),
+        (["--page-size", "0"], "must be a whole number from 1 to 5000: '0'"),
     ],
 )
 def test_command_refuses_bad_arguments_clearly(

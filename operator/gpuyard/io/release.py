@@ -26,7 +26,7 @@ PAGE_SIZE = 500
 # or the object itself); a few fresh reads settle any realistic race.
 RELEASE_ATTEMPTS = 5
 # An expired continue token (410) restarts the listing; objects already released no
-# longer hold the finalizer, so a restart repeats no work.
+# longer hold the finalizer, so a restart releases nothing twice.
 LIST_RESTARTS = 3
 
 

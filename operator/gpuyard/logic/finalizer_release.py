@@ -112,7 +112,8 @@ def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
-def _named(keys: Sequence[str], limit: int = 5) -> str:
+def listed(keys: Sequence[str], limit: int = 5) -> str:
+    """The first ``limit`` keys, and how many more: a line stays readable on a big cluster."""
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -136,7 +137,7 @@ class BillingWait:
         if self.unbilled:
             line += (
                 f"; {len(self.unbilled)} still unbilled at the deadline, released unbilled: "
-                f"{_named(self.unbilled)}"
+                f"{listed(self.unbilled)}"
             )
         return line
 
@@ -156,7 +157,7 @@ class ReleaseTally:
             f"({plural(self.scanned, self.kind)} scanned)"
         )
         if self.failed:
-            line += f"; {len(self.failed)} could not be released: " + _named(
+            line += f"; {len(self.failed)} could not be released: " + listed(
                 [f"{key} ({why})" for key, why in sorted(self.failed.items())]
             )
         return line
