@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,7 +28,14 @@ from typing import Any
 import pytest
 import yaml
 
-from chart_support import CHART, Helm, service_account_kubeconfig
+from chart_support import (
+    CHART,
+    DIST_INSTALL,
+    DIST_NAMESPACE,
+    REPO_ROOT,
+    Helm,
+    service_account_kubeconfig,
+)
 from conftest import OperatorProcess
 from localcluster.cluster import ClusterState, binaries_dir
 from support import Kubectl, wait_until
@@ -470,3 +478,62 @@ def test_helm_uninstall_leaves_no_pod_or_pool_held(
         ("deployment", fullname, ["-n", namespace]),
     ):
         assert kubectl.run("get", kind, name, *scope, check=False).returncode != 0, (kind, name)
+
+
+# --- plain manifests -------------------------------------------------------------------
+
+
+def documented_plain_manifest_commands() -> list[list[str]]:
+    """The commands docs/metering.md gives for uninstalling dist/install.yaml."""
+    text = (REPO_ROOT / "docs" / "metering.md").read_text()
+    section = text.split("### With plain manifests", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.usefixtures("no_operator")
+def test_the_documented_plain_manifest_uninstall_keeps_the_crds_and_no_finalizer(
+    cluster: ClusterState, kubectl: Kubectl, namespace: str, cleanup: list[tuple[str, ...]]
+) -> None:
+    if kubectl.run("get", "namespace", DIST_NAMESPACE, check=False).returncode == 0:
+        pytest.skip(f"namespace {DIST_NAMESPACE} is in use on this cluster")
+    commands = documented_plain_manifest_commands()
+    assert [command[0] for command in commands] == ["gpuyard", "kubectl", "kubectl"]
+    pool = f"plain-{secrets.token_hex(3)}"
+    try:
+        # Server-side, as the file's header says; forced, since the session applied the CRDs.
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(DIST_INSTALL))
+        wait_until(
+            lambda: kubectl.json("get", "deployment", "gpuyard", "-n", DIST_NAMESPACE)[
+                "status"
+            ].get("readyReplicas"),
+            timeout=60,
+            what="the operator of dist/install.yaml to be ready",
+        )
+        assert release_finalizers(cluster).returncode == 0  # nothing else left to release
+        kubectl.apply(yaml.safe_dump(bare_pod("held", [METERING])), namespace)
+        kubectl.apply(yaml.safe_dump(pool_with_finalizers(pool, [METERING])))
+        cleanup.append(("gpupool", pool))
+
+        for command in commands:
+            if command[0] == "gpuyard":
+                assert command[1] == "release-finalizers", command
+                result = release_finalizers(cluster, *command[2:])
+                assert result.returncode == 0, result.stdout + result.stderr
+                assert "stop: deployment gpuyard-system/gpuyard scaled from 1 to 0" in result.stdout
+            else:
+                kubectl(*command[1:], "--timeout=120s")
+    finally:
+        kubectl.run("delete", "namespace", DIST_NAMESPACE, "--ignore-not-found", check=False)
+        kubectl.run(
+            "delete", "clusterrole,clusterrolebinding", "gpuyard", "--ignore-not-found",
+            check=False,
+        )  # fmt: skip
+
+    assert holders(kubectl) == []
+    kubectl("delete", "pod", "held", "-n", namespace, "--wait=true", "--timeout=60s")
+    # The CRDs stay, and with them the users' pools.
+    for crd in ("aiservices.gpuyard.io", "gpupools.gpuyard.io"):
+        assert kubectl.run("get", "crd", crd, check=False).returncode == 0, crd
+    assert finalizers_of(kubectl, "gpupool", pool) == []
+    assert gone(kubectl, "namespace", DIST_NAMESPACE)
