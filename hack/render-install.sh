@@ -41,10 +41,13 @@ metadata:
     pod-security.kubernetes.io/audit: restricted
     pod-security.kubernetes.io/warn: restricted
 YAML
-  # The pinned --kube-version keeps the output independent of how helm was built; the
-  # test hook pod is left out, as `kubectl apply` has no `helm test` to run it.
+  # The pinned --kube-version keeps the output independent of how helm was built. Hooks
+  # are left out: `kubectl apply` has no `helm test` to run the test pod, and it would run
+  # the pre-delete Job that releases gpuyard's finalizers at install time, stopping the
+  # operator it installs. Before `kubectl delete -f`, run `gpuyard release-finalizers`
+  # (docs/metering.md, "Uninstall").
   "$helm" template gpuyard "$root/charts/gpuyard" --namespace "$namespace" \
-    --kube-version "${K8S_VERSION#v}" --skip-tests
+    --kube-version "${K8S_VERSION#v}" --no-hooks
 } > "$out.tmp"
 mv "$out.tmp" "$out"
 echo "render-install: wrote $out" >&2

@@ -1,4 +1,5 @@
-"""The ``gpuyard`` command: ``run`` the operator, print or write the ``crds``, report ``usage``."""
+"""The ``gpuyard`` command: ``run`` the operator, print or write the ``crds``, report ``usage``,
+``release-finalizers`` before an uninstall."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from gpuyard.api.crd import render_crds_yaml, write_crds
 from gpuyard.api.reference import render_reference
 from gpuyard.config import Settings
 from gpuyard.handlers.runtime import run_operator
+from gpuyard.release_cli import add_release_parser
 from gpuyard.usage_cli import add_usage_parser
 
 
@@ -84,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     crds.add_argument("--reference", help="also write the Markdown API reference to this file")
     crds.set_defaults(func=_crds)
     add_usage_parser(commands)
+    add_release_parser(commands)
     return parser
 
 

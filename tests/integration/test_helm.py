@@ -130,6 +130,8 @@ def test_rendered_chart_is_accepted_by_the_api_server(
     for expected in (
         "deployment.apps/dry-gpuyard",
         "pod/dry-gpuyard-test-metrics",  # the `helm test` pod passes "restricted" too
+        "job.batch/dry-gpuyard-release-finalizers",  # the uninstall hook and its RBAC
+        "role.rbac.authorization.k8s.io/dry-gpuyard-release-finalizers",
         "clusterrole.rbac.authorization.k8s.io/dry-gpuyard",
         "networkpolicy.networking.k8s.io/dry-gpuyard",
         "configmap/dry-gpuyard-dashboard",
@@ -247,7 +249,9 @@ def test_install_upgrade_and_uninstall_in_a_restricted_namespace(
         history = json.loads(helm.run("history", release, "-n", restricted, "-o", "json").stdout)
         assert [entry["status"] for entry in history] == ["superseded", "deployed"]
 
-        helm.run("uninstall", release, "--namespace", restricted, "--wait")
+        # --no-hooks: kwok never runs the pre-delete Job's container, so helm would wait
+        # for it until its timeout. test_uninstall.py plays the kubelet for that Job.
+        helm.run("uninstall", release, "--namespace", restricted, "--wait", "--no-hooks")
         installed = False
 
         for kind, name, ns in (
@@ -265,7 +269,7 @@ def test_install_upgrade_and_uninstall_in_a_restricted_namespace(
         assert exists(kubectl, "gpupool", pool_name)
     finally:
         if installed:
-            helm.run("uninstall", release, "--namespace", restricted, check=False)
+            helm.run("uninstall", release, "--namespace", restricted, "--no-hooks", check=False)
         kubectl.run("delete", "gpupool", pool_name, "--ignore-not-found", check=False)
 
 
@@ -297,7 +301,7 @@ def test_dist_install_yaml_creates_the_charts_objects(
             documents(helm.run("get", "manifest", "gpuyard", "-n", restricted).stdout)
         )
     finally:
-        helm.run("uninstall", "gpuyard", "--namespace", restricted, "--wait")
+        helm.run("uninstall", "gpuyard", "--namespace", restricted, "--wait", "--no-hooks")
 
     # Server-side, as the file's header says; forced, since Helm last wrote the CRDs.
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(DIST_INSTALL))

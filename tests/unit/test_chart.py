@@ -32,6 +32,7 @@ from chart_support import (
 )
 from gpuyard import __version__
 from gpuyard.api.crd import crd_files
+from gpuyard.cli import build_parser
 from gpuyard.config import Settings
 
 RULES_SNAPSHOT = REPO_ROOT / "tests" / "data" / "clusterrole-rules.yaml"
@@ -46,6 +47,18 @@ POLICIES_OF_RELEASE_GPUYARD = {
     (kind, f"gpuyard-{name}")
     for kind in ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
     for name in ("pods", "workloads", "deployment-scale")
+}
+HOOK = "gpuyard-release-finalizers"
+UNINSTALL_HOOK = {
+    (kind, HOOK)
+    for kind in (
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
+        "Job",
+    )
 }
 ALL_FEATURES: dict[str, Any] = {
     "serviceMonitor": {"enabled": True},
@@ -68,6 +81,11 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
 @pytest.fixture(scope="module")
 def default_objects(helm: Helm) -> list[dict[str, Any]]:
     return helm.template()
+
+
+def named(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    [obj] = [o for o in of_kind(objects, kind) if o["metadata"]["name"] == name]
+    return obj
 
 
 def operator_container(objects: list[dict[str, Any]]) -> dict[str, Any]:
@@ -105,6 +123,7 @@ def test_default_render_has_exactly_the_operators_objects(
         ("Deployment", "gpuyard"),
         ("Pod", "gpuyard-test-metrics"),
         *POLICIES_OF_RELEASE_GPUYARD,
+        *UNINSTALL_HOOK,
     }
     for obj in default_objects:
         labels = obj["metadata"]["labels"]
@@ -116,7 +135,7 @@ def test_default_render_has_exactly_the_operators_objects(
 
 
 def test_names_follow_the_release(helm: Helm) -> None:
-    objects = helm.template(None, "--skip-tests", release="prod")
+    objects = helm.template(None, "--no-hooks", release="prod")
 
     assert {name for _, name in kinds_and_names(objects)} >= {
         "prod-gpuyard",
@@ -252,6 +271,130 @@ def test_test_pod_is_a_restricted_helm_test_hook(default_objects: list[dict[str,
     compile(container["command"][-1], "test-connection", "exec")
 
 
+def hook_objects(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The uninstall hook's objects by kind."""
+    return {obj["kind"]: obj for obj in objects if obj["metadata"]["name"] == HOOK}
+
+
+def test_uninstall_hook_objects_exist_before_the_job_and_go_after_it(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    hook = hook_objects(default_objects)
+
+    assert set(hook) == {kind for kind, _ in UNINSTALL_HOOK}
+    weights = {}
+    for kind, obj in hook.items():
+        annotations = obj["metadata"]["annotations"]
+        assert annotations["helm.sh/hook"] == "pre-delete", kind
+        # Deleted once the Job succeeded (all hooks of the event are done by then), and
+        # replaced by the next attempt after a failure.
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+        assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == "release-finalizers"
+        weights[kind] = int(annotations["helm.sh/hook-weight"])
+    # Helm creates hooks lowest weight first: the account, then its roles, then the
+    # bindings, then the Job.
+    assert weights["ServiceAccount"] < weights["ClusterRole"] == weights["Role"]
+    assert weights["Role"] < weights["ClusterRoleBinding"] == weights["RoleBinding"]
+    assert weights["RoleBinding"] < weights["Job"]
+
+
+def test_uninstall_hook_job_stops_this_release_and_is_hardened(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    job = hook_objects(default_objects)["Job"]
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    operator = one(default_objects, "Deployment")
+    operator_pod = operator["spec"]["template"]["spec"]
+
+    assert pod["serviceAccountName"] == HOOK
+    assert pod["automountServiceAccountToken"] is True
+    assert pod["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == 0
+    assert container["image"] == operator_container(default_objects)["image"]
+    assert container["command"] == ["gpuyard", "release-finalizers"]
+    args = build_parser().parse_args([*container["command"][1:], *container["args"]])
+    meta = operator["metadata"]
+    assert args.stop_deployment == (meta["namespace"], meta["name"])
+    assert args.billing_timeout == 90
+    # The operator's own grace period, and time for its pod object to go.
+    assert args.stop_timeout == operator_pod["terminationGracePeriodSeconds"] + 30
+    assert job["spec"]["activeDeadlineSeconds"] == 90 + 60 + 120
+    # The same hardening as the operator: Pod Security "restricted", read-only root.
+    assert pod["securityContext"] == operator_pod["securityContext"]
+    assert container["securityContext"] == operator_container(default_objects)["securityContext"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert container["resources"] == {
+        "requests": {"cpu": "50m", "memory": "128Mi"},
+        "limits": {"memory": "256Mi"},
+    }
+    # The metrics Service never sends traffic to it.
+    service_selector = one(default_objects, "Service")["spec"]["selector"]
+    assert not service_selector.items() <= job["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_uninstall_hook_may_touch_finalizers_and_this_releases_deployment_only(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    hook = hook_objects(default_objects)
+    subject = {"kind": "ServiceAccount", "name": HOOK, "namespace": DIST_NAMESPACE}
+
+    assert hook["ClusterRole"]["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "patch"]},
+        {"apiGroups": ["gpuyard.io"], "resources": ["gpupools"], "verbs": ["get", "list", "patch"]},
+    ]
+    assert hook["Role"]["metadata"]["namespace"] == DIST_NAMESPACE
+    assert hook["Role"]["rules"] == [
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": ["gpuyard"],
+            "verbs": ["get"],
+        },
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments/scale"],
+            "resourceNames": ["gpuyard"],
+            "verbs": ["patch"],
+        },
+    ]
+    for binding, role in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
+        assert hook[binding]["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": role,
+            "name": HOOK,
+        }
+        assert hook[binding]["subjects"] == [subject]
+
+
+def test_uninstall_hook_follows_its_values(helm: Helm) -> None:
+    assert not hook_objects(helm.template({"uninstall": {"releaseFinalizers": False}}))
+    # No RBAC from the chart, no hook: it cannot act without its own permissions.
+    assert not hook_objects(helm.template({"rbac": {"create": False}}))
+
+    objects = helm.template(
+        {"uninstall": {"billingTimeoutSeconds": 10}, "terminationGracePeriodSeconds": 45},
+        release="prod",
+        namespace="gpu",
+    )
+    job = next(
+        o
+        for o in of_kind(objects, "Job")
+        if o["metadata"]["name"] == "prod-gpuyard-release-finalizers"
+    )
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args == [
+        "--stop-deployment",
+        "gpu/prod-gpuyard",
+        "--billing-timeout",
+        "10",
+        "--stop-timeout",
+        "75",
+    ]
+    assert job["spec"]["activeDeadlineSeconds"] == 10 + 75 + 120
+
+
 def test_service_account_and_rbac_can_be_left_to_the_user(helm: Helm) -> None:
     objects = helm.template(
         {"serviceAccount": {"create": False, "name": "platform-sa"}, "rbac": {"create": False}}
@@ -274,14 +417,14 @@ def test_image_digest_wins_over_tag(helm: Helm) -> None:
 
 
 def test_clusterrole_equals_the_committed_snapshot(default_objects: list[dict[str, Any]]) -> None:
-    rules = one(default_objects, "ClusterRole")["rules"]
+    rules = named(default_objects, "ClusterRole", "gpuyard")["rules"]
 
     assert rules == yaml.safe_load(RULES_SNAPSHOT.read_text())
 
 
 def test_clusterrole_grants_nothing_dangerous(default_objects: list[dict[str, Any]]) -> None:
     forbidden_verbs = {"*", "escalate", "bind", "impersonate", "deletecollection"}
-    for rule in one(default_objects, "ClusterRole")["rules"]:
+    for rule in named(default_objects, "ClusterRole", "gpuyard")["rules"]:
         assert set(rule) == {"apiGroups", "resources", "verbs"}, rule
         assert "*" not in rule["apiGroups"], rule
         assert not any("*" in resource for resource in rule["resources"]), rule
@@ -440,6 +583,8 @@ def test_admission_policies_exempt_the_users_the_values_add(helm: Helm) -> None:
         ({"prometheusRule": {"poolNearlyFullPercent": 150}}, "poolNearlyFullPercent"),
         ({"admissionPolicy": {"enabled": "yes"}}, "at '/admissionPolicy/enabled'"),
         ({"admissionPolicy": {"exemptUsers": ["o'brien"]}}, "at '/admissionPolicy/exemptUsers/0'"),
+        ({"uninstall": {"billingTimeoutSeconds": -1}}, "at '/uninstall/billingTimeoutSeconds'"),
+        ({"uninstall": {"releaseFinalizer": True}}, "'releaseFinalizer' not allowed"),
         (
             {"operator": {"metricsPort": 9000, "healthPort": 9000}},
             "operator.metricsPort and operator.healthPort must differ",
@@ -584,8 +729,10 @@ def test_dist_install_yaml_is_the_chart_in_a_restricted_namespace(helm: Helm) ->
     assert namespace["kind"] == "Namespace"
     assert namespace["metadata"]["name"] == DIST_NAMESPACE
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    chart_objects = helm.template(None, "--skip-tests")
+    # Without hooks: `kubectl apply` would run the pre-delete Job at install time.
+    chart_objects = helm.template(None, "--no-hooks")
     assert objects[1:] == chart_objects
+    assert not [obj for obj in objects if "helm.sh/hook" in obj["metadata"].get("annotations", {})]
 
 
 # --- monitoring ----------------------------------------------------------------------------

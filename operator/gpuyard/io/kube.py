@@ -64,6 +64,41 @@ def connection_info(client: ApiClient) -> Any:
     )
 
 
+def request_json(
+    client: ApiClient,
+    method: str,
+    path: str,
+    *,
+    body: Any = None,
+    content_type: str | None = None,
+    query: list[tuple[str, str]] | None = None,
+) -> Any:
+    """One request as plain JSON; raises ApiException on a status outside 2xx.
+
+    The generated typed methods would turn every Deployment into client models and
+    back; the reconciler speaks Kubernetes JSON, so the raw request is both simpler
+    and cheaper.
+    """
+    headers = {"Accept": "application/json"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    method, url, headers, payload, _ = client.param_serialize(
+        method,
+        path,
+        query_params=query or [],
+        header_params=headers,
+        body=body,
+        auth_settings=["BearerToken"],
+    )
+    response = client.call_api(
+        method, url, header_params=headers, body=payload, _request_timeout=REQUEST_TIMEOUT
+    )
+    data = response.read()
+    if not 200 <= response.status < 300:
+        raise ApiException(http_resp=response)
+    return json.loads(data) if data else None
+
+
 class Kube:
     """The handful of calls gpuyard makes, each with a clear name."""
 
@@ -81,30 +116,9 @@ class Kube:
         content_type: str | None = None,
         query: list[tuple[str, str]] | None = None,
     ) -> Any:
-        """One request as plain JSON; raises ApiException on a status outside 2xx.
-
-        The generated typed methods would turn every Deployment into client models and
-        back; the reconciler speaks Kubernetes JSON, so the raw request is both simpler
-        and cheaper.
-        """
-        headers = {"Accept": "application/json"}
-        if content_type:
-            headers["Content-Type"] = content_type
-        method, url, headers, payload, _ = self.client.param_serialize(
-            method,
-            path,
-            query_params=query or [],
-            header_params=headers,
-            body=body,
-            auth_settings=["BearerToken"],
+        return request_json(
+            self.client, method, path, body=body, content_type=content_type, query=query
         )
-        response = self.client.call_api(
-            method, url, header_params=headers, body=payload, _request_timeout=REQUEST_TIMEOUT
-        )
-        data = response.read()
-        if not 200 <= response.status < 300:
-            raise ApiException(http_resp=response)
-        return json.loads(data) if data else None
 
     def apply(self, obj: Mapping[str, Any]) -> Any:
         """Server-side apply ``obj`` as field manager ``gpuyard`` (forcing our own fields)."""
