@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from gpuyard.io.sinks import (
     SinkUnavailableError,
     StdoutSink,
     parse_header_file,
+    tls_context,
 )
 from gpuyard.logic.metering import (
     PodLifetime,
@@ -368,6 +369,50 @@ def test_http_sink_retries_connection_errors() -> None:
     assert len(sleep.delays) == 1
 
 
+def test_http_sink_makes_at_most_max_connections_posts_at_once() -> None:
+    active, most, lock = [0], [0], threading.Lock()
+    release = threading.Event()
+
+    class Slow(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                active[0] += 1
+                most[0] = max(most[0], active[0])
+            release.wait(timeout=10)
+            with lock:
+                active[0] -= 1
+            self.send_response(204)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    sink = loopback_sink(f"http://127.0.0.1:{server.server_address[1]}/", max_connections=2)
+
+    async def scenario() -> None:
+        running = asyncio.gather(*(sink.emit(make_records(1, uid=f"u{n}")) for n in range(5)))
+        await asyncio.wait_for(_until(lambda: active[0] == 2), timeout=5)
+        # Not a wait for anything: the time a third POST would need to show up, if it could.
+        await asyncio.sleep(0.2)
+        release.set()
+        await asyncio.wait_for(running, timeout=10)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        asyncio.run(sink.aclose())
+    assert most[0] == 2
+
+
 # -- redirects
 
 
@@ -619,6 +664,13 @@ def test_hostname_verification_stays_on(tls_receiver: Receiver, pki: Pki) -> Non
     with pytest.raises(SinkUnavailableError, match="not valid for 'localhost'"):
         asyncio.run(sink.emit(make_records(1)))
     assert tls_receiver.requests == []
+
+
+def test_a_ca_bundle_replaces_the_trust_store_and_verification_stays_on(pki: Pki) -> None:
+    context = tls_context(pki.ca)
+    assert [cert["subject"] for cert in context.get_ca_certs()] == [((("commonName", "test-ca"),),)]
+    for context in (tls_context(pki.ca), tls_context(None)):
+        assert (context.verify_mode, context.check_hostname) == (ssl.CERT_REQUIRED, True)
 
 
 def test_a_replaced_ca_bundle_is_loaded_again(

@@ -309,12 +309,15 @@ class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verifies certificates and hostnames (create_default_context's defaults) against
+    `ca_file`, which replaces the system's trust store rather than adding to it."""
+    return ssl.create_default_context(cafile=ca_file)
+
+
 def _opener(ca_file: Path | None) -> urllib.request.OpenerDirector:
-    # Certificate and hostname verification stay on (create_default_context's defaults);
-    # a bundle, when given, replaces the system's trust store rather than adding to it.
-    context = ssl.create_default_context(cafile=ca_file)
     return urllib.request.build_opener(
-        _RefuseRedirects(), urllib.request.HTTPSHandler(context=context)
+        _RefuseRedirects(), urllib.request.HTTPSHandler(context=tls_context(ca_file))
     )
 
 
