@@ -16,7 +16,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Every knob of a running operator, with the defaults a production install wants."""
 
-    model_config = SettingsConfigDict(env_prefix="GPUYARD_", extra="ignore", frozen=True)
+    # Inputs stay out of validation errors: a mistyped URL may carry a credential.
+    model_config = SettingsConfigDict(
+        env_prefix="GPUYARD_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     kubeconfig: Path | None = Field(
         default=None,
@@ -123,7 +126,8 @@ class Settings(BaseSettings):
                 )
             return self
         if not url.startswith(("https://", "http://")):
-            raise ValueError(f"GPUYARD_USAGE_HTTP_URL must start with https://: {url!r}")
+            # The URL is not quoted back: a mistyped one may carry a credential.
+            raise ValueError("GPUYARD_USAGE_HTTP_URL must start with https://")
         if url.startswith("http://") and not self.usage_http_allow_insecure:
             raise ValueError(
                 "GPUYARD_USAGE_HTTP_URL is http://: usage records and headers would cross "

@@ -75,3 +75,10 @@ def test_plain_http_needs_the_explicit_setting(monkeypatch: pytest.MonkeyPatch) 
 def test_bad_usage_http_settings_are_refused(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         Settings(**fields)  # type: ignore[arg-type]
+
+
+def test_a_refused_setting_is_not_quoted_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GPUYARD_USAGE_HTTP_URL", "http://u:s3cr3t@b.io/")
+    with pytest.raises(ValidationError) as refused:
+        Settings()
+    assert "s3cr3t" not in str(refused.value)

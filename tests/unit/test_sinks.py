@@ -712,6 +712,7 @@ def test_http_sink_refuses_plain_http_unless_allowed() -> None:
         ("file:///etc/passwd", {}, "must be http"),
         ("https:///no-host", {}, "must be http"),
         ("https://user:pw@sink.example/", {}, "holds credentials"),
+        ("ftp://user:pw@sink.example/", {}, "holds credentials"),
         ("http://sink.example/", {"allow_insecure": True, "ca_file": Path("ca.crt")}, "https"),
     ],
 )
@@ -856,6 +857,8 @@ def test_settings_build_the_http_sink(tmp_path: Path, monkeypatch: pytest.Monkey
         3.5,
     )
     assert sink.header_names == ["Authorization"]
+    # Everything the meter delivers at once fits: 8 deliveries of up to 10,000 records.
+    assert sink.max_in_flight == 80_000
     asyncio.run(sink.aclose())
     assert build_http_sink(Settings()) is None
     headers.write_text("Authorization Bearer s3cr3t\n")

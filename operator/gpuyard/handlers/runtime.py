@@ -327,6 +327,9 @@ def build_http_sink(config: Settings) -> HttpCloudEventsSink | None:
         max_attempts=config.usage_http_max_attempts,
         timeout=config.usage_http_timeout_seconds,
         max_connections=config.usage_http_max_connections,
+        # Room for everything the meter may deliver at once, so that only a window larger
+        # than all of it has to go alone (and none is ever refused for want of room).
+        max_in_flight=config.meter_concurrency * config.meter_max_records_per_batch,
     )
     logger.info(
         "usage records go to %s with headers %s",

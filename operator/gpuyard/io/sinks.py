@@ -3,8 +3,8 @@
 Every sink has one coroutine, `emit(records)`, that returns only once the records are
 durably accepted and raises `SinkError` otherwise; the meter advances a service's mark
 only after `emit` returns. The interface is async because the operator runs on Kopf's
-event loop: an HTTP sink backing off for minutes must not block it, and blocking work
-(fsync, urllib) runs in a worker thread via `asyncio.to_thread`.
+event loop: an HTTP sink backing off must not block it, and blocking work runs in worker
+threads (the ledger's fsync via `asyncio.to_thread`, the HTTP sink's POSTs in its own pool).
 
 Delivery is at-least-once: after a crash, or when one of several sinks fails, records
 are emitted again with the same ids. Each sink is therefore idempotent by record id —
@@ -351,8 +351,6 @@ class UrllibTransport:
     """
 
     def __init__(self, *, ca_file: Path | None = None, max_connections: int = 8) -> None:
-        if max_connections < 1:
-            raise ValueError("max_connections must be >= 1")
         self._current_opener: Callable[[], urllib.request.OpenerDirector]
         try:
             if ca_file is None:
@@ -478,6 +476,7 @@ class HttpCloudEventsSink:
         self.backoff_max = backoff_max
         self.timeout = timeout
         self.max_in_flight = max_in_flight
+        # A transport of the caller's (tests) replaces urllib, ca_file and max_connections.
         self._own_transport: UrllibTransport | None = None
         if transport is None:
             self._own_transport = transport = UrllibTransport(
@@ -586,11 +585,11 @@ class HttpCloudEventsSink:
 
 def _check_url(url: str, *, allow_insecure: bool, ca_file: Path | None) -> None:
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SinkConfigError(f"the usage sink URL must be http(s)://host...: {url!r}")
     if parts.username is not None or parts.password is not None:
         # A URL is printed in errors and logs; credentials belong in the headers file.
         raise SinkConfigError("the usage sink URL holds credentials: send them as headers")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SinkConfigError(f"the usage sink URL must be http(s)://host...: {url!r}")
     if parts.scheme == "http" and not allow_insecure:
         raise SinkConfigError(
             f"refusing {url}: over http:// usage records and headers cross the network "
