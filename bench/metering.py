@@ -527,6 +527,7 @@ def run_e2e_bench(seconds: float, intervals: Sequence[float]) -> list[str]:
                 "GPUYARD_USAGE_WINDOW_SECONDS": "1",
                 "GPUYARD_METER_INTERVAL": str(interval),
                 "GPUYARD_USAGE_HTTP_URL": receiver.url,
+                "GPUYARD_USAGE_HTTP_ALLOW_INSECURE": "true",  # a loopback receiver
             }
             with operator_process(cluster, env, log):
                 items = [

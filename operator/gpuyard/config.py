@@ -9,14 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Every knob of a running operator, with the defaults a production install wants."""
 
-    model_config = SettingsConfigDict(env_prefix="GPUYARD_", extra="ignore", frozen=True)
+    # Inputs stay out of validation errors: a mistyped URL may carry a credential.
+    model_config = SettingsConfigDict(
+        env_prefix="GPUYARD_", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     kubeconfig: Path | None = Field(
         default=None,
@@ -86,5 +89,50 @@ class Settings(BaseSettings):
     usage_http_url: str | None = Field(
         default=None, description="POST usage records as CloudEvents batches to this URL"
     )
+    usage_http_headers_file: Path | None = Field(
+        default=None,
+        description=(
+            "'Name: value' lines sent as headers with every POST (mount it from a Secret); "
+            "read again when the file changes"
+        ),
+    )
+    usage_http_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle that verifies the receiver, instead of the system's",
+    )
+    usage_http_allow_insecure: bool = Field(
+        default=False, description="allow an http:// usage sink URL (unencrypted)"
+    )
+    usage_http_max_attempts: int = Field(
+        default=4, ge=1, le=20, description="attempts per batch before a delivery fails"
+    )
+    usage_http_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=300, description="timeout of each socket operation of a POST"
+    )
+    usage_http_max_connections: int = Field(
+        default=8, ge=1, le=64, description="POSTs the HTTP sink makes at the same time"
+    )
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _check_usage_http(self) -> Settings:
+        url = self.usage_http_url
+        if not url:
+            if self.usage_http_headers_file or self.usage_http_ca_file:
+                raise ValueError(
+                    "GPUYARD_USAGE_HTTP_HEADERS_FILE and GPUYARD_USAGE_HTTP_CA_FILE need "
+                    "GPUYARD_USAGE_HTTP_URL"
+                )
+            return self
+        if not url.startswith(("https://", "http://")):
+            # The URL is not quoted back: a mistyped one may carry a credential.
+            raise ValueError("GPUYARD_USAGE_HTTP_URL must start with https://")
+        if url.startswith("http://") and not self.usage_http_allow_insecure:
+            raise ValueError(
+                "GPUYARD_USAGE_HTTP_URL is http://: usage records and headers would cross "
+                "the network unencrypted. Use https://, or set "
+                "GPUYARD_USAGE_HTTP_ALLOW_INSECURE=true (chart value "
+                "usage.http.allowInsecure) to allow it"
+            )
+        return self

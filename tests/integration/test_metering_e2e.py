@@ -322,6 +322,8 @@ class Rig:
                 "GPUYARD_METER_INTERVAL": "0.5",
                 "GPUYARD_USAGE_LEDGER": str(self.ledger),
                 "GPUYARD_USAGE_HTTP_URL": self.receiver.url,
+                # The receiver is a plain-http server on loopback.
+                "GPUYARD_USAGE_HTTP_ALLOW_INSECURE": "true",
                 "GPUYARD_USAGE_STDOUT": "false",
             },
         )

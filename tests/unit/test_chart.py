@@ -67,6 +67,14 @@ ALL_FEATURES: dict[str, Any] = {
     "grafanaDashboard": {"enabled": True},
     "networkPolicy": {"enabled": True},
     "operator": {"prometheusUrl": "http://prometheus.monitoring.svc:9090"},
+    "usage": {
+        "http": {
+            "url": "https://openmeter.example.com/api/v1/events",
+            "headersSecret": {"name": "openmeter-token"},
+            "caConfigMap": {"name": "openmeter-ca"},
+        },
+        "ledger": {"enabled": True},
+    },
 }
 
 
@@ -180,6 +188,7 @@ def test_deployment_runs_one_hardened_replica(default_objects: list[dict[str, An
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 65532
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["fsGroup"] == 65532  # owns the mounted Secret and ledger
     security = container["securityContext"]
     assert security["allowPrivilegeEscalation"] is False
     assert security["readOnlyRootFilesystem"] is True
@@ -413,6 +422,166 @@ def test_image_digest_wins_over_tag(helm: Helm) -> None:
     assert operator_container(objects)["image"] == f"ghcr.io/gpuyard/gpuyard@{digest}"
 
 
+# --- usage sinks ---------------------------------------------------------------------------
+
+HEADERS_FILE = "/etc/gpuyard/usage-http-headers/headers"
+CA_FILE = "/etc/gpuyard/usage-http-ca/ca.crt"
+LEDGER_FILE = "/var/lib/gpuyard/usage.jsonl"
+
+
+def operator_env(objects: list[dict[str, Any]]) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in operator_container(objects)["env"]}
+
+
+def pod_volumes(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    return {volume.pop("name"): volume for volume in pod["volumes"]}
+
+
+def container_mounts(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {mount.pop("name"): mount for mount in operator_container(objects)["volumeMounts"]}
+
+
+def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    # The developer's shell may export GPUYARD_* for the local cluster: start from none.
+    for name in [name for name in os.environ if name.startswith("GPUYARD_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
+def test_default_usage_goes_to_stdout_only(default_objects: list[dict[str, Any]]) -> None:
+    env = operator_env(default_objects)
+
+    assert env["GPUYARD_USAGE_STDOUT"] == "true"
+    assert not {name for name in env if name.startswith(("GPUYARD_USAGE_HTTP", "GPUYARD_USAGE_L"))}
+    assert set(pod_volumes(default_objects)) == {"tmp"}
+    assert not of_kind(default_objects, "PersistentVolumeClaim")
+
+
+def test_http_sink_values_become_settings_files_and_read_only_mounts(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = {
+        "usage": {
+            "stdout": False,
+            "http": {
+                "url": "https://openmeter.example.com/api/v1/events",
+                "headersSecret": {"name": "openmeter-token", "key": "http-headers"},
+                "caSecret": {"name": "openmeter-ca"},
+                "maxAttempts": 3,
+                "timeoutSeconds": 2.5,
+                "maxConnections": 4,
+            },
+        }
+    }
+    objects = helm.template(values)
+    env = operator_env(objects)
+
+    settings = settings_from(env, monkeypatch)
+    assert settings.usage_stdout is False
+    assert settings.usage_http_url == "https://openmeter.example.com/api/v1/events"
+    assert settings.usage_http_headers_file == Path(HEADERS_FILE)
+    assert settings.usage_http_ca_file == Path(CA_FILE)
+    assert settings.usage_http_allow_insecure is False
+    assert (settings.usage_http_max_attempts, settings.usage_http_timeout_seconds) == (3, 2.5)
+    assert settings.usage_http_max_connections == 4
+    assert settings.usage_ledger is None
+    volumes = pod_volumes(objects)
+    assert volumes["usage-http-headers"] == {
+        "secret": {
+            "secretName": "openmeter-token",
+            "defaultMode": 0o440,
+            "items": [{"key": "http-headers", "path": "headers"}],
+        }
+    }
+    assert volumes["usage-http-ca"] == {
+        "secret": {"secretName": "openmeter-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    }
+    # Whole directories, never subPath: a subPath mount never sees a rotated Secret.
+    assert container_mounts(objects) == {
+        "tmp": {"mountPath": "/tmp"},
+        "usage-http-headers": {"mountPath": str(Path(HEADERS_FILE).parent), "readOnly": True},
+        "usage-http-ca": {"mountPath": str(Path(CA_FILE).parent), "readOnly": True},
+    }
+    assert operator_container(objects)["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_ca_bundle_from_a_config_map(helm: Helm) -> None:
+    values = {
+        "usage": {
+            "http": {
+                "url": "https://openmeter.example.com/api/v1/events",
+                "caConfigMap": {"name": "trust-bundle", "key": "bundle.pem"},
+            }
+        }
+    }
+    objects = helm.template(values)
+
+    assert pod_volumes(objects)["usage-http-ca"] == {
+        "configMap": {"name": "trust-bundle", "items": [{"key": "bundle.pem", "path": "ca.crt"}]}
+    }
+    assert operator_env(objects)["GPUYARD_USAGE_HTTP_CA_FILE"] == CA_FILE
+    assert "GPUYARD_USAGE_HTTP_HEADERS_FILE" not in operator_env(objects)
+
+
+def test_plain_http_sink_when_allowed(helm: Helm, monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {"usage": {"http": {"url": "http://receiver.billing:8080/", "allowInsecure": True}}}
+    settings = settings_from(operator_env(helm.template(values)), monkeypatch)
+
+    assert settings.usage_http_url == "http://receiver.billing:8080/"
+    assert settings.usage_http_allow_insecure is True
+
+
+def test_ledger_on_a_kept_persistent_volume_claim(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = {
+        "usage": {
+            "ledger": {"enabled": True, "persistence": {"size": "50Gi", "storageClassName": "ssd"}}
+        }
+    }
+    objects = helm.template(values)
+
+    claim = one(objects, "PersistentVolumeClaim")
+    assert claim["metadata"]["name"] == "gpuyard-ledger"
+    assert claim["metadata"]["namespace"] == DIST_NAMESPACE
+    assert claim["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert claim["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "storageClassName": "ssd",
+        "resources": {"requests": {"storage": "50Gi"}},
+    }
+    assert pod_volumes(objects)["usage-ledger"] == {
+        "persistentVolumeClaim": {"claimName": "gpuyard-ledger"}
+    }
+    assert container_mounts(objects)["usage-ledger"] == {"mountPath": str(Path(LEDGER_FILE).parent)}
+    assert settings_from(operator_env(objects), monkeypatch).usage_ledger == Path(LEDGER_FILE)
+    # No class given: the field is left out, so the cluster's default StorageClass binds.
+    default_class = one(
+        helm.template({"usage": {"ledger": {"enabled": True}}}), "PersistentVolumeClaim"
+    )
+    assert "storageClassName" not in default_class["spec"]
+
+
+def test_ledger_on_an_existing_claim(helm: Helm) -> None:
+    values = {"usage": {"ledger": {"enabled": True, "persistence": {"existingClaim": "billing"}}}}
+    objects = helm.template(values)
+
+    assert not of_kind(objects, "PersistentVolumeClaim")
+    assert pod_volumes(objects)["usage-ledger"] == {
+        "persistentVolumeClaim": {"claimName": "billing"}
+    }
+
+
+def test_usage_sinks_need_no_new_permissions(helm: Helm) -> None:
+    rules = one(helm.template(ALL_FEATURES), "ClusterRole")["rules"]
+
+    # The kubelet mounts the Secret and the claim; the operator never reads them by API.
+    assert rules == yaml.safe_load(RULES_SNAPSHOT.read_text())
+
+
 # --- RBAC ----------------------------------------------------------------------------------
 
 
@@ -589,6 +758,49 @@ def test_admission_policies_exempt_the_users_the_values_add(helm: Helm) -> None:
             {"operator": {"metricsPort": 9000, "healthPort": 9000}},
             "operator.metricsPort and operator.healthPort must differ",
         ),
+        (
+            {"usage": {"http": {"url": "http://receiver.billing/"}}},
+            "usage.http.url is http://, so usage records and headers would cross the network "
+            "unencrypted: use https://, or set usage.http.allowInsecure=true",
+        ),
+        (
+            {"usage": {"http": {"url": "https://token:x@receiver.billing/"}}},
+            "at '/usage/http/url'",
+        ),
+        ({"usage": {"http": {"url": "receiver.billing"}}}, "at '/usage/http/url'"),
+        (
+            {"usage": {"http": {"headersSecret": {"name": "token"}}}},
+            "usage.http.headersSecret, caConfigMap and caSecret need usage.http.url",
+        ),
+        (
+            {
+                "usage": {
+                    "http": {
+                        "url": "https://receiver.billing/",
+                        "caConfigMap": {"name": "a"},
+                        "caSecret": {"name": "b"},
+                    }
+                }
+            },
+            "set usage.http.caConfigMap or usage.http.caSecret, not both",
+        ),
+        (
+            {
+                "usage": {
+                    "http": {
+                        "url": "http://receiver.billing/",
+                        "allowInsecure": True,
+                        "caSecret": {"name": "b"},
+                    }
+                }
+            },
+            "a CA bundle (usage.http.caConfigMap, caSecret) needs an https:// usage.http.url",
+        ),
+        ({"usage": {"http": {"token": "x"}}}, "additional properties 'token' not allowed"),
+        ({"usage": {"http": {"maxAttempts": 0}}}, "at '/usage/http/maxAttempts'"),
+        ({"usage": {"http": {"timeoutSeconds": 0}}}, "at '/usage/http/timeoutSeconds'"),
+        ({"usage": {"http": {"headersSecret": {"key": ""}}}}, "at '/usage/http/headersSecret/key'"),
+        ({"usage": {"ledger": {"persistence": {"size": "big"}}}}, "persistence/size"),
     ],
 )
 def test_wrong_values_fail_with_a_readable_message(

@@ -144,7 +144,83 @@ then extraEnv.
   value: {{ .Values.operator.metricsPort | quote }}
 - name: GPUYARD_HEALTH_PORT
   value: {{ .Values.operator.healthPort | quote }}
+- name: GPUYARD_USAGE_STDOUT
+  value: {{ .Values.usage.stdout | quote }}
+{{- with .Values.usage.http }}
+{{- if .url }}
+- name: GPUYARD_USAGE_HTTP_URL
+  value: {{ .url | quote }}
+- name: GPUYARD_USAGE_HTTP_ALLOW_INSECURE
+  value: {{ .allowInsecure | quote }}
+- name: GPUYARD_USAGE_HTTP_MAX_ATTEMPTS
+  value: {{ .maxAttempts | quote }}
+- name: GPUYARD_USAGE_HTTP_TIMEOUT_SECONDS
+  value: {{ .timeoutSeconds | quote }}
+- name: GPUYARD_USAGE_HTTP_MAX_CONNECTIONS
+  value: {{ .maxConnections | quote }}
+{{- if .headersSecret.name }}
+- name: GPUYARD_USAGE_HTTP_HEADERS_FILE
+  value: {{ include "gpuyard.usageHttpHeadersFile" $ | quote }}
+{{- end }}
+{{- if or .caConfigMap.name .caSecret.name }}
+- name: GPUYARD_USAGE_HTTP_CA_FILE
+  value: {{ include "gpuyard.usageHttpCaFile" $ | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.usage.ledger.enabled }}
+- name: GPUYARD_USAGE_LEDGER
+  value: {{ include "gpuyard.ledgerFile" . | quote }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Where the usage sinks' files are mounted. Whole volumes, never subPath: the kubelet
+updates a Secret or ConfigMap volume by swapping a symlink, which a subPath mount never
+sees, and the operator reads a rotated headers file or CA bundle without a restart.
+*/}}
+{{- define "gpuyard.usageHttpHeadersFile" -}}
+/etc/gpuyard/usage-http-headers/headers
+{{- end }}
+{{- define "gpuyard.usageHttpCaFile" -}}
+/etc/gpuyard/usage-http-ca/ca.crt
+{{- end }}
+{{- define "gpuyard.ledgerDir" -}}
+/var/lib/gpuyard
+{{- end }}
+{{- define "gpuyard.ledgerFile" -}}
+{{ include "gpuyard.ledgerDir" . }}/usage.jsonl
+{{- end }}
+
+{{/*
+The ledger's PersistentVolumeClaim: the user's, or the one the chart creates.
+*/}}
+{{- define "gpuyard.ledgerClaimName" -}}
+{{- with .Values.usage.ledger.persistence.existingClaim }}
+{{- . }}
+{{- else }}
+{{- printf "%s-ledger" (include "gpuyard.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Usage values that the schema cannot relate to each other, refused with what to change.
+*/}}
+{{- define "gpuyard.checkUsage" -}}
+{{- $http := .Values.usage.http }}
+{{- if and (hasPrefix "http://" $http.url) (not $http.allowInsecure) }}
+{{- fail "usage.http.url is http://, so usage records and headers would cross the network unencrypted: use https://, or set usage.http.allowInsecure=true" }}
+{{- end }}
+{{- if and (not $http.url) (or $http.headersSecret.name $http.caConfigMap.name $http.caSecret.name) }}
+{{- fail "usage.http.headersSecret, caConfigMap and caSecret need usage.http.url" }}
+{{- end }}
+{{- if and $http.caConfigMap.name $http.caSecret.name }}
+{{- fail "set usage.http.caConfigMap or usage.http.caSecret, not both" }}
+{{- end }}
+{{- if and (hasPrefix "http://" $http.url) (or $http.caConfigMap.name $http.caSecret.name) }}
+{{- fail "a CA bundle (usage.http.caConfigMap, caSecret) needs an https:// usage.http.url" }}
 {{- end }}
 {{- end }}

@@ -152,7 +152,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) ->
         caches=caches,
         prometheus=Prometheus(config.prometheus_url) if config.prometheus_url else None,
     )
-    operator.sinks = build_sinks(config, metrics)
+    operator.sinks = build_sinks(config, metrics, memo.get("http_sink"))
     operator.pool_queue = WorkQueue("pool", lambda key: reconcile_pool(operator, key))
     operator.service_queue = WorkQueue("service", lambda key: reconcile_service(operator, key))
     for queue in (operator.pool_queue, operator.service_queue):
@@ -299,18 +299,44 @@ def build_registry() -> kopf.OperatorRegistry:
     return registry
 
 
-def build_sinks(config: Settings, metrics: OperatorMetrics) -> MultiSink:
+def build_sinks(
+    config: Settings, metrics: OperatorMetrics, http: HttpCloudEventsSink | None = None
+) -> MultiSink:
     """Where usage records go: Prometheus counters always, plus the configured sinks."""
     sinks: dict[str, UsageSink] = {"prometheus": PrometheusSink(metrics.registry)}
     if config.usage_stdout:
         sinks["stdout"] = StdoutSink()
     if config.usage_ledger is not None:
         sinks["ledger"] = LedgerFileSink(config.usage_ledger)
-    if config.usage_http_url:
-        sinks["http"] = HttpCloudEventsSink(
-            config.usage_http_url, source=f"gpuyard/{config.cluster_id}"
-        )
+    if http is not None:
+        sinks["http"] = http
     return MultiSink(sinks)
+
+
+def build_http_sink(config: Settings) -> HttpCloudEventsSink | None:
+    """The CloudEvents sink, built before Kopf starts: an unreadable headers file or CA
+    bundle stops the operator at once with the file and line, not in a retried handler."""
+    if not config.usage_http_url:
+        return None
+    sink = HttpCloudEventsSink(
+        config.usage_http_url,
+        source=f"gpuyard/{config.cluster_id}",
+        headers_file=config.usage_http_headers_file,
+        ca_file=config.usage_http_ca_file,
+        allow_insecure=config.usage_http_allow_insecure,
+        max_attempts=config.usage_http_max_attempts,
+        timeout=config.usage_http_timeout_seconds,
+        max_connections=config.usage_http_max_connections,
+        # Room for everything the meter may deliver at once, so that only a window larger
+        # than all of it has to go alone (and none is ever refused for want of room).
+        max_in_flight=config.meter_concurrency * config.meter_max_records_per_batch,
+    )
+    logger.info(
+        "usage records go to %s with headers %s",
+        sink.url,
+        ", ".join(sink.header_names) or "(none from a file)",
+    )
+    return sink
 
 
 def configure_logging(settings: Settings) -> None:
@@ -335,10 +361,11 @@ def run_operator(settings: Settings) -> None:
         if settings.health_port
         else None
     )
+    http_sink = build_http_sink(settings)
     kopf.run(
         registry=build_registry(),
         clusterwide=True,
         standalone=True,
         liveness_endpoint=liveness,
-        memo=kopf.Memo(config=settings),
+        memo=kopf.Memo(config=settings, http_sink=http_sink),
     )
