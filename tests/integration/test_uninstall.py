@@ -400,6 +400,14 @@ def test_helm_uninstall_leaves_no_pod_or_pool_held(
     pool = f"uninstall-{secrets.token_hex(3)}"
     uninstall: subprocess.Popen[str] | None = None
     try:
+        # Held before the install: the release's admission policies let no one but its
+        # operator (and its hook) touch gpuyard's finalizer on a pod.
+        kubectl.apply(
+            yaml.safe_dump_all([bare_pod("running", [METERING]), bare_pod("ended", [METERING])]),
+            namespace,
+        )
+        kubectl.apply(yaml.safe_dump(pool_with_finalizers(pool, [METERING])))
+        cleanup.append(("gpupool", pool))
         install = helm.run(
             "install", release, str(CHART), "--namespace", namespace,
             # The session's CRDs stay as they are; the kwok "operator" never bills, so the
@@ -408,12 +416,6 @@ def test_helm_uninstall_leaves_no_pod_or_pool_held(
             "--wait", "--timeout", "120s",
         )  # fmt: skip
         assert "`helm uninstall` first runs a Job" in install.stdout
-        kubectl.apply(
-            yaml.safe_dump_all([bare_pod("running", [METERING]), bare_pod("ended", [METERING])]),
-            namespace,
-        )
-        kubectl.apply(yaml.safe_dump(pool_with_finalizers(pool, [METERING])))
-        cleanup.append(("gpupool", pool))
         # Both wait for their bill: a pod that ended, a pool being deleted.
         kubectl("delete", "pod", "ended", "-n", namespace, "--wait=false")
         kubectl("delete", "gpupool", pool, "--wait=false")
@@ -483,6 +485,9 @@ def test_helm_uninstall_leaves_no_pod_or_pool_held(
 # --- plain manifests -------------------------------------------------------------------
 
 
+DIST_POLICIES = ("gpuyard-pods", "gpuyard-workloads", "gpuyard-deployment-scale")
+
+
 def documented_plain_manifest_commands() -> list[list[str]]:
     """The commands docs/metering.md gives for uninstalling dist/install.yaml."""
     text = (REPO_ROOT / "docs" / "metering.md").read_text()
@@ -498,9 +503,15 @@ def test_the_documented_plain_manifest_uninstall_keeps_the_crds_and_no_finalizer
     if kubectl.run("get", "namespace", DIST_NAMESPACE, check=False).returncode == 0:
         pytest.skip(f"namespace {DIST_NAMESPACE} is in use on this cluster")
     commands = documented_plain_manifest_commands()
-    assert [command[0] for command in commands] == ["gpuyard", "kubectl", "kubectl"]
+    assert [command[0] for command in commands] == ["kubectl", "gpuyard", *["kubectl"] * 3]
     pool = f"plain-{secrets.token_hex(3)}"
     try:
+        # Held before the install: its admission policies let no one but its operator put
+        # gpuyard's finalizer on a pod.
+        assert release_finalizers(cluster).returncode == 0  # nothing else left to release
+        kubectl.apply(yaml.safe_dump(bare_pod("held", [METERING])), namespace)
+        kubectl.apply(yaml.safe_dump(pool_with_finalizers(pool, [METERING])))
+        cleanup.append(("gpupool", pool))
         # Server-side, as the file's header says; forced, since the session applied the CRDs.
         kubectl("apply", "--server-side", "--force-conflicts", "-f", str(DIST_INSTALL))
         wait_until(
@@ -510,10 +521,6 @@ def test_the_documented_plain_manifest_uninstall_keeps_the_crds_and_no_finalizer
             timeout=60,
             what="the operator of dist/install.yaml to be ready",
         )
-        assert release_finalizers(cluster).returncode == 0  # nothing else left to release
-        kubectl.apply(yaml.safe_dump(bare_pod("held", [METERING])), namespace)
-        kubectl.apply(yaml.safe_dump(pool_with_finalizers(pool, [METERING])))
-        cleanup.append(("gpupool", pool))
 
         for command in commands:
             if command[0] == "gpuyard":
@@ -529,6 +536,8 @@ def test_the_documented_plain_manifest_uninstall_keeps_the_crds_and_no_finalizer
             "delete", "clusterrole,clusterrolebinding", "gpuyard", "--ignore-not-found",
             check=False,
         )  # fmt: skip
+        for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
+            kubectl.run("delete", kind, *DIST_POLICIES, "--ignore-not-found", check=False)
 
     assert holders(kubectl) == []
     kubectl("delete", "pod", "held", "-n", namespace, "--wait=true", "--timeout=60s")

@@ -576,7 +576,7 @@ def test_ledger_on_an_existing_claim(helm: Helm) -> None:
 
 
 def test_usage_sinks_need_no_new_permissions(helm: Helm) -> None:
-    rules = one(helm.template(ALL_FEATURES), "ClusterRole")["rules"]
+    rules = named(helm.template(ALL_FEATURES), "ClusterRole", "gpuyard")["rules"]
 
     # The kubelet mounts the Secret and the claim; the operator never reads them by API.
     assert rules == yaml.safe_load(RULES_SNAPSHOT.read_text())
@@ -713,9 +713,11 @@ def test_admission_policies_exempt_the_operator_and_the_controllers_that_copy_it
 ) -> None:
     objects = helm.template(values, release="prod", namespace="ml")
     operator = f"system:serviceaccount:ml:{account}"
+    # The uninstall hook strips the metering finalizer once the operator has stopped.
+    hook = "system:serviceaccount:ml:prod-gpuyard-release-finalizers"
 
     assert {name: exempt_users(policy) for name, policy in policies(objects).items()} == {
-        "prod-gpuyard-pods": {operator, REPLICASET_CONTROLLER, CONTROLLER_MANAGER},
+        "prod-gpuyard-pods": {operator, hook, REPLICASET_CONTROLLER, CONTROLLER_MANAGER},
         "prod-gpuyard-workloads": {operator, DEPLOYMENT_CONTROLLER, CONTROLLER_MANAGER},
         "prod-gpuyard-deployment-scale": {operator},
     }
