@@ -828,6 +828,15 @@ def test_restarting_the_operator_writes_nothing(
     )
     wait_running(kubectl, namespace, "steady", 1)
     wait_condition(kubectl, namespace, "idle", "Ready", "True", reason="ScaledToZero")
+    # The meter holds each new pod with its finalizer: a write the pod asks for, not the
+    # restart, so it is let happen first.
+    wait_until(
+        lambda: all(
+            "gpuyard.io/metering" in (pod["metadata"].get("finalizers") or [])
+            for pod in service_pods(kubectl, namespace, "steady")
+        ),
+        what="the meter's finalizer on the running pod",
+    )
     flush_audit(kubectl, quiet_operator, namespace)
     before = len(operator_writes(quiet_operator, namespace))
     assert before > 0  # the namespace's objects were written by the operator

@@ -314,23 +314,27 @@ async def _pods(op: Operator, pools: Mapping[str, PoolPricing], now: datetime) -
 def _owner(op: Operator, metadata: Mapping[str, Any], now: datetime) -> str | None:
     """The AIService a pod is billed to, decided once for the pod's life: a pod that a
     tenant re-parents (or whose Deployment loses its owner for a moment) keeps billing
-    where it started, so no window is billed twice or never. An owner the caches do not
-    hold yet is waited for (`OwnerNotKnownError`) a short while, then taken as none."""
+    where it started, so no window is billed twice or never.
+
+    After a restart the decision is read back from the pod's `gpuyard.io/billed-to`
+    annotation when its owner chain no longer leads to a service (an orphan, or a pod of
+    a deleted service whose owners went first). An owner the caches do not hold yet is
+    waited for (`OwnerNotKnownError`) a short while, then taken as none.
+    """
     uid = metadata["uid"]
     if uid in op.pod_services:
         return op.pod_services[uid]
     namespace = metadata.get("namespace") or ""
+    billed_to = (metadata.get("annotations") or {}).get(BILLED_TO_ANNOTATION) or None
     try:
         service = owning_service(metadata, functools.partial(op.caches.owner_metadata, namespace))
     except OwnerNotKnownError:
-        # The owners of a pod of a deleted service go before the pod does.
-        billed_to = (metadata.get("annotations") or {}).get(BILLED_TO_ANNOTATION)
         waiting_since = op.owner_wait.setdefault(uid, now)
         if not billed_to and (now - waiting_since).total_seconds() < OWNER_WAIT_SECONDS:
             raise
-        service = billed_to or None
+        service = None
     op.owner_wait.pop(uid, None)
-    return service
+    return service or billed_to
 
 
 def _lifetime(

@@ -18,8 +18,10 @@ from gpuyard import API_GROUP
 
 
 class OwnerNotKnownError(LookupError):
-    """A link of the chain names an object the caches do not hold (yet): a ReplicaSet's
-    first watch event can arrive after its first pod's. Not the same as no owner."""
+    """A link of the chain names an object the caches do not hold: not yet (a ReplicaSet's
+    first watch event can arrive after its first pod's), or no more (the owners of a
+    deleted service go before its pods; a namesake with another UID is not the owner).
+    Not the same as no owner: the caller decides what such a pod is billed to."""
 
 
 #: (kind, name) in the pod's namespace -> that object's metadata, or None when unknown.
@@ -58,18 +60,16 @@ def controller_ref(metadata: Mapping[str, Any]) -> ControllerRef | None:
 
 def owning_service(pod_metadata: Mapping[str, Any], lookup: MetadataLookup) -> str | None:
     """The name of the AIService that controls the pod through its ReplicaSet and
-    Deployment, or None when a link is missing, of another kind, or names an object whose
-    UID differs (a deleted and re-created namesake is not the owner). Raises
-    `OwnerNotKnownError` when a link names an object `lookup` does not know."""
+    Deployment, or None when a link is missing or of another kind. Raises
+    `OwnerNotKnownError` when a link names an object `lookup` does not know, or one whose
+    UID differs (a deleted and re-created namesake)."""
     current = pod_metadata
     for kind, group in _CHAIN:
         reference = controller_ref(current)
         if reference is None or reference.kind != kind or reference.group != group:
             return None
         owner = lookup(kind, reference.name)
-        if owner is None:
-            raise OwnerNotKnownError(f"{kind} {reference.name} is not known")
-        if owner.get("uid") != reference.uid:
-            return None
+        if owner is None or owner.get("uid") != reference.uid:
+            raise OwnerNotKnownError(f"{kind} {reference.name} (uid {reference.uid}) is not known")
         current = owner
     return str(current.get("name") or "") or None
