@@ -108,16 +108,20 @@ def node_manifests(pools: list[PoolTopology]) -> list[Any]:
         )
     ]
     for pool in pools:
-        labels = {
-            POOL_LABEL: pool.pool,
-            GPU_TYPE_LABEL: pool.gpu_type,
-            GPU_PRODUCT_LABEL: GPU_PRODUCTS.get(pool.gpu_type, pool.gpu_type),
-        }
-        capacity = {
-            "cpu": "64",
-            "memory": "512Gi",
-            "pods": "110",
-            GPU_RESOURCE: str(pool.gpus_per_node),
-        }
-        nodes.extend(_node(name, labels, capacity, [GPU_TAINT]) for name in pool.node_names())
+        nodes.extend(
+            gpu_node(name, pool=pool.pool, gpus=pool.gpus_per_node, gpu_type=pool.gpu_type)
+            for name in pool.node_names()
+        )
     return nodes
+
+
+def gpu_node(name: str, *, pool: str, gpus: int, gpu_type: str) -> Any:
+    """One simulated GPU node labelled for `pool`, tainted like a real GPU node (tests add
+    nodes of their own with it, to take one down without touching anyone else's pods)."""
+    labels = {
+        POOL_LABEL: pool,
+        GPU_TYPE_LABEL: gpu_type,
+        GPU_PRODUCT_LABEL: GPU_PRODUCTS.get(gpu_type, gpu_type),
+    }
+    capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", GPU_RESOURCE: str(gpus)}
+    return _node(name, labels, capacity, [GPU_TAINT])

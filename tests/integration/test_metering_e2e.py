@@ -1,367 +1,59 @@
 """Usage metering on the real cluster: the ledger against the pods' own timestamps.
 
-Each test runs an operator of its own (``OperatorProcess``) with 1-2 s usage windows, a
-ledger in ``tmp_path`` and an HTTP sink pointing at a CloudEvents receiver on loopback,
-in place of the session's operator, which is stopped meanwhile (two operators on one
-cluster fight over the same objects) and started again afterwards.
-
-The ground truth is what the pods say about themselves: a pod holds its GPUs from its
-``PodScheduled`` ``lastTransitionTime`` to its containers' ``finishedAt``, both floored
-to whole seconds. A watch keeps every pod of the test's namespace as last seen; the
-``gpuyard.io/metering`` finalizer keeps each pod, in its final state, until the meter has
-billed it, so the watch sees that state before the pod goes.
+The rig (an operator of the test's own with 1-2 s windows, a ledger and a CloudEvents
+receiver) and the ground truth (the pods' own timestamps, from a watch) are described in
+metering_support.py, which the billing-integrity tests share.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client, config, watch
-from kubernetes.client import ApiException
 
 from conftest import Loads, OperatorProcess
 from gpuyard.io.ledger import read_ledger
-from gpuyard.logic.metering import (
-    MeteringError,
-    UsageRecord,
-    epoch_floor,
-    parse_time,
-    record_from_json,
-    record_from_line,
+from gpuyard.logic.metering import epoch_floor, parse_time
+from localcluster.cluster import ClusterState
+from metering_support import (
+    PodTruth,
+    PodWatch,
+    Receiver,
+    Rig,
+    aiservice,
+    compare,
+    ledger_copies,
+    meter_errors,
+    open_rig,
+    received_copies,
+    usage_mark,
+    wait_all_billed,
 )
-from localcluster.cluster import ClusterState, free_port
 from support import Kubectl, wait_until
 
-GPU = "nvidia.com/gpu"
-IMAGE = "registry.example/llm:1"
-SERVICE_LABEL = "gpuyard.io/service"
 #: The l4 pool has 8 GPUs on the local cluster; more replicas than that stay Pending.
 L4_GPUS = 8
 #: Set to replay the crash test's kill moments (the seed is printed either way).
 SEED_ENV = "GPUYARD_METER_CRASH_SEED"
 
 
-# --- ground truth: the pods as they saw themselves ----------------------------------------------
-
-
-@dataclass(frozen=True)
-class PodTruth:
-    """One pod's billable interval, in whole epoch seconds ``[bound, ended)``."""
-
-    uid: str
-    name: str
-    service: str
-    gpus: int
-    bound: int
-    ended: int | None
-
-    @property
-    def gpu_seconds(self) -> int:
-        assert self.ended is not None
-        return (self.ended - self.bound) * self.gpus
-
-
-def pod_truth(pod: Mapping[str, Any]) -> PodTruth | None:
-    """The pod's interval from its own timestamps, or None when it was never bound."""
-    status = pod.get("status") or {}
-    scheduled = next(
-        (c for c in status.get("conditions") or () if c.get("type") == "PodScheduled"), None
-    )
-    if scheduled is None or scheduled.get("status") != "True":
-        return None
-    finished = [
-        parse_time(terminated["finishedAt"])
-        for container in status.get("containerStatuses") or ()
-        if (terminated := (container.get("state") or {}).get("terminated"))
-        and terminated.get("finishedAt")
-    ]
-    gpus = sum(
-        int((c.get("resources") or {}).get("limits", {}).get(GPU, 0))
-        for c in pod["spec"]["containers"]
-    )
-    return PodTruth(
-        uid=pod["metadata"]["uid"],
-        name=pod["metadata"]["name"],
-        service=pod["metadata"]["labels"][SERVICE_LABEL],
-        gpus=gpus,
-        bound=epoch_floor(parse_time(scheduled["lastTransitionTime"])),
-        ended=epoch_floor(max(finished)) if finished else None,
-    )
-
-
-class PodWatch:
-    """Every pod of one namespace as last seen (deleted ones included), from a watch."""
-
-    def __init__(self, kubeconfig: str, namespace: str) -> None:
-        self.namespace = namespace
-        # The Kubernetes client carries no annotations for these calls.
-        api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        self._api = client.CoreV1Api(api_client)
-        self._pods: dict[str, dict[str, Any]] = {}
-        self._gone: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pod-watch", daemon=True)
-        self._version = ""
-        self.error: BaseException | None = None
-
-    def __enter__(self) -> PodWatch:
-        self._version = self._list()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        self._api.api_client.close()
-
-    def _list(self) -> str:
-        # Raw JSON rather than the client's models: the truth is in the API's own fields.
-        response: Any = self._api.list_namespaced_pod(self.namespace, _preload_content=False)
-        body = json.loads(response.data)
-        with self._lock:
-            for pod in body["items"]:
-                self._pods[pod["metadata"]["uid"]] = pod
-        return str(body["metadata"]["resourceVersion"])
-
-    def _run(self) -> None:
-        try:
-            while not self._stop.is_set():
-                try:
-                    stream = watch.Watch().stream(  # type: ignore[no-untyped-call]
-                        self._api.list_namespaced_pod,
-                        self.namespace,
-                        resource_version=self._version,
-                        timeout_seconds=2,
-                    )
-                    for event in stream:
-                        pod = event["raw_object"]
-                        if event["type"] == "ERROR":
-                            raise ApiException(status=pod.get("code"), reason=pod.get("message"))
-                        self._version = pod["metadata"]["resourceVersion"]
-                        with self._lock:
-                            self._pods[pod["metadata"]["uid"]] = pod
-                            if event["type"] == "DELETED":
-                                self._gone.add(pod["metadata"]["uid"])
-                except ApiException as error:
-                    if error.status != 410:
-                        raise
-                    self._version = self._list()  # the watch fell too far behind
-        except Exception as error:  # noqa: BLE001 - reported to the test by check()
-            self.error = error
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise AssertionError(f"the pod watch failed: {self.error!r}")
-
-    def pods(self) -> list[dict[str, Any]]:
-        """Pods that still exist (Terminating ones included)."""
-        self.check()
-        with self._lock:
-            return [pod for uid, pod in self._pods.items() if uid not in self._gone]
-
-    def live(self, service: str) -> list[dict[str, Any]]:
-        """The service's pods that are not being deleted."""
-        return [
-            pod
-            for pod in self.pods()
-            if pod["metadata"]["labels"].get(SERVICE_LABEL) == service
-            and not pod["metadata"].get("deletionTimestamp")
-        ]
-
-    def truth(self) -> dict[str, PodTruth]:
-        """Every pod that was ever bound, by uid, from its last seen state."""
-        self.check()
-        with self._lock:
-            found = {uid: pod_truth(pod) for uid, pod in self._pods.items()}
-        return {uid: truth for uid, truth in found.items() if truth is not None}
-
-
-# --- the billing system's end: a CloudEvents receiver ------------------------------------------
-
-
-class Receiver:
-    """An OpenMeter-like ``POST /api/v1/events`` on loopback that a test can slow down, make
-    answer 503, or take off the network altogether (nothing listening on its port)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/api/v1/events"
-        self.delay = 0.0
-        self.unavailable = False
-        #: (receipt wall time, CloudEvent) of every event of every accepted request.
-        self.events: list[tuple[float, dict[str, Any]]] = []
-        self.answers: Counter[int] = Counter()
-        self.in_flight = 0
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    def listen(self) -> None:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                received = time.time()
-                with receiver._lock:
-                    unavailable, delay = receiver.unavailable, receiver.delay
-                status = 503 if unavailable else 200
-                if not unavailable:
-                    events = json.loads(body)
-                    with receiver._lock:
-                        # Stored on receipt, answered later: a kill during the delay leaves
-                        # records the sender never saw acknowledged, as with a lost answer.
-                        receiver.events.extend((received, event) for event in events)
-                        receiver.in_flight += 1
-                    try:
-                        # A slow receiver: the batch is in flight for this long.
-                        time.sleep(delay)
-                    finally:
-                        with receiver._lock:
-                            receiver.in_flight -= 1
-                with contextlib.suppress(OSError):  # the sender may have been killed
-                    self.send_response(status)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                with receiver._lock:
-                    receiver.answers[status] += 1
-
-            def log_message(self, *_: Any) -> None:
-                return None
-
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        server.daemon_threads = True
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, daemon=True)
-        self._thread.start()
-
-    def close(self) -> None:
-        """Stop listening: the sender gets "connection refused"."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def set(self, *, delay: float | None = None, unavailable: bool | None = None) -> None:
-        with self._lock:
-            if delay is not None:
-                self.delay = delay
-            if unavailable is not None:
-                self.unavailable = unavailable
-
-    def busy(self) -> bool:
-        with self._lock:
-            return self.in_flight > 0
-
-    def refused(self) -> int:
-        with self._lock:
-            return self.answers[503]
-
-    def received(self) -> list[tuple[float, dict[str, Any]]]:
-        with self._lock:
-            return list(self.events)
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    found = Receiver()
-    found.listen()
-    try:
+def rig(cluster: ClusterState, operator: OperatorProcess, tmp_path: Path) -> Iterator[Rig]:
+    with open_rig(cluster, operator, tmp_path) as found:
         yield found
-    finally:
-        found.close()
-
-
-# --- the operator under test --------------------------------------------------------------------
-
-
-@dataclass
-class Rig:
-    """What a metering test runs against: the cluster, a receiver and a ledger path."""
-
-    cluster: ClusterState
-    session_operator: OperatorProcess
-    receiver: Receiver
-    directory: Path
-
-    @property
-    def ledger(self) -> Path:
-        return self.directory / "usage.jsonl"
-
-    def pods(self, namespace: str) -> PodWatch:
-        return PodWatch(self.cluster.kubeconfig, namespace)
-
-    @contextlib.contextmanager
-    def operator(self, window_seconds: int) -> Iterator[OperatorProcess]:
-        """An operator of the test's own with a fast meter, in place of the session's
-        (which is started again afterwards if it was running)."""
-        session = self.session_operator
-        was_running = session.process is not None and session.process.poll() is None
-        session.stop()
-        process = OperatorProcess(
-            self.cluster,
-            self.directory,
-            {
-                "GPUYARD_USAGE_WINDOW_SECONDS": str(window_seconds),
-                "GPUYARD_METER_INTERVAL": "0.5",
-                "GPUYARD_USAGE_LEDGER": str(self.ledger),
-                "GPUYARD_USAGE_HTTP_URL": self.receiver.url,
-                # The receiver is a plain-http server on loopback.
-                "GPUYARD_USAGE_HTTP_ALLOW_INSECURE": "true",
-                "GPUYARD_USAGE_STDOUT": "false",
-            },
-        )
-        try:
-            process.start()
-            yield process
-        finally:
-            process.stop()
-            if was_running:
-                session.start()
-
-
-@pytest.fixture
-def rig(
-    cluster: ClusterState, operator: OperatorProcess, receiver: Receiver, tmp_path: Path
-) -> Rig:
-    return Rig(cluster, operator, receiver, tmp_path)
 
 
 # --- the scenario: pods come and go ------------------------------------------------------------
-
-
-def aiservice(name: str, pool: str, gpus: int, replicas: int) -> dict[str, Any]:
-    """An AIService in mode Off, so `kubectl scale` decides how many replicas run."""
-    return {
-        "apiVersion": "gpuyard.io/v1alpha1",
-        "kind": "AIService",
-        "metadata": {"name": name},
-        "spec": {
-            "pool": pool,
-            "gpusPerReplica": gpus,
-            "container": {"image": IMAGE},
-            "minReplicas": 0,
-            "maxReplicas": 12,
-            "replicas": replicas,
-            "autoscaling": {"mode": "Off"},
-        },
-    }
 
 
 @dataclass
@@ -447,119 +139,6 @@ class Scenario:
         self.step("both scaled to zero", ("chat", 0), ("train", 0))
 
 
-def wait_all_billed(pods: PodWatch, timeout: float) -> None:
-    """Every pod gone: the meter released each one's finalizer, so each is fully billed."""
-    wait_until(
-        lambda: not pods.pods(),
-        timeout=timeout,
-        interval=0.5,
-        what="the meter to bill and release every pod",
-    )
-
-
-# --- comparing the records with the truth ------------------------------------------------------
-
-
-@dataclass
-class Comparison:
-    truth_gpu_seconds: int = 0
-    billed_gpu_seconds: int = 0
-    records: int = 0
-    duplicates: int = 0
-    #: Pod-seconds of the truth that no record covers, or more than one covers.
-    missing: dict[str, int] = field(default_factory=dict)
-    doubled: dict[str, int] = field(default_factory=dict)
-    #: Seconds records claim beyond what their window holds of the pod's interval.
-    excess: dict[str, int] = field(default_factory=dict)
-    #: Per pod: billed seconds minus true seconds.
-    difference: dict[str, int] = field(default_factory=dict)
-    unknown_pods: set[str] = field(default_factory=set)
-    #: Ids whose copies are not identical records.
-    conflicts: set[str] = field(default_factory=set)
-
-    def line(self, what: str) -> str:
-        return (
-            f"{what}: ground truth {self.truth_gpu_seconds} GPU-s, billed "
-            f"{self.billed_gpu_seconds} GPU-s, {self.records} records, "
-            f"{self.duplicates} duplicates"
-        )
-
-    def assert_exact(self, what: str) -> None:
-        problems = {
-            "records of pods that were never bound": self.unknown_pods,
-            "ids with differing copies": self.conflicts,
-            "pod-seconds billed by no record": self.missing,
-            "pod-seconds billed by more than one record": self.doubled,
-            "seconds billed outside a pod's interval": self.excess,
-        }
-        found = {name: value for name, value in problems.items() if value}
-        assert not found, f"{what}: {found}"
-        assert self.billed_gpu_seconds == self.truth_gpu_seconds, self.line(what)
-
-
-def compare(truth: Mapping[str, PodTruth], copies: list[UsageRecord], namespace: str) -> Comparison:
-    """Deduplicate `copies` by id and check them second by second against the truth."""
-    result = Comparison()
-    unique: dict[str, UsageRecord] = {}
-    for record in copies:
-        if record.namespace != namespace:
-            continue  # the operator bills the whole cluster; other tests' pods are theirs
-        first = unique.setdefault(record.id, record)
-        if first is not record:
-            result.duplicates += 1
-            if first != record:
-                result.conflicts.add(record.id)
-    result.records = len(unique)
-    by_pod: dict[str, list[UsageRecord]] = {}
-    for record in unique.values():
-        by_pod.setdefault(record.pod_uid, []).append(record)
-    result.unknown_pods = set(by_pod) - set(truth)
-    for uid, pod in truth.items():
-        assert pod.ended is not None, f"pod {pod.name} has no finishedAt in its last state"
-        assert pod.gpus > 0, f"pod {pod.name} holds no GPU"
-        result.truth_gpu_seconds += pod.gpu_seconds
-        covered: Counter[int] = Counter()
-        billed = 0
-        for record in by_pod.get(uid, []):
-            start, end = epoch_floor(record.start), epoch_floor(record.end)
-            seconds = range(max(start, pod.bound), min(end, pod.ended))
-            covered.update(seconds)
-            billed += record.seconds
-            result.billed_gpu_seconds += record.gpu_seconds
-            assert record.gpu_seconds == record.seconds * pod.gpus, record
-            if record.seconds > len(seconds):
-                result.excess[pod.name] = result.excess.get(pod.name, 0) + record.seconds
-        true_seconds = range(pod.bound, pod.ended)
-        if missing := sum(1 for s in true_seconds if not covered[s]):
-            result.missing[pod.name] = missing
-        if doubled := sum(1 for s in true_seconds if covered[s] > 1):
-            result.doubled[pod.name] = doubled
-        result.difference[pod.name] = billed - len(true_seconds)
-    return result
-
-
-def ledger_copies(path: Path) -> list[UsageRecord]:
-    """Every line of the ledger, duplicates included (a torn last line is skipped)."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    copies = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            copies.append(record_from_line(line))
-        except MeteringError:
-            assert number == len(lines), f"ledger line {number} is corrupt"
-            assert not line.endswith("\n"), f"the last ledger line is corrupt: {line!r}"
-    return copies
-
-
-def received_copies(receiver: Receiver) -> list[UsageRecord]:
-    copies = []
-    for _, event in receiver.received():
-        record = record_from_json(event["data"])
-        assert event["id"] == record.id
-        copies.append(record)
-    return copies
-
-
 def ledger_totals(path: Path, namespace: str) -> dict[str, tuple[int, Decimal]]:
     """GPU-seconds and cost per service of the deduplicated ledger."""
     contents = read_ledger(path)
@@ -570,12 +149,6 @@ def ledger_totals(path: Path, namespace: str) -> dict[str, tuple[int, Decimal]]:
             seconds, cost = totals.get(record.service, (0, Decimal(0)))
             totals[record.service] = (seconds + record.gpu_seconds, cost + record.cost)
     return totals
-
-
-def usage_mark(kubectl: Kubectl, namespace: str, service: str) -> str | None:
-    status = kubectl.json("get", "ais", "-n", namespace, service).get("status", {})
-    mark: str | None = (status.get("usage") or {}).get("reportedThrough")
-    return mark
 
 
 def status_totals(kubectl: Kubectl, namespace: str, service: str) -> tuple[int, Decimal]:
@@ -622,15 +195,6 @@ def gpu_seconds_metric(operator: OperatorProcess, namespace: str) -> dict[str, f
             service = labels.split('service="', 1)[1].split('"', 1)[0]
             found[service] = found.get(service, 0.0) + float(value)
     return found
-
-
-def meter_errors(operator: OperatorProcess) -> float:
-    """`gpuyard_meter_errors_total` over every stage (tick, sink, mark)."""
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in operator.metrics().splitlines()
-        if line.startswith("gpuyard_meter_errors_total{")
-    )
 
 
 # --- the tests -----------------------------------------------------------------------------------
