@@ -251,6 +251,12 @@ class Receiver:
         self.in_flight = 0
         #: Requests held unanswered so far (each dropped, never acknowledged).
         self.held = 0
+        #: While set, every request is answered 307 to this URL (a receiver being moved).
+        self.redirect_to: str | None = None
+        #: While set, a request without exactly this Authorization header gets 401.
+        self.authorization: str | None = None
+        #: The Authorization header of every request, in order (None when absent).
+        self.authorizations: list[str | None] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._closing = False
@@ -273,6 +279,21 @@ class Receiver:
                     return
                 with receiver._lock:
                     unavailable, delay = receiver.unavailable, receiver.delay
+                    redirect_to, wanted = receiver.redirect_to, receiver.authorization
+                    receiver.authorizations.append(self.headers.get("Authorization"))
+                if redirect_to is not None or (
+                    wanted is not None and self.headers.get("Authorization") != wanted
+                ):
+                    status = 307 if redirect_to is not None else 401
+                    with contextlib.suppress(OSError):
+                        self.send_response(status)
+                        if redirect_to is not None:
+                            self.send_header("Location", redirect_to)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                    with receiver._lock:
+                        receiver.answers[status] += 1
+                    return
                 status = 503 if unavailable else 200
                 if not unavailable:
                     events = json.loads(body)

@@ -37,7 +37,7 @@ from gpuyard.logic.metering import (
     price_history_from_status,
     record_from_json,
 )
-from localcluster.cluster import ClusterState
+from localcluster.cluster import ClusterState, free_port
 from localcluster.topology import POOL_LABEL, gpu_node
 from metering_support import (
     GPU,
@@ -715,6 +715,64 @@ def test_a_blackholed_receiver_for_one_service_delays_no_other(
     assert sink_errors >= 1
     assert events
     assert all(event["type"] == "Warning" for event in events)
+
+
+@pytest.mark.slow
+def test_a_redirecting_receiver_loses_nothing_and_a_bearer_token_comes_from_its_file(
+    kubectl: Kubectl, namespace: str, rig: Rig
+) -> None:
+    """A receiver answers 307 for a while (never followed: nothing counts as delivered),
+    then takes records again; throughout, it demands the bearer token the operator reads
+    from a headers file (the file a Secret mounts in the chart), rotated on the way."""
+    receiver = rig.receiver
+    headers = rig.directory / "sink-headers"
+    headers.write_text("# mounted from a Secret\nAuthorization: Bearer first-token\n")
+    receiver.authorization = "Bearer first-token"
+    env = {"GPUYARD_USAGE_HTTP_HEADERS_FILE": str(headers)}
+    subject = f"{namespace}/moved"
+    with rig.pods(namespace) as pods, rig.operator(window_seconds=WINDOW, env=env):
+        kubectl.apply(json.dumps(aiservice("moved", L4, 1, 1)), namespace)
+        wait_running(pods, "moved", 1)
+        wait_until(
+            lambda: len(first_receipts(receiver, subject)) >= 3, what="three windows delivered"
+        )
+        receiver.redirect_to = f"http://127.0.0.1:{free_port()}/elsewhere"
+        redirected_from = len(first_receipts(receiver, subject))
+        wait_until(
+            lambda: (usage_condition(kubectl, namespace, "moved") or {}).get("status") == "False",
+            timeout=240,
+            interval=1,
+            what="UsageReported False while the receiver redirects",
+        )
+        assert len(first_receipts(receiver, subject)) == redirected_from  # nothing accepted
+        # The token rotates (as the kubelet rewrites a Secret's file) while it redirects.
+        receiver.authorization = "Bearer second-token"
+        headers.write_text("Authorization: Bearer second-token\n")
+        wait_until(
+            lambda: "Bearer second-token" in receiver.authorizations,
+            timeout=120,
+            what="the rotated token in a request",
+        )
+        receiver.redirect_to = None
+        wait_until(
+            lambda: (usage_condition(kubectl, namespace, "moved") or {}).get("status") == "True",
+            timeout=120,
+            interval=1,
+            what="UsageReported True once it stops redirecting",
+        )
+        kubectl("scale", "-n", namespace, "ais/moved", "--replicas=0")
+        wait_all_billed(pods, timeout=60)
+        truth = pods.truth()
+        wait_mark(kubectl, namespace, "moved", max(p.ended or 0 for p in truth.values()))
+
+    print(f"\nreceiver answers {dict(receiver.answers)}")
+    assert receiver.answers[307] >= 1
+    assert receiver.answers[401] == 0  # every request carried the token of its moment
+    sent = {token for token in receiver.authorizations if token is not None}
+    assert sent == {"Bearer first-token", "Bearer second-token"}
+    assert None not in receiver.authorizations
+    # Every second of the pod is at the receiver and in the ledger, once.
+    assert_exact(truth, rig, namespace)
 
 
 # --- node loss -----------------------------------------------------------------------------------
