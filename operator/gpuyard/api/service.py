@@ -556,7 +556,7 @@ class AIServiceStatus(ApiModel):
         ]
         | None
     ) = None
-    """Ready, Accepted, CapacityLimited, BudgetLimited and MetricsAvailable."""
+    """Ready, Accepted, CapacityLimited, BudgetLimited, MetricsAvailable and UsageReported."""
 
 
 # --- the whole object ----------------------------------------------------------------------
