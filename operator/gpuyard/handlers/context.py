@@ -174,6 +174,7 @@ class Operator:
         self.decisions.pop(key, None)
         self.own_status.pop(key, None)
         self.scaling_states.pop(key, None)
+        self.usage_problems.pop(Account(*key), None)
         self.set_refused(key, None)
 
     def set_refused(self, key: ServiceKey, reason: str | None) -> None:
