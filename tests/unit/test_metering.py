@@ -209,11 +209,11 @@ def test_price_schedule_must_increase_and_be_non_negative() -> None:
 
 
 def test_pool_price_change_supersedes_later_points() -> None:
-    pool = PoolPricing("a100", "a100-80gb", "USD", (PricePoint(EPOCH_2020, Decimal(2)),))
-    changed = pool.with_price(PricePoint(at(60), Decimal(3))).with_price(
-        PricePoint(at(30), Decimal(5))
-    )
-    assert [p.per_gpu_hour for p in changed.prices] == [Decimal(2), Decimal(5)]
+    history = (PricePoint(EPOCH_2020, Decimal(2)),)
+    later = observe_price(history, Decimal(3), created=EPOCH_2020, now=at(60))
+    # Seen at an earlier moment (a clock step back): it supersedes the later observation.
+    changed = observe_price(later, Decimal(5), created=EPOCH_2020, now=at(30))
+    assert [p.per_gpu_hour for p in changed] == [Decimal(2), Decimal(5)]
 
 
 def test_budget_cap_uses_the_same_price() -> None:

@@ -356,14 +356,15 @@ def _lifetime(
     uid = pod["metadata"]["uid"]
     node = op.caches.node(pod["spec"]["nodeName"])
     pool = pools.get(op.pod_pools.get(uid) or "")
-    preferred = _service_pool(op, pod["metadata"].get("namespace") or "", service)
-    if pool is None and node is not None:
-        held = pool_holding(node.labels, pod["spec"], pools.values(), preferred=preferred)
-        if held is None:
-            return None
-        pool = held[0]
-    if pool is None:
-        pool = pools.get(preferred or "")
+    if pool is None:  # the pod's first tick (or its pool went): decide it now
+        preferred = _service_pool(op, pod["metadata"].get("namespace") or "", service)
+        if node is not None:
+            held = pool_holding(node.labels, pod["spec"], pools.values(), preferred=preferred)
+            if held is None:
+                return None
+            pool = held[0]
+        else:
+            pool = pools.get(preferred or "")
     if pool is None:
         raise MeteringError(f"node {pod['spec']['nodeName']} is unknown and so is its pool")
     down = None

@@ -216,14 +216,6 @@ class PoolPricing:
         if len(self.currency) != 3 or not self.currency.isupper():
             raise MeteringError(f"currency must be an ISO 4217 code: {self.currency!r}")
 
-    def with_price(self, point: PricePoint) -> PoolPricing:
-        """The schedule after a price change observed at `point.effective_from`.
-
-        Points at or after the new one are dropped: a later observation supersedes them.
-        """
-        kept = tuple(p for p in self.prices if p.effective_from < point.effective_from)
-        return replace(self, prices=(*kept, point))
-
     def selects(self, node_labels: Mapping[str, str]) -> bool:
         """Whether the pool's node selector selects a node with `node_labels`."""
         return bool(self.node_selector) and all(
