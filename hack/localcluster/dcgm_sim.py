@@ -91,13 +91,13 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Final, Protocol
 
+from gpuyard.api.names import SERVICE_LABEL, ServiceKey
+from localcluster.topology import GPU_PRODUCT_LABEL, GPU_TYPE_LABEL
+
 log = logging.getLogger("localcluster.dcgm_sim")
 
 FAKE_NODE_LABEL: Final = ("type", "kwok")
-GPU_TYPE_LABEL: Final = "gpuyard.io/gpu-type"
-GPU_PRODUCT_LABEL: Final = "nvidia.com/gpu.product"
 GPU_MEMORY_LABEL: Final = "nvidia.com/gpu.memory"
-SERVICE_LABEL: Final = "gpuyard.io/service"
 APP_LABEL: Final = "app"
 NVIDIA_RESOURCE_PREFIX: Final = "nvidia.com/"
 
@@ -400,8 +400,6 @@ def gpu_devices(
 
 
 # --------------------------------------------------------------------------- load model
-
-ServiceKey = tuple[str, str]
 
 
 def utilisation(load: float, service_gpus: int) -> float:

@@ -12,8 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from gpuyard.api.names import POOL_LABEL
+
 GPU_RESOURCE = "nvidia.com/gpu"
-POOL_LABEL = "gpuyard.io/pool"
 GPU_TYPE_LABEL = "gpuyard.io/gpu-type"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # Real GPU nodes are usually tainted so that pods which do not ask for a GPU stay off

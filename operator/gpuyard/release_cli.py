@@ -28,6 +28,7 @@ import kubernetes
 import urllib3
 from kubernetes.client import ApiException
 
+from gpuyard.api.names import METERING_FINALIZER
 from gpuyard.io.kube import make_api_client
 from gpuyard.io.release import (
     PAGE_SIZE,
@@ -38,7 +39,6 @@ from gpuyard.io.release import (
     ReleaseError,
     api_error_text,
 )
-from gpuyard.logic.children import METERING_FINALIZER
 from gpuyard.logic.finalizer_release import (
     BillingWait,
     ReleaseTally,

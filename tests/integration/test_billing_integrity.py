@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from conftest import OperatorProcess, flush_audit
+from gpuyard.api.names import POOL_LABEL
 from gpuyard.logic.metering import (
     MeterConfig,
     PricePoint,
@@ -38,7 +39,7 @@ from gpuyard.logic.metering import (
     record_from_json,
 )
 from localcluster.cluster import ClusterState, free_port
-from localcluster.topology import POOL_LABEL, gpu_node
+from localcluster.topology import gpu_node
 from metering_support import (
     GPU,
     IMAGE,

@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from gpuyard.api.names import POOL_LABEL
 from localcluster.cluster import REPO_ROOT, ClusterState, LocalCluster, cache_dir, process_alive
 from localcluster.jsonhttp import http_json
-from localcluster.topology import DEFAULT_TOPOLOGY, GPU_RESOURCE, POOL_LABEL, parse_topology
+from localcluster.topology import DEFAULT_TOPOLOGY, GPU_RESOURCE, parse_topology
 from support import Kubectl, prometheus_query, wait_until
 
 

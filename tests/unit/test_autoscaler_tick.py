@@ -23,10 +23,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpuyard.api.names import ServiceKey
 from gpuyard.api.pool import GPUPool
 from gpuyard.config import Settings
 from gpuyard.handlers.autoscaler import TickMemory, pool_is_no_limit, tick
-from gpuyard.handlers.context import Caches, Operator, ServiceKey
+from gpuyard.handlers.context import Caches, Operator
 from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube
 from gpuyard.io.metrics import OperatorMetrics

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from gpuyard.api.names import POOL_LABEL
 from localcluster.topology import (
     DEFAULT_TOPOLOGY,
     GPU_RESOURCE,
-    POOL_LABEL,
     PoolTopology,
     node_manifests,
     parse_topology,

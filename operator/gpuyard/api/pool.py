@@ -35,10 +35,10 @@ from gpuyard.api.common import (
     Toleration,
     parse_decimal,
 )
+from gpuyard.api.names import DEFAULT_RESOURCE_NAME
 
 KIND: Final = "GPUPool"
 PLURAL = "gpupools"
-DEFAULT_RESOURCE_NAME = "nvidia.com/gpu"
 #: GPU counts are bounded so that every sum the operator makes fits comfortably in an int64.
 MAX_GPU_COUNT = 10_000_000
 MAX_NODE_COUNT = 1_000_000

@@ -36,6 +36,7 @@ from gpuyard.api.common import (
     Timestamp,
     parse_decimal,
 )
+from gpuyard.api.names import RESERVED_PROMETHEUS_LABELS
 
 KIND: Final = "AIService"
 PLURAL = "aiservices"
@@ -62,11 +63,6 @@ ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 HTTP_PATH_PATTERN = r"^/[!-~]*$"
 PROMETHEUS_METRIC_PATTERN = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
 PROMETHEUS_LABEL_PATTERN = r"^[a-zA-Z_][a-zA-Z0-9_]*$"
-#: Label names a tenant may not constrain in a Prometheus query: the operator scopes every
-#: query to the service itself (namespace and service; pods for GPU series), and a
-#: tenant-chosen matcher on them would widen or move that scope into another team's series
-#: in a shared Prometheus. Kept in step with `gpuyard.logic.promql`, which refuses the same.
-RESERVED_PROMETHEUS_LABELS = ("namespace", "exported_namespace", "pod", "exported_pod", "service")
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 ReplicaCount = Annotated[int, Field(ge=0, le=MAX_REPLICAS)]

@@ -26,9 +26,10 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
+from gpuyard.api.names import ServiceKey
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
-from gpuyard.handlers.context import Operator, ServiceKey
+from gpuyard.handlers.context import Operator
 from gpuyard.io.prometheus import Prometheus, PrometheusUnavailableError
 from gpuyard.logic.autoscale import (
     Decision,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
+from gpuyard.api.names import ServiceKey
 from gpuyard.config import Settings
 from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube
@@ -19,7 +20,6 @@ from gpuyard.logic.autoscale import Decision, ScalingState
 from gpuyard.logic.metering import Account, PricePoint, ServiceMark
 from gpuyard.logic.pool_accounting import NodeInfo, PoolUsage
 
-ServiceKey = tuple[str, str]
 P = ParamSpec("P")
 R = TypeVar("R")
 

@@ -33,11 +33,11 @@ from kubernetes.client import ApiException
 from pydantic import ValidationError
 
 from gpuyard import API_GROUP, API_VERSION
+from gpuyard.api.names import METERING_FINALIZER
 from gpuyard.api.pool import GPUPool
 from gpuyard.handlers.context import Operator
 from gpuyard.io.prometheus import PrometheusUnavailableError
 from gpuyard.io.sinks import MultiSink, MultiSinkError, SinkRejectedError
-from gpuyard.logic.children import METERING_FINALIZER
 from gpuyard.logic.metering import (
     Account,
     MeterConfig,

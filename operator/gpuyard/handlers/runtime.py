@@ -20,9 +20,10 @@ from prometheus_client import start_http_server
 from pythonjsonlogger.json import JsonFormatter
 
 from gpuyard import API_GROUP, API_VERSION
+from gpuyard.api.names import SERVICE_LABEL, ServiceKey
 from gpuyard.config import Settings
 from gpuyard.handlers.autoscaler import autoscale_forever
-from gpuyard.handlers.context import Caches, Operator, ServiceKey
+from gpuyard.handlers.context import Caches, Operator
 from gpuyard.handlers.meter import meter_forever, slim_pod
 from gpuyard.handlers.pools import reconcile_pool
 from gpuyard.handlers.services import reconcile_service
@@ -43,7 +44,6 @@ from gpuyard.logic.pool_accounting import node_info_from_dict, pod_info_from_dic
 logger = logging.getLogger("gpuyard")
 
 MANAGED = {"app.kubernetes.io/managed-by": "gpuyard"}
-SERVICE_LABEL = "gpuyard.io/service"
 CACHE_IDS = (
     "pools",
     "services",

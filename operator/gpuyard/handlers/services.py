@@ -15,9 +15,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gpuyard.api.names import ServiceKey
 from gpuyard.api.pool import GPUPool, GPUPoolStatus
 from gpuyard.api.service import AIService
-from gpuyard.handlers.context import Operator, ServiceKey
+from gpuyard.handlers.context import Operator
 from gpuyard.logic.admission import AdmissionResult, check_service
 from gpuyard.logic.autoscale import Decision, ScalingState, decide
 from gpuyard.logic.children import build_deployment, build_service, owner_reference, selector_string

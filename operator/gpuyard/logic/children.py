@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from gpuyard import API_GROUP, API_VERSION, FIELD_MANAGER
+from gpuyard.api.names import POOL_LABEL, SERVICE_LABEL
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import KIND as SERVICE_KIND
 from gpuyard.api.service import AIService, ContainerSpec
@@ -32,8 +33,6 @@ CONTAINER_NAME = "inference"
 PORT_NAME = "http"
 COMPONENT = "inference"
 
-SERVICE_LABEL = f"{API_GROUP}/service"
-POOL_LABEL = f"{API_GROUP}/pool"
 NAME_LABEL = "app.kubernetes.io/name"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 COMPONENT_LABEL = "app.kubernetes.io/component"
@@ -41,10 +40,6 @@ MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 
 #: Old ReplicaSets only serve rollbacks; a few suffice, and each one is an object in etcd.
 REVISION_HISTORY_LIMIT = 3
-
-
-#: The meter's finalizer on GPU pods and GPUPools: held until their usage is billed.
-METERING_FINALIZER = "gpuyard.io/metering"
 
 
 def owner_reference(service: AIService) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpuyard.logic.children import METERING_FINALIZER
+from gpuyard.api.names import METERING_FINALIZER
 
 # A pod in one of these phases has stopped holding its GPUs: the meter can bill it to its
 # end and then releases it.

@@ -53,7 +53,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation, localcontext
 from typing import Any, NamedTuple
 
-from gpuyard.api.pool import DEFAULT_RESOURCE_NAME
+from gpuyard.api.names import DEFAULT_RESOURCE_NAME
 
 DEFAULT_WINDOW_SECONDS = 60
 MIN_WINDOW_SECONDS = 1

@@ -24,8 +24,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from gpuyard.api.common import LabelSelector, Toleration
+from gpuyard.api.names import POOL_LABEL, SERVICE_LABEL
 from gpuyard.api.pool import GPUPool
-from gpuyard.logic.children import POOL_LABEL, SERVICE_LABEL
 
 FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 #: Taint effects that keep new pods off a node; PreferNoSchedule only discourages.

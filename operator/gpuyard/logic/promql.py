@@ -15,16 +15,16 @@ from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from gpuyard.api.names import RESERVED_PROMETHEUS_LABELS, ServiceKey
+
 __all__ = [
     "DEFAULT_WINDOW_SECONDS",
     "MAX_TENANT_LABELS",
     "MAX_TENANT_LABEL_VALUE_LENGTH",
-    "RESERVED_TENANT_LABELS",
     "Aggregation",
     "GpuSeries",
     "PodKey",
     "PrometheusResponseError",
-    "ServiceKey",
     "gpu_memory_query",
     "gpu_queries",
     "gpu_utilization_query",
@@ -43,10 +43,6 @@ DEFAULT_WINDOW_SECONDS = 30
 # The AIService schema allows 8 label matchers of at most 256 characters per metric.
 MAX_TENANT_LABELS = 8
 MAX_TENANT_LABEL_VALUE_LENGTH = 256
-
-# The operator sets these itself; a tenant matcher on them could widen or move the scope.
-# `__name__` would replace the metric name and every `__*` name is reserved by Prometheus.
-RESERVED_TENANT_LABELS = frozenset({"namespace", "pod", "service"})
 
 # Series are keyed by these labels; an exporter matcher on them would break the keying.
 _KEY_LABELS = frozenset({"namespace", "pod", "exported_namespace", "exported_pod"})
@@ -232,14 +228,10 @@ def validate_tenant_selector(metric: str, labels: Mapping[str, str]) -> None:
     for name, value in labels.items():
         if not _LABEL_NAME.fullmatch(name):
             raise ValueError(f"invalid label name {name!r}")
-        if name.startswith("__") or name in RESERVED_TENANT_LABELS:
+        if name.startswith("__") or name in RESERVED_PROMETHEUS_LABELS:
             raise ValueError(f"label {name!r} is reserved: the operator sets the scope")
         if len(value) > MAX_TENANT_LABEL_VALUE_LENGTH:
             raise ValueError(f"value of label {name!r} exceeds {MAX_TENANT_LABEL_VALUE_LENGTH}")
-
-
-ServiceKey = tuple[str, str]
-"""(namespace, service) a tenant metric's series belong to."""
 
 
 def prometheus_metric_group_query(
