@@ -50,6 +50,7 @@ from typing import Any, cast
 
 from common import OperatorProcess, install_crds
 from common import kubectl as cluster_kubectl
+from gpuyard.api.formats import format_time, parse_time
 from gpuyard.config import Settings
 from gpuyard.handlers.context import Caches, Operator
 from gpuyard.handlers.meter import meter_tick, slim_pod
@@ -68,9 +69,7 @@ from gpuyard.logic.metering import (
     UsageRecord,
     advance_mark,
     closed_through,
-    format_time,
     mark_to_status,
-    parse_time,
     plan_tick,
     pod_lifetime_from_dict,
 )

@@ -33,8 +33,9 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from gpuyard.api.formats import format_decimal, parse_time
 from gpuyard.io.ledger import read_ledger
-from gpuyard.logic.metering import UsageRecord, format_decimal, parse_time
+from gpuyard.logic.metering import UsageRecord
 from gpuyard.logic.usage_report import render_png
 from localcluster.cluster import (
     REPO_ROOT,

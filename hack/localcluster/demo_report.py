@@ -15,7 +15,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Final
 
-from gpuyard.logic.metering import UsageRecord, format_decimal, parse_time
+from gpuyard.api.formats import format_decimal, parse_time
+from gpuyard.logic.metering import UsageRecord
 from gpuyard.logic.usage_report import ChartModel, Panel, Series, nice_ticks, render_svg
 from localcluster.demo_story import Snapshot, Verdict
 

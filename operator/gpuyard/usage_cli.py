@@ -13,8 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gpuyard.api.formats import parse_time
 from gpuyard.io.ledger import LedgerCorruptError, read_ledger
-from gpuyard.logic.metering import MeteringError, parse_time
+from gpuyard.logic.metering import MeteringError
 from gpuyard.logic.usage_report import (
     DEFAULT_GROUP_BY,
     GROUP_FIELDS,

@@ -20,8 +20,10 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -30,11 +32,12 @@ from kubernetes import client, config, watch
 from kubernetes.client import ApiException
 
 from conftest import OperatorProcess
+from gpuyard.api.formats import parse_time
 from gpuyard.logic.metering import (
     MeteringError,
+    PricePoint,
     UsageRecord,
     epoch_floor,
-    parse_time,
     record_from_json,
     record_from_line,
 )
@@ -47,6 +50,13 @@ SERVICE_LABEL = "gpuyard.io/service"
 METERING_FINALIZER = "gpuyard.io/metering"
 #: The meter's tick in the tests' operators (GPUYARD_METER_INTERVAL).
 METER_INTERVAL = 0.5
+
+
+def price_in_force(prices: Sequence[PricePoint], at: datetime) -> Decimal:
+    """The price per GPU-hour docs/metering.md bills a window starting at `at` with: the
+    latest point effective at or before it; before the first point, the first point."""
+    effective = [point for point in prices if point.effective_from <= at]
+    return (effective[-1] if effective else prices[0]).per_gpu_hour
 
 
 # --- ground truth: the pods as they saw themselves ----------------------------------------------

@@ -27,14 +27,13 @@ from typing import Any
 import pytest
 
 from conftest import OperatorProcess, flush_audit
+from gpuyard.api.formats import parse_time
 from gpuyard.api.names import POOL_LABEL
 from gpuyard.logic.metering import (
     MeterConfig,
     PricePoint,
     UsageRecord,
     epoch_floor,
-    parse_time,
-    price_at,
     price_history_from_status,
     record_from_json,
 )
@@ -56,6 +55,7 @@ from metering_support import (
     ledger_lines,
     meter_errors,
     open_rig,
+    price_in_force,
     received_copies,
     unique_records,
     usage_mark,
@@ -404,7 +404,7 @@ def test_relabelled_pods_bill_at_the_price_of_the_pool_that_holds_their_gpus(
         # Whatever its labels said, the GPUs were on an a100 node.
         assert record.pool == A100, record
         assert record.gpu_type == "a100-80gb", record
-        assert record.unit_price == price_at(a100_prices, record.start).per_gpu_hour, record
+        assert record.unit_price == price_in_force(a100_prices, record.start), record
         assert record.currency == a100_currency, record
     # Every pod's seconds are train's, the relabelled one's too: its owner was decided when
     # it started, and a tenant who takes it out of its ReplicaSet (or relabels it) does
@@ -467,7 +467,7 @@ def test_a_bare_pod_on_a_pool_node_is_counted_and_billed_as_unmanaged_usage(
     assert records
     for record in records:
         assert (record.service, record.unmanaged, record.pool) == ("", True, pool), record
-        assert record.unit_price == price_at(prices, record.start).per_gpu_hour == Decimal("1.30")
+        assert record.unit_price == price_in_force(prices, record.start) == Decimal("1.30")
         assert record.currency == "USD"
     print(f"\nunmanaged usage on {pool}: {unmanaged}")
     assert unmanaged["gpuSeconds"] == sum(r.gpu_seconds for r in records)
@@ -530,7 +530,7 @@ def test_a_pool_deleted_while_its_pods_run_bills_them_at_its_last_price_across_a
     records = billed(rig, namespace)
     for record in records:
         assert (record.pool, record.currency) == (pool, "USD"), record
-        assert record.unit_price == price_at(prices, record.start).per_gpu_hour, record
+        assert record.unit_price == price_in_force(prices, record.start), record
         # The pods still stopping after their AIService went are billed to it all the same.
         assert record.service == "infer", record
     assert [p.per_gpu_hour for p in prices] == [Decimal("4.20"), Decimal("5.10")]
@@ -623,7 +623,7 @@ def test_a_service_moving_between_pools_never_delays_another_service(
     for record in moved:
         pool = pool_of_node[truth[record.pod_uid].node]
         assert record.pool == pool, record
-        assert record.unit_price == price_at(prices[pool], record.start).per_gpu_hour, record
+        assert record.unit_price == price_in_force(prices[pool], record.start), record
         assert record.currency == {usd: "USD", eur: "EUR"}[pool], record
     by_currency = {
         currency: sum((r.cost for r in moved if r.currency == currency), Decimal(0))

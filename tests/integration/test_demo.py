@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpuyard.api.formats import format_decimal
 from gpuyard.api.service import AIService
 from gpuyard.io.ledger import read_ledger
-from gpuyard.logic.metering import UsageRecord, format_decimal
+from gpuyard.logic.metering import UsageRecord
 from localcluster.cluster import REPO_ROOT
 from localcluster.demo_report import StatusUsage, check_billing, cost_curves
 from localcluster.demo_story import (

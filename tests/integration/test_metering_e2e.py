@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from conftest import Loads, OperatorProcess
+from gpuyard.api.formats import parse_time
 from gpuyard.io.ledger import read_ledger
-from gpuyard.logic.metering import epoch_floor, parse_time
+from gpuyard.logic.metering import epoch_floor
 from localcluster.cluster import ClusterState
 from metering_support import (
     PodTruth,

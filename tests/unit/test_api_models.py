@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +10,8 @@ import pytest
 from pydantic import ValidationError
 from sample_objects import make_pool, make_service, pool_spec, service_spec
 
-from gpuyard.api.common import ApiModel, format_decimal, format_timestamp, parse_decimal
+from gpuyard.api.common import ApiModel
+from gpuyard.api.formats import parse_decimal
 from gpuyard.api.pool import GPUPool, GPUPoolSpec
 from gpuyard.api.service import AIService, AIServiceSpec
 
@@ -618,33 +618,6 @@ def test_decimal_helpers_are_exact() -> None:
     assert spec.budget is not None
     assert spec.budget.max_cost_per_hour_decimal == Decimal("999999999.999999")
     assert parse_decimal("007.50") == Decimal("7.5")
-
-
-@pytest.mark.parametrize(
-    ("value", "text"),
-    [
-        (Decimal("0"), "0"),
-        (Decimal("-0.0000001"), "0"),
-        (Decimal("2.5000"), "2.5"),
-        (Decimal("100"), "100"),
-        (Decimal("1E+3"), "1000"),
-        (Decimal("0.1234565"), "0.123456"),  # half-even: ties go to the even digit
-        (Decimal("0.1234575"), "0.123458"),
-        (Decimal("-3.25"), "-3.25"),
-        (Decimal(1) / Decimal(3), "0.333333"),
-    ],
-)
-def test_format_decimal(value: Decimal, text: str) -> None:
-    assert format_decimal(value) == text
-
-
-def test_format_timestamp_is_utc_whole_seconds() -> None:
-    moment = datetime(2024, 5, 1, 14, 30, 15, 999_999, tzinfo=timezone(timedelta(hours=2)))
-
-    assert format_timestamp(moment) == "2024-05-01T12:30:15Z"
-    assert format_timestamp(datetime(2024, 5, 1, tzinfo=UTC)) == "2024-05-01T00:00:00Z"
-    with pytest.raises(ValueError, match="timezone-aware"):
-        format_timestamp(datetime(2024, 5, 1))  # noqa: DTZ001 - the point of the test
 
 
 def test_kopf_views_validate_through_from_mapping() -> None:

@@ -30,7 +30,6 @@ from gpuyard.logic.metering import (
     closed_through,
     cut_records,
     epoch_floor,
-    format_time,
     from_epoch,
     hourly_cost,
     is_fully_reported,
@@ -39,11 +38,9 @@ from gpuyard.logic.metering import (
     measured,
     node_down,
     observe_price,
-    parse_time,
     plan_tick,
     pod_lifetime_from_dict,
     pool_holding,
-    price_at,
     price_history_from_status,
     price_history_to_status,
     record_from_json,
@@ -194,7 +191,6 @@ def test_price_change_applies_from_the_first_window_starting_at_or_after_it() ->
 
 def test_windows_before_the_first_known_price_use_it() -> None:
     prices = (PricePoint(at(3600), Decimal("4.00")),)
-    assert price_at(prices, at(0)).per_gpu_hour == Decimal("4.00")
     (record,) = cut_records(lifetime(bound=0, ended=60, prices=prices), None, at(60))
     assert record.unit_price == Decimal("4.00")
 
@@ -512,9 +508,6 @@ def test_mark_round_trips_through_status_usage() -> None:
 def test_naive_datetimes_are_refused() -> None:
     with pytest.raises(MeteringError):
         closed_through(datetime(2024, 5, 1), 60)  # noqa: DTZ001
-    with pytest.raises(MeteringError):
-        parse_time("2024-05-01T12:00:00")
-    assert format_time(parse_time("2024-05-01T14:00:00+02:00")) == "2024-05-01T12:00:00Z"
 
 
 # --------------------------------------------------------------------------- pods

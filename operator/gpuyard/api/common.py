@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Annotated, Any, ClassVar, Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -122,32 +120,6 @@ Generation = Annotated[int, Field(ge=0, le=INT64_MAX, json_schema_extra={"format
 
 #: The description names the key in the CEL message that checks map keys (see api.crd).
 LabelMap = dict[Annotated[LabelKey, Field(description="a label key")], LabelValue]
-
-
-def parse_decimal(text: str) -> Decimal:
-    """The exact value of a decimal string that already passed its pattern."""
-    return Decimal(text)
-
-
-def format_decimal(value: Decimal) -> str:
-    """A decimal string for status: rounded to `DECIMAL_PLACES`, no exponent, no trailing zeros.
-
-    Rounding happens here, once, so that equal amounts always render as equal strings and an
-    unchanged status compares equal to the one already stored.
-    """
-    quantized = value.quantize(Decimal(1).scaleb(-DECIMAL_PLACES))
-    text = format(quantized, "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text in {"-0", ""} else text
-
-
-def format_timestamp(moment: datetime) -> str:
-    """`moment` the way Kubernetes writes metav1.Time: UTC, whole seconds, a `Z` suffix."""
-    if moment.tzinfo is None:
-        msg = "timestamps must be timezone-aware; pass datetime.now(UTC), not datetime.now()"
-        raise ValueError(msg)
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def plain_json(value: Any) -> Any:

@@ -33,8 +33,8 @@ from gpuyard.api.common import (
     ObjectMeta,
     Timestamp,
     Toleration,
-    parse_decimal,
 )
+from gpuyard.api.formats import parse_decimal
 from gpuyard.api.names import DEFAULT_RESOURCE_NAME
 
 KIND: Final = "GPUPool"

@@ -34,8 +34,8 @@ from gpuyard.api.common import (
     MeasurementString,
     ObjectMeta,
     Timestamp,
-    parse_decimal,
 )
+from gpuyard.api.formats import parse_decimal
 from gpuyard.api.names import RESERVED_PROMETHEUS_LABELS
 
 KIND: Final = "AIService"

@@ -33,6 +33,7 @@ from kubernetes.client import ApiException
 from pydantic import ValidationError
 
 from gpuyard import API_GROUP, API_VERSION
+from gpuyard.api.formats import parse_time
 from gpuyard.api.names import METERING_FINALIZER
 from gpuyard.api.pool import GPUPool
 from gpuyard.handlers.context import Operator
@@ -55,7 +56,6 @@ from gpuyard.logic.metering import (
     measured,
     node_down,
     observe_price,
-    parse_time,
     plan_tick,
     pod_lifetime_from_dict,
     pool_holding,

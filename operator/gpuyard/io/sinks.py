@@ -32,10 +32,10 @@ from typing import Any, Generic, Protocol, TextIO, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter
 
+from gpuyard.api.formats import format_time
 from gpuyard.logic.metering import (
     UsageRecord,
     epoch_floor,
-    format_time,
     record_to_json,
     record_to_line,
 )

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from gpuyard.api.common import Condition, format_timestamp
+from gpuyard.api.common import Condition
+from gpuyard.api.formats import format_time
 from gpuyard.logic.admission import AdmissionResult
 from gpuyard.logic.pool_accounting import PoolUsage
 
@@ -62,10 +63,9 @@ def set_condition(
     an equal list.
     """
     previous = find_condition(conditions, condition_type)
+    transition_time = format_time(now, whole_seconds=True)
     if previous is not None and previous.get("status") == status:
-        transition_time = str(previous.get("lastTransitionTime") or format_timestamp(now))
-    else:
-        transition_time = format_timestamp(now)
+        transition_time = str(previous.get("lastTransitionTime") or transition_time)
     # Validating through the model refuses a reason that is not CamelCase or a message that
     # is too long here, in a unit test, rather than as a failed status write.
     updated = Condition(

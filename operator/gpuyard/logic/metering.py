@@ -50,9 +50,17 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation, localcontext
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 from typing import Any, NamedTuple
 
+from gpuyard.api.formats import (
+    InvalidValueError,
+    format_decimal,
+    format_time,
+    parse_decimal,
+    parse_time,
+    require_utc,
+)
 from gpuyard.api.names import DEFAULT_RESOURCE_NAME
 
 DEFAULT_WINDOW_SECONDS = 60
@@ -79,38 +87,39 @@ class MeteringError(ValueError):
 # --------------------------------------------------------------------------- time
 
 
-def require_utc(value: datetime, name: str = "time") -> datetime:
-    """`value` in UTC; naive datetimes are refused because they hide the zone bug."""
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise MeteringError(f"{name} must be timezone-aware, got naive {value!r}")
-    return value.astimezone(UTC)
+# The meter refuses what it cannot bill from with its own error, which its callers catch to
+# skip that pod, pool or ledger line (and count it) rather than guess: the shared readers'
+# InvalidValueError is re-raised as a MeteringError.
+
+
+def _utc(moment: datetime, name: str = "time") -> datetime:
+    try:
+        return require_utc(moment, name)
+    except InvalidValueError as error:
+        raise MeteringError(str(error)) from error
+
+
+def _time(text: str) -> datetime:
+    try:
+        return parse_time(text)
+    except InvalidValueError as error:
+        raise MeteringError(str(error)) from error
+
+
+def _decimal(text: object, name: str) -> Decimal:
+    try:
+        return parse_decimal(text, name=name)
+    except InvalidValueError as error:
+        raise MeteringError(str(error)) from error
 
 
 def epoch_floor(value: datetime) -> int:
     """Whole seconds since the epoch, floored (exact: no float on the way)."""
-    return (require_utc(value) - _EPOCH) // _ONE_SECOND
+    return (_utc(value) - _EPOCH) // _ONE_SECOND
 
 
 def from_epoch(seconds: int) -> datetime:
     return _EPOCH + timedelta(seconds=seconds)
-
-
-def floor_second(value: datetime) -> datetime:
-    return from_epoch(epoch_floor(value))
-
-
-def parse_time(text: str) -> datetime:
-    """An RFC 3339 timestamp as Kubernetes writes it (`2024-05-01T12:00:00Z`), in UTC."""
-    try:
-        parsed = datetime.fromisoformat(text)
-    except (TypeError, ValueError) as exc:
-        raise MeteringError(f"not an RFC 3339 timestamp: {text!r}") from exc
-    return require_utc(parsed, f"timestamp {text!r}")
-
-
-def format_time(value: datetime) -> str:
-    """RFC 3339 in UTC with a `Z` suffix; fractional seconds only when present."""
-    return require_utc(value).isoformat().replace("+00:00", "Z")
 
 
 def check_window_seconds(window_seconds: int) -> int:
@@ -138,24 +147,6 @@ def closed_through(now: datetime, window_seconds: int, settle_seconds: int = 0) 
 # --------------------------------------------------------------------------- prices
 
 
-def parse_decimal(text: object, name: str = "decimal") -> Decimal:
-    """A finite decimal from a string or int; floats are refused (they are not exact)."""
-    if isinstance(text, bool) or not isinstance(text, (str, int, Decimal)):
-        raise MeteringError(f"{name} must be a decimal string, got {text!r}")
-    try:
-        value = Decimal(text)
-    except InvalidOperation as exc:
-        raise MeteringError(f"{name} is not a decimal: {text!r}") from exc
-    if not value.is_finite():
-        raise MeteringError(f"{name} must be finite, got {text!r}")
-    return value
-
-
-def format_decimal(value: Decimal) -> str:
-    """Fixed-point text: `str(Decimal("0E-9"))` would be `0E-9`, which billing APIs reject."""
-    return format(value, "f")
-
-
 @dataclass(frozen=True, slots=True)
 class PricePoint:
     """A pool's price per GPU-hour from `effective_from` on."""
@@ -164,7 +155,7 @@ class PricePoint:
     per_gpu_hour: Decimal
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "effective_from", require_utc(self.effective_from))
+        object.__setattr__(self, "effective_from", _utc(self.effective_from))
         if not self.per_gpu_hour.is_finite() or self.per_gpu_hour < 0:
             raise MeteringError(f"per_gpu_hour must be finite and >= 0: {self.per_gpu_hour}")
 
@@ -177,14 +168,6 @@ def _check_schedule(prices: Sequence[PricePoint]) -> tuple[PricePoint, ...]:
     if any(a >= b for a, b in itertools.pairwise(starts)):
         raise MeteringError("price points must have strictly increasing effective_from")
     return schedule
-
-
-def price_at(prices: Sequence[PricePoint], at: datetime) -> PricePoint:
-    """The price in force at `at` (the latest point effective at or before it)."""
-    schedule = _check_schedule(prices)
-    starts = [p.effective_from for p in schedule]
-    index = bisect.bisect_right(starts, require_utc(at)) - 1
-    return schedule[max(index, 0)]
 
 
 def hourly_cost(gpus: int, per_gpu_hour: Decimal) -> Decimal:
@@ -238,7 +221,7 @@ def observe_price(
     schedule = _check_schedule(history)
     if schedule[-1].per_gpu_hour == price:
         return schedule
-    kept = tuple(p for p in schedule if p.effective_from < require_utc(now))
+    kept = tuple(p for p in schedule if p.effective_from < _utc(now))
     return (*kept, PricePoint(now, price))[-MAX_PRICE_POINTS:]
 
 
@@ -261,8 +244,8 @@ def price_history_from_status(entries: Any) -> tuple[PricePoint, ...]:
         raise MeteringError(f"status.billing.priceHistory must be a list: {entries!r}")
     points = tuple(
         PricePoint(
-            parse_time(str(_get(entry, "effectiveFrom"))),
-            parse_decimal(_get(entry, "perGpuHour"), "perGpuHour"),
+            _time(str(_get(entry, "effectiveFrom"))),
+            _decimal(_get(entry, "perGpuHour"), "perGpuHour"),
         )
         for entry in entries
     )
@@ -307,7 +290,7 @@ class NodeDown:
     lost: bool
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "since", require_utc(self.since, "since"))
+        object.__setattr__(self, "since", _utc(self.since, "since"))
 
 
 def node_down(
@@ -323,8 +306,8 @@ def node_down(
     """
     if ready:
         return None
-    since = require_utc(not_ready_since) if not_ready_since is not None else require_utc(now)
-    return NodeDown(since=since, lost=(require_utc(now) - since).total_seconds() >= grace_seconds)
+    since = _utc(not_ready_since) if not_ready_since is not None else _utc(now)
+    return NodeDown(since=since, lost=(_utc(now) - since).total_seconds() >= grace_seconds)
 
 
 class Account(NamedTuple):
@@ -372,14 +355,14 @@ class PodLifetime:
     held_from: datetime | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "bound_at", require_utc(self.bound_at, "bound_at"))
+        object.__setattr__(self, "bound_at", _utc(self.bound_at, "bound_at"))
         if self.ended_at is not None:
-            ended = require_utc(self.ended_at, "ended_at")
+            ended = _utc(self.ended_at, "ended_at")
             # Clocks differ (kubelet's finishedAt vs the scheduler's bind time): a pod
             # never ends before it was bound.
             object.__setattr__(self, "ended_at", max(ended, self.bound_at))
         if self.held_from is not None:
-            object.__setattr__(self, "held_from", require_utc(self.held_from, "held_from"))
+            object.__setattr__(self, "held_from", _utc(self.held_from, "held_from"))
         object.__setattr__(self, "prices", _check_schedule(self.prices))
         if self.gpus < 1:
             raise MeteringError(f"gpus must be >= 1, got {self.gpus}")
@@ -406,7 +389,7 @@ def _get(mapping: Any, *path: str) -> Any:
 
 
 def _optional_time(value: Any) -> datetime | None:
-    return parse_time(value) if isinstance(value, str) and value else None
+    return _time(value) if isinstance(value, str) and value else None
 
 
 def _bound_at(pod: Mapping[str, Any]) -> datetime | None:
@@ -425,7 +408,7 @@ def _bound_at(pod: Mapping[str, Any]) -> datetime | None:
 def _quantity_count(value: Any) -> int:
     if value is None:
         return 0
-    amount = parse_decimal(value if isinstance(value, (str, int)) else str(value), "gpu request")
+    amount = _decimal(value if isinstance(value, (str, int)) else str(value), "gpu request")
     if amount != amount.to_integral_value() or amount < 0:
         raise MeteringError(f"an extended resource request must be a whole number: {value!r}")
     return int(amount)
@@ -490,7 +473,7 @@ def _ended_at(pod: Mapping[str, Any], gone_at: datetime | None) -> datetime | No
     if gone_at is not None:
         # Deleted without final container statuses (force delete, lost node). For pods
         # deletionTimestamp is the grace deadline, after which the kubelet kills it.
-        return min(deletion, require_utc(gone_at)) if deletion else require_utc(gone_at)
+        return min(deletion, _utc(gone_at)) if deletion else _utc(gone_at)
     return None
 
 
@@ -530,7 +513,7 @@ def pod_lifetime_from_dict(
     ended_at = _ended_at(pod, gone_at)
     held_from = None
     if node is not None and node.lost:
-        ended_at = node.since if ended_at is None else min(require_utc(ended_at), node.since)
+        ended_at = node.since if ended_at is None else min(_utc(ended_at), node.since)
     elif node is not None and ended_at is None:
         held_from = node.since
     return PodLifetime(
@@ -750,14 +733,14 @@ def record_from_json(data: Mapping[str, Any]) -> UsageRecord:
         pod=_field(data, "pod", str),
         pod_uid=_field(data, "pod_uid", str),
         gpus=_field(data, "gpus", int),
-        start=parse_time(_field(data, "start", str)),
-        end=parse_time(_field(data, "end", str)),
+        start=_time(_field(data, "start", str)),
+        end=_time(_field(data, "end", str)),
         seconds=_field(data, "seconds", int),
         gpu_seconds=_field(data, "gpu_seconds", int),
-        unit_price=parse_decimal(_field(data, "unit_price", str), "unit_price"),
-        cost=parse_decimal(_field(data, "cost", str), "cost"),
+        unit_price=_decimal(_field(data, "unit_price", str), "unit_price"),
+        cost=_decimal(_field(data, "cost", str), "cost"),
         currency=_field(data, "currency", str),
-        avg_utilization=None if util is None else parse_decimal(util, "avg_utilization"),
+        avg_utilization=None if util is None else _decimal(util, "avg_utilization"),
         idle_gpu_seconds=None if idle is None else _field(data, "idle_gpu_seconds", int),
     )
 
@@ -795,7 +778,7 @@ class ServiceMark:
     currency: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "reported_through", require_utc(self.reported_through))
+        object.__setattr__(self, "reported_through", _utc(self.reported_through))
         object.__setattr__(self, "costs", dict(sorted(self.costs.items())))
 
     @property
@@ -813,7 +796,7 @@ def advance_mark(
     records outside (mark, through] and a mark moving backwards: each would make the
     totals disagree with the ledger.
     """
-    through = require_utc(through, "through")
+    through = _utc(through, "through")
     if mark is not None and through < mark.reported_through:
         raise MeteringError("a mark never moves backwards")
     records = sorted({r.id: r for r in acknowledged}.values(), key=lambda r: (r.end, r.id))
@@ -858,15 +841,13 @@ def mark_from_status(usage: Mapping[str, Any] | None) -> ServiceMark | None:
     currency = usage.get("currency") or None
     stored = usage.get("costByCurrency")
     if isinstance(stored, Mapping) and stored:
-        costs = {
-            str(code): parse_decimal(cost, "usage.costByCurrency") for code, cost in stored.items()
-        }
+        costs = {str(code): _decimal(cost, "usage.costByCurrency") for code, cost in stored.items()}
     elif currency is not None:
-        costs = {currency: parse_decimal(usage.get("cost", "0"), "usage.cost")}
+        costs = {currency: _decimal(usage.get("cost", "0"), "usage.cost")}
     else:
         costs = {}
     return ServiceMark(
-        reported_through=parse_time(str(usage["reportedThrough"])),
+        reported_through=_time(str(usage["reportedThrough"])),
         gpu_seconds=gpu_seconds,
         costs=costs,
         currency=currency,

@@ -19,11 +19,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from gpuyard.api.common import LabelSelector, Toleration
+from gpuyard.api.formats import InvalidValueError, parse_time
 from gpuyard.api.names import POOL_LABEL, SERVICE_LABEL
 from gpuyard.api.pool import GPUPool
 
@@ -166,10 +167,9 @@ def _timestamp(value: object) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return parse_time(value)
+    except InvalidValueError:
         return None
-    return parsed.astimezone(UTC) if parsed.tzinfo is not None else None
 
 
 def _container_requests(container: Mapping[str, Any]) -> dict[str, int]:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from gpuyard.api.common import format_timestamp
+from gpuyard.api.formats import format_time
 from gpuyard.api.service import Recommendation
 from gpuyard.logic.autoscale import Decision, Mode
 from gpuyard.logic.conditions import (
@@ -75,7 +75,7 @@ def recommendation(
         current_value=format_measurement(decision.current_value),
         target_value=format_measurement(decision.target_value),
         limited_by=decision.limiting_factor.value if decision.limiting_factor else None,
-        time=format_timestamp(now),
+        time=format_time(now, whole_seconds=True),
     )
     if previous is not None:
         kept = {**fresh.to_json(), "time": previous.get("time")}

@@ -12,7 +12,8 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from gpuyard.api.common import Condition, format_timestamp
+from gpuyard.api.common import Condition
+from gpuyard.api.formats import format_time
 from gpuyard.api.pool import GPUPoolStatus
 from gpuyard.api.service import AIServiceStatus, Recommendation, UsageTotals
 from gpuyard.logic.conditions import apply_conditions, pool_ready_condition
@@ -73,7 +74,9 @@ def service_status(
         selector=selector,
         gpu_type=gpu_type,
         recommendation=recommendation,
-        last_scale_time=format_time(last_scale_time),
+        last_scale_time=(
+            None if last_scale_time is None else format_time(last_scale_time, whole_seconds=True)
+        ),
         usage=usage,
         conditions=_condition_models(conditions),
     ).to_json()
@@ -83,11 +86,6 @@ def _condition_models(conditions: Sequence[Mapping[str, Any]] | None) -> list[Co
     if conditions is None:
         return None
     return [Condition.model_validate(condition) for condition in conditions]
-
-
-def format_time(moment: datetime | None) -> str | None:
-    """`moment` as a status timestamp, None staying None."""
-    return None if moment is None else format_timestamp(moment)
 
 
 def status_patch(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> dict[str, Any]:

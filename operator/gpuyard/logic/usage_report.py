@@ -28,13 +28,11 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
+from gpuyard.api.formats import format_decimal, format_time, require_utc
 from gpuyard.logic.metering import (
     UsageRecord,
     epoch_floor,
-    format_decimal,
-    format_time,
     from_epoch,
-    require_utc,
 )
 
 GROUP_FIELDS = ("namespace", "service", "pool", "gpu_type", "pod", "day", "hour")
