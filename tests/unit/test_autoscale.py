@@ -37,7 +37,6 @@ from gpuyard.logic.autoscale import (
     ScalingState,
     UnavailablePolicy,
     budget_max_replicas,
-    cost_per_hour,
     decide,
     repeated_state,
     repeats,
@@ -616,7 +615,6 @@ def test_budget_helpers() -> None:
     pol = policy(PRICED, max_cost_per_hour=Decimal("14.99"))
     assert budget_max_replicas(pol) == 2
     assert budget_max_replicas(PRICED) is None
-    assert cost_per_hour(3, pol) == Decimal("15.0")
 
 
 # --- sharing a pool ------------------------------------------------------------------------

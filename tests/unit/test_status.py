@@ -15,7 +15,6 @@ from gpuyard.logic.status import (
     apply_merge_patch,
     pool_status,
     service_status,
-    status_changed,
     status_patch,
 )
 
@@ -72,7 +71,6 @@ def test_second_reconcile_with_nothing_changed_writes_nothing() -> None:
     )
 
     assert status_patch(first, second) == {}
-    assert not status_changed(first, second)
 
 
 def test_changed_pool_usage_patches_only_what_changed() -> None:
@@ -216,7 +214,6 @@ def test_status_patch(
     current: dict[str, object] | None, desired: dict[str, object], patch: dict[str, object]
 ) -> None:
     assert status_patch(current, desired) == patch
-    assert status_changed(current, desired) is bool(patch)
 
 
 def test_status_patch_clears_nested_keys_the_new_value_no_longer_has() -> None:

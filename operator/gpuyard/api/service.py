@@ -518,11 +518,6 @@ class UsageTotals(ApiModel):
     reported_through: Timestamp
     """Usage up to this moment is included."""
 
-    @property
-    def cost_decimal(self) -> Decimal:
-        """cost as an exact decimal."""
-        return parse_decimal(self.cost)
-
 
 class AIServiceStatus(ApiModel):
     """The service as the operator last observed and decided it."""

@@ -45,7 +45,6 @@ __all__ = [
     "ScalingState",
     "UnavailablePolicy",
     "budget_max_replicas",
-    "cost_per_hour",
     "decide",
     "repeated_state",
     "repeats",
@@ -242,7 +241,7 @@ DEFAULT_SCALE_DOWN = ScalingBehavior(stabilization_window_seconds=300)
 
 @dataclass(frozen=True)
 class ScalingPolicy:
-    """An AIService's scaling fields, one to one with the API (see docs/api-draft.md).
+    """An AIService's scaling fields, one to one with the API (docs/api.md).
 
     ``manual_replicas`` is ``spec.replicas`` (mode Off); ``price_per_gpu_hour`` comes from
     the pool; ``max_cost_per_hour`` is ``budget.maxCostPerHour``.
@@ -560,10 +559,6 @@ def budget_max_replicas(policy: ScalingPolicy) -> int | None:
         return None
     # Decimal floor division is exact here: no float rounding at the budget's edge.
     return int(policy.max_cost_per_hour // per_replica)
-
-
-def cost_per_hour(replicas: int, policy: ScalingPolicy) -> Decimal:
-    return replicas * policy.gpus_per_replica * policy.price_per_gpu_hour
 
 
 def _cutoff(now: datetime, span: timedelta) -> datetime:

@@ -128,8 +128,3 @@ def _merge_value(current: Any, desired: Any) -> Any:
     merged = {key: _merge_value(current.get(key), value) for key, value in desired.items()}
     merged.update({key: None for key in current if key not in desired})
     return merged
-
-
-def status_changed(current: Mapping[str, Any] | None, desired: Mapping[str, Any]) -> bool:
-    """Whether writing `desired` would change the stored status."""
-    return bool(status_patch(current, desired))
