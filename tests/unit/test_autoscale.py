@@ -19,9 +19,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gpuyard.api.reasons import LimitingFactor, Reason
 from gpuyard.logic.autoscale import (
     Decision,
-    LimitingFactor,
     MetricSample,
     MetricSpec,
     MetricType,
@@ -29,7 +29,6 @@ from gpuyard.logic.autoscale import (
     PoolRequest,
     PrometheusMetric,
     ReadingStatus,
-    Reason,
     Recommendation,
     ScaleEvent,
     ScalingBehavior,

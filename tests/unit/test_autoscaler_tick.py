@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 from gpuyard.api.names import ServiceKey
 from gpuyard.api.pool import GPUPool
+from gpuyard.api.reasons import Reason
 from gpuyard.config import Settings
 from gpuyard.handlers.autoscaler import TickMemory, pool_is_no_limit, tick
 from gpuyard.handlers.context import Caches, Operator
@@ -38,7 +39,6 @@ from gpuyard.logic.autoscale import (
     MetricSpec,
     MetricType,
     Mode,
-    Reason,
     ScalingBehavior,
     ScalingPolicy,
     ScalingState,

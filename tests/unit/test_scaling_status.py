@@ -16,8 +16,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpuyard.api.common import MEASUREMENT_PATTERN
+from gpuyard.api.reasons import LimitingFactor, Reason
 from gpuyard.api.service import Recommendation
-from gpuyard.logic.autoscale import Decision, LimitingFactor, Mode, Reason, ScalingState
+from gpuyard.logic.autoscale import Decision, Mode, ScalingState
 from gpuyard.logic.conditions import ConditionUpdate
 from gpuyard.logic.scaling_status import autoscaler_conditions, format_measurement, recommendation
 

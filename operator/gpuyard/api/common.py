@@ -49,7 +49,7 @@ EXTENDED_RESOURCE_MAX_LENGTH = 253
 CONDITION_TYPE_PATTERN = rf"^({_DNS_SUBDOMAIN}/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
 CONDITION_REASON_PATTERN = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
-#: A CamelCase word such as a condition reason or a scaling limit (`PoolCapacity`).
+#: A CamelCase word such as a recommendation reason or a scaling limit (`Capacity`).
 CAMEL_CASE_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
 
 #: Decimal amounts in specs: never floats, so a price survives YAML round trips exactly.

@@ -37,6 +37,7 @@ from gpuyard.api.common import (
 )
 from gpuyard.api.formats import parse_decimal
 from gpuyard.api.names import RESERVED_PROMETHEUS_LABELS
+from gpuyard.api.reasons import LimitingFactor, Reason, word_list
 
 KIND: Final = "AIService"
 PLURAL = "aiservices"
@@ -480,17 +481,19 @@ class Recommendation(ApiModel):
 
     replicas: ReplicaCount
     """Replicas the autoscaler recommends."""
-    reason: CamelCaseWord
-    """CamelCase reason, such as MetricAboveTarget or ScaleToZeroIdle."""
+    reason: CamelCaseWord = Field(
+        description=f"Why the autoscaler recommends replicas: {word_list(Reason)}."
+    )
     metric: Annotated[str, StringConstraints(max_length=256)] | None = None
     """The metric that decided, such as GPUUtilization or a Prometheus metric name."""
     current_value: MeasurementString | None = None
     """Its value when the decision was made."""
     target_value: MeasurementString | None = None
     """Its target."""
-    limited_by: CamelCaseWord | None = None
-    """The limit that cut the raw recommendation, such as MaxReplicas, PoolCapacity or
-    Budget."""
+    limited_by: CamelCaseWord | None = Field(
+        default=None,
+        description=f"The limit that cut the raw recommendation: {word_list(LimitingFactor)}.",
+    )
     time: Timestamp
     """When the decision was made."""
 

@@ -20,6 +20,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import NamedTuple, TypeVar
 
+from gpuyard.api.reasons import LimitingFactor, Reason
 from gpuyard.logic.promql import Aggregation, validate_tenant_selector
 
 __all__ = [
@@ -28,7 +29,6 @@ __all__ = [
     "DEFAULT_SCALE_UP",
     "IDLE_GPU_UTILIZATION_PERCENT",
     "Decision",
-    "LimitingFactor",
     "MetricReading",
     "MetricSample",
     "MetricSpec",
@@ -37,7 +37,6 @@ __all__ = [
     "PoolRequest",
     "PrometheusMetric",
     "ReadingStatus",
-    "Reason",
     "Recommendation",
     "ScaleEvent",
     "ScalingBehavior",
@@ -83,39 +82,6 @@ class UnavailablePolicy(StrEnum):
     HOLD = "Hold"
     SCALE_UP_ONLY = "ScaleUpOnly"
     FALLBACK = "Fallback"
-
-
-class Reason(StrEnum):
-    """What drove the recommendation (CamelCase, for status and Events)."""
-
-    ABOVE_TARGET = "MetricAboveTarget"
-    BELOW_TARGET = "MetricBelowTarget"
-    AT_TARGET = "MetricAtTarget"
-    IDLE = "IdleScaleToZero"
-    WOKEN = "DemandWakesFromZero"
-    NO_DEMAND = "NoDemandAtZero"
-    NO_WAKE_METRIC = "NoWakeMetric"
-    PODS_NOT_READY = "PodsNotReady"
-    NO_METRICS = "NoMetricsConfigured"
-    HOLD = "MetricsUnavailableHold"
-    SCALE_UP_ONLY = "MetricsUnavailableScaleUpOnly"
-    FALLBACK = "MetricsUnavailableFallback"
-    MANUAL = "ManualReplicas"
-
-
-class LimitingFactor(StrEnum):
-    """What kept the desired count from the metric recommendation: the last stage to move it."""
-
-    METRICS_UNAVAILABLE = "MetricsUnavailable"
-    NO_WAKE_METRIC = "NoWakeMetric"
-    PODS_NOT_READY = "PodsNotReady"
-    SCALE_TO_ZERO_DELAY = "ScaleToZeroDelay"
-    STABILIZATION_WINDOW = "StabilizationWindow"
-    RATE_LIMIT = "RateLimit"
-    MIN_REPLICAS = "MinReplicas"
-    MAX_REPLICAS = "MaxReplicas"
-    BUDGET = "Budget"
-    CAPACITY = "Capacity"
 
 
 class ReadingStatus(StrEnum):
