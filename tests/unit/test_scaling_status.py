@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from gpuyard.api.common import MEASUREMENT_PATTERN
 from gpuyard.api.reasons import LimitingFactor, Reason
-from gpuyard.api.service import Recommendation
+from gpuyard.api.service import RecommendationStatus
 from gpuyard.logic.autoscale import Decision, Mode, ScalingState
 from gpuyard.logic.conditions import ConditionUpdate
 from gpuyard.logic.scaling_status import autoscaler_conditions, format_measurement, recommendation
@@ -258,4 +258,4 @@ def test_an_unchanged_recommendation_is_byte_equal_a_tick_later() -> None:
     assert first is not None
     later = recommendation(decision(), first.to_json(), T0 + timedelta(minutes=5))
     assert later == first
-    assert isinstance(later, Recommendation)
+    assert isinstance(later, RecommendationStatus)

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import ValidationError
 
-from gpuyard.api.service import Recommendation, UsageTotals
+from gpuyard.api.service import RecommendationStatus, UsageTotals
 from gpuyard.logic.conditions import ConditionUpdate, apply_conditions
 from gpuyard.logic.pool_accounting import PoolUsage
 from gpuyard.logic.status import (
@@ -125,7 +125,7 @@ def test_service_status_with_every_field() -> None:
         desired_replicas=2,
         selector="app.kubernetes.io/instance=llama,gpuyard.io/service=llama",
         gpu_type="a100-80gb",
-        recommendation=Recommendation(
+        recommendation=RecommendationStatus(
             replicas=3,
             reason="MetricAboveTarget",
             metric="GPUUtilization",

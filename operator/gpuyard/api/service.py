@@ -249,15 +249,15 @@ class PrometheusMetricSource(ApiModel):
         return parse_decimal(self.activation_value)
 
 
-def _prometheus_iff_type_prometheus(metric: MetricSpec) -> bool:
+def _prometheus_iff_type_prometheus(metric: AutoscalingMetric) -> bool:
     return (metric.type == "Prometheus") == (metric.prometheus is not None)
 
 
-def _target_percent_iff_gpu_type(metric: MetricSpec) -> bool:
+def _target_percent_iff_gpu_type(metric: AutoscalingMetric) -> bool:
     return (metric.type != "Prometheus") == (metric.target_percent is not None)
 
 
-class MetricSpec(ApiModel):
+class AutoscalingMetric(ApiModel):
     """One signal the autoscaler sizes the service by."""
 
     cel_rules = (
@@ -354,7 +354,7 @@ class AutoscalingSpec(ApiModel):
     spec.replicas to a person, an HPA or KEDA through the scale subresource."""
     tolerance_percent: Annotated[int, Field(ge=0, le=100)] = 10
     """Changes smaller than this percentage of the target are ignored."""
-    metrics: Annotated[list[MetricSpec], Field(max_length=8)] | None = None
+    metrics: Annotated[list[AutoscalingMetric], Field(max_length=8)] | None = None
     """Signals to size by; the largest resulting replica count wins."""
     scale_up: ScaleUpRules = Field(
         default_factory=ScaleUpRules, json_schema_extra=DEFAULT_EMPTY_OBJECT
@@ -476,7 +476,7 @@ class AIServiceSpec(ApiModel):
 # --- status --------------------------------------------------------------------------------
 
 
-class Recommendation(ApiModel):
+class RecommendationStatus(ApiModel):
     """The autoscaler's last decision and why it made it."""
 
     replicas: ReplicaCount
@@ -537,7 +537,7 @@ class AIServiceStatus(ApiModel):
     """Label selector of the replicas' pods, in string form (for the scale subresource)."""
     gpu_type: DnsLabel | None = None
     """GPU type of the pool the service runs on."""
-    recommendation: Recommendation | None = None
+    recommendation: RecommendationStatus | None = None
     """The autoscaler's last recommendation."""
     last_scale_time: Timestamp | None = None
     """When the operator last changed desiredReplicas."""

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from gpuyard.api.formats import format_time
-from gpuyard.api.service import Recommendation
+from gpuyard.api.service import RecommendationStatus
 from gpuyard.logic.autoscale import Decision, Mode
 from gpuyard.logic.conditions import (
     BUDGET_LIMITED,
@@ -63,12 +63,12 @@ def autoscaler_conditions(decision: Decision | None) -> list[ConditionUpdate]:
 
 def recommendation(
     decision: Decision | None, previous: Mapping[str, Any] | None, now: datetime
-) -> Recommendation | None:
+) -> RecommendationStatus | None:
     """The recommendation block; its ``time`` moves only when something else in it does,
     so an unchanged decision rewrites nothing."""
     if decision is None or decision.mode is Mode.OFF:
         return None
-    fresh = Recommendation(
+    fresh = RecommendationStatus(
         replicas=decision.desired_replicas,
         reason=decision.reason.value,
         metric=decision.metric,
@@ -80,5 +80,5 @@ def recommendation(
     if previous is not None:
         kept = {**fresh.to_json(), "time": previous.get("time")}
         if kept == dict(previous):
-            return Recommendation.from_mapping(previous)
+            return RecommendationStatus.from_mapping(previous)
     return fresh

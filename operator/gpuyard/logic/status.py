@@ -15,7 +15,7 @@ from typing import Any
 from gpuyard.api.common import Condition
 from gpuyard.api.formats import format_time
 from gpuyard.api.pool import GPUPoolStatus
-from gpuyard.api.service import AIServiceStatus, Recommendation, UsageTotals
+from gpuyard.api.service import AIServiceStatus, RecommendationStatus, UsageTotals
 from gpuyard.logic.conditions import apply_conditions, pool_ready_condition
 from gpuyard.logic.pool_accounting import PoolUsage
 
@@ -56,7 +56,7 @@ def service_status(
     desired_replicas: int | None = None,
     selector: str | None = None,
     gpu_type: str | None = None,
-    recommendation: Recommendation | None = None,
+    recommendation: RecommendationStatus | None = None,
     last_scale_time: datetime | None = None,
     usage: UsageTotals | None = None,
     conditions: Sequence[Mapping[str, Any]] | None = None,
