@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gpuyard import __version__
-from gpuyard.api.crd import render_crds_yaml, write_crds
+from gpuyard.api.crd import crd_files, render_crds_yaml
 from gpuyard.api.reference import render_reference
 from gpuyard.config import Settings
 from gpuyard.handlers.runtime import run_operator
@@ -39,11 +39,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_crds(directory: Path) -> None:
+    """One file per CRD in `directory` (the repository's crds/, the chart's files/crds/)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for file_name, content in sorted(crd_files().items()):
+        (directory / file_name).write_text(content, encoding="utf-8")
+
+
 def _crds(args: argparse.Namespace) -> int:
     if args.reference:
-        Path(args.reference).write_text(render_reference())
+        Path(args.reference).write_text(render_reference(), encoding="utf-8")
     if args.output_dir:
-        write_crds(Path(args.output_dir))
+        _write_crds(Path(args.output_dir))
     elif not args.reference:
         sys.stdout.write(render_crds_yaml())
     return 0

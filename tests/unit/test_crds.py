@@ -22,10 +22,11 @@ from gpuyard.api.crd import (
     crd_files,
     openapi_schema,
     render_crds_yaml,
-    write_crds,
 )
 from gpuyard.api.pool import GPUPoolSpec
+from gpuyard.api.reference import render_reference
 from gpuyard.api.service import AIServiceSpec
+from gpuyard.cli import main
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRDS_DIR = REPO_ROOT / "crds"
@@ -80,12 +81,20 @@ def test_no_stale_generated_file_is_left_behind() -> None:
     assert generated == sorted(crd_files())
 
 
-def test_write_crds_writes_what_crd_files_describes(tmp_path: Path) -> None:
-    written = write_crds(tmp_path / "crds")
+def test_crds_command_writes_what_crd_files_describes(tmp_path: Path) -> None:
+    # The file writing lives in the CLI; gpuyard.api only renders text.
+    assert main(["crds", "--output-dir", str(tmp_path / "crds")]) == 0
+    written = sorted((tmp_path / "crds").iterdir())
 
     assert sorted(path.name for path in written) == sorted(crd_files())
     for path in written:
         assert path.read_text(encoding="utf-8") == crd_files()[path.name]
+
+
+def test_crds_command_writes_the_reference(tmp_path: Path) -> None:
+    assert main(["crds", "--reference", str(tmp_path / "api.md")]) == 0
+
+    assert (tmp_path / "api.md").read_text(encoding="utf-8") == render_reference()
 
 
 def test_rendered_stream_parses_back_to_the_built_crds() -> None:

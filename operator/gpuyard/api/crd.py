@@ -18,7 +18,6 @@ import copy
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -387,18 +386,6 @@ def render_crds_yaml() -> str:
 
 
 def crd_files() -> dict[str, str]:
-    """File name -> content of every CRD file, as `write_crds` writes them."""
+    """File name -> content of every CRD file, as `gpuyard crds --output-dir` writes them."""
     by_name = {crd["metadata"]["name"]: crd for crd in build_crds()}
     return {info.file_name: render_crd_yaml(by_name[info.crd_name]) for info in KINDS}
-
-
-def write_crds(directory: Path | str) -> list[Path]:
-    """Write every CRD file into `directory` (the repository's `crds/`); returns the paths."""
-    target = Path(directory)
-    target.mkdir(parents=True, exist_ok=True)
-    written = []
-    for file_name, content in sorted(crd_files().items()):
-        path = target / file_name
-        path.write_text(content, encoding="utf-8")
-        written.append(path)
-    return written
