@@ -241,6 +241,10 @@ CONDITIONS_LIST_MAP: dict[str, Any] = {
     "x-kubernetes-list-map-keys": ["type"],
 }
 MAX_CONDITIONS = 16
+#: The `status.conditions` field of both kinds.
+ConditionList = Annotated[
+    list[Condition], Field(max_length=MAX_CONDITIONS, json_schema_extra=CONDITIONS_LIST_MAP)
+]
 
 
 def _selector_values_match_operator(requirement: LabelSelectorRequirement) -> bool:

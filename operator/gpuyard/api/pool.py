@@ -14,15 +14,13 @@ from typing import Annotated, Final, Literal
 from pydantic import Field, StringConstraints
 
 from gpuyard.api.common import (
-    CONDITIONS_LIST_MAP,
     DNS1123_LABEL_PATTERN,
     DNS_LABEL_MAX_LENGTH,
-    MAX_CONDITIONS,
     AmountString,
     ApiModel,
     ApiObject,
     CelRule,
-    Condition,
+    ConditionList,
     CurrencyCode,
     DecimalString,
     DnsLabel,
@@ -181,13 +179,7 @@ class GPUPoolStatus(ApiModel):
     """GPUs free on the ready nodes."""
     largest_node_gpus: Count | None = None
     """Most allocatable GPUs on one ready node: the largest replica the pool can hold."""
-    conditions: (
-        Annotated[
-            list[Condition],
-            Field(max_length=MAX_CONDITIONS, json_schema_extra=CONDITIONS_LIST_MAP),
-        ]
-        | None
-    ) = None
+    conditions: ConditionList | None = None
     """Ready tells whether the pool has nodes to schedule on."""
     billing: PoolBilling | None = None
     """Prices seen and unmanaged usage, kept by the meter."""

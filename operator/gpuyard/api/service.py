@@ -15,18 +15,16 @@ from typing import Annotated, Final, Literal
 from pydantic import Field, StringConstraints, field_validator
 
 from gpuyard.api.common import (
-    CONDITIONS_LIST_MAP,
     CURRENCY_PATTERN,
     DEFAULT_EMPTY_OBJECT,
     DNS1035_LABEL_PATTERN,
     DNS_LABEL_MAX_LENGTH,
-    MAX_CONDITIONS,
     AmountString,
     ApiModel,
     ApiObject,
     CamelCaseWord,
     CelRule,
-    Condition,
+    ConditionList,
     CurrencyCode,
     DecimalString,
     DnsLabel,
@@ -543,13 +541,7 @@ class AIServiceStatus(ApiModel):
     """When the operator last changed desiredReplicas."""
     usage: UsageTotals | None = None
     """GPU-seconds and cost so far."""
-    conditions: (
-        Annotated[
-            list[Condition],
-            Field(max_length=MAX_CONDITIONS, json_schema_extra=CONDITIONS_LIST_MAP),
-        ]
-        | None
-    ) = None
+    conditions: ConditionList | None = None
     """Ready, Accepted, CapacityLimited, BudgetLimited, MetricsAvailable and UsageReported."""
 
 
