@@ -31,7 +31,6 @@ from gpuyard.logic.metering import (
     cut_records,
     epoch_floor,
     from_epoch,
-    hourly_cost,
     is_fully_reported,
     mark_from_status,
     mark_to_status,
@@ -212,13 +211,12 @@ def test_pool_price_change_supersedes_later_points() -> None:
     assert [p.per_gpu_hour for p in changed] == [Decimal(2), Decimal(5)]
 
 
-def test_budget_cap_uses_the_same_price() -> None:
-    assert hourly_cost(8, Decimal("2.50")) == Decimal("20.00")
-    # An hour of 8 GPUs metered window by window costs the hourly figure, up to the
+def test_an_hour_metered_window_by_window_costs_the_hourly_price() -> None:
+    # An hour of 8 GPUs at 2.50 costs 20 (what the budget cap counts with), up to the
     # stated rounding: at most half a nano-unit per record (here 60 x 1/3 nano).
     records = cut_records(lifetime(bound=0, ended=3600, gpus=8), None, at(3600))
     assert {r.cost for r in records} == {Decimal("0.333333333")}
-    drift = hourly_cost(8, Decimal("2.50")) - sum(r.cost for r in records)
+    drift = 8 * Decimal("2.50") - sum(r.cost for r in records)
     assert drift == Decimal("0.00000002")
     assert drift <= len(records) * Decimal("0.5e-9")
 

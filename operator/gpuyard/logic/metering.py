@@ -84,12 +84,9 @@ class MeteringError(ValueError):
     """Input the meter refuses to bill from, rather than guess."""
 
 
-# --------------------------------------------------------------------------- time
-
-
-# The meter refuses what it cannot bill from with its own error, which its callers catch to
-# skip that pod, pool or ledger line (and count it) rather than guess: the shared readers'
-# InvalidValueError is re-raised as a MeteringError.
+# The meter's callers catch MeteringError to skip a pod, a pool or a ledger line (and count
+# it) rather than guess, so a malformed time or decimal that the shared readers of
+# gpuyard.api.formats refuse (InvalidValueError) is re-raised as one.
 
 
 def _utc(moment: datetime, name: str = "time") -> datetime:
@@ -111,6 +108,9 @@ def _decimal(text: object, name: str) -> Decimal:
         return parse_decimal(text, name=name)
     except InvalidValueError as error:
         raise MeteringError(str(error)) from error
+
+
+# --------------------------------------------------------------------------- time
 
 
 def epoch_floor(value: datetime) -> int:
@@ -168,11 +168,6 @@ def _check_schedule(prices: Sequence[PricePoint]) -> tuple[PricePoint, ...]:
     if any(a >= b for a, b in itertools.pairwise(starts)):
         raise MeteringError("price points must have strictly increasing effective_from")
     return schedule
-
-
-def hourly_cost(gpus: int, per_gpu_hour: Decimal) -> Decimal:
-    """What holding `gpus` GPUs for an hour costs: the budget cap's side of the same price."""
-    return Decimal(gpus) * per_gpu_hour
 
 
 def window_cost(gpu_seconds: int, per_gpu_hour: Decimal) -> Decimal:
