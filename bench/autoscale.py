@@ -74,7 +74,7 @@ from common import OperatorProcess, cluster, install_crds, kubectl, log
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
 from gpuyard.config import Settings
-from gpuyard.handlers.autoscaler import TickMemory, tick
+from gpuyard.handlers.autoscaler import Autoscaler
 from gpuyard.handlers.context import Caches, Operator
 from gpuyard.handlers.runtime import keep_caches_out_of_gc
 from gpuyard.handlers.workqueue import WorkQueue
@@ -215,7 +215,7 @@ def one_step(probe: Probe, url: str, load: int, before: int, after: int) -> tupl
                 metric = policy.metrics[0]
                 asks = decide(
                     {metric: MetricSample.per_pod(values, datetime.now(UTC))},
-                    ScalingState(before, before),
+                    ScalingState(current_replicas=before, ready_replicas=before),
                     policy,
                     None,
                     datetime.now(UTC),
@@ -450,15 +450,15 @@ def tick_bench(sizes: list[int], runs: int) -> list[dict[str, Any]]:
         op, prometheus = synthetic_cluster(services, now)
         # What the operator does once its caches are full (handlers.runtime.started).
         keep_caches_out_of_gc()
-        memory = TickMemory()
+        autoscaler = Autoscaler(op)
         with asyncio.Runner() as runner:
             started = time.process_time()
-            runner.run(tick(op, now, memory))
+            runner.run(autoscaler.tick(now))
             cold = time.process_time() - started
             queries = prometheus.count
             # Warm up to the steady state: the windows' history as the loop carries it.
             for k in range(1, 8):
-                runner.run(tick(op, now + timedelta(seconds=5 * k), memory))
+                runner.run(autoscaler.tick(now + timedelta(seconds=5 * k)))
             # Each measured tick follows an unmeasured one that reads the settled bodies, so
             # that every kind starts from the same state (steady: it reads them again), and
             # the kinds take turns, so that a slow moment of this shared machine falls on
@@ -469,13 +469,11 @@ def tick_bench(sizes: list[int], runs: int) -> list[dict[str, Any]]:
             for _ in range(runs):
                 for kind, moved in kinds.items():
                     prometheus.bodies = settled
-                    runner.run(tick(op, now + timedelta(seconds=5 * k), memory))
+                    runner.run(autoscaler.tick(now + timedelta(seconds=5 * k)))
                     prometheus.bodies = {**settled, **moved}
                     when = now + timedelta(seconds=5 * (k + 1))
                     ticks[kind].append(
-                        _measured_tick(
-                            runner, op, prometheus, when=when, memory=memory, queries=queries
-                        )
+                        _measured_tick(runner, autoscaler, prometheus, when=when, queries=queries)
                     )
                     k += 2
             prometheus.bodies = settled
@@ -489,24 +487,23 @@ def tick_bench(sizes: list[int], runs: int) -> list[dict[str, Any]]:
             "baseline_s": baseline, "ratio": tick_cpu / baseline,
             "per_service_us": tick_cpu / services * 1e6,
         })  # fmt: skip
-        del op, prometheus
+        del op, prometheus, autoscaler
         gc.collect()
     return results
 
 
 def _measured_tick(
     runner: asyncio.Runner,
-    op: Operator,
+    autoscaler: Autoscaler,
     prometheus: CannedPrometheus,
     *,
     when: datetime,
-    memory: TickMemory,
     queries: int,
 ) -> float:
     """CPU seconds of one tick, which must send ``queries`` queries as the first did."""
     prometheus.count = 0
     started = time.process_time()
-    runner.run(tick(op, when, memory))
+    runner.run(autoscaler.tick(when))
     elapsed = time.process_time() - started
     assert prometheus.count == queries, "queries per tick changed"
     return elapsed

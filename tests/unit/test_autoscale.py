@@ -66,7 +66,22 @@ QUIET = MetricSpec(
 HUNDREDTH = MetricSpec(
     MetricType.PROMETHEUS, prometheus=PrometheusMetric("rps", target_per_replica=0.01)
 )
-NOW = ScalingBehavior(stabilization_window_seconds=0)
+
+
+def behavior(
+    window: int = 0, *, percent: int = 100, replicas: int = 4, period: int = 15
+) -> ScalingBehavior:
+    """Scale-up or scale-down rules: a stabilisation window of ``window`` seconds, at most
+    the larger of ``percent`` % and ``replicas`` replicas per ``period`` seconds."""
+    return ScalingBehavior(
+        stabilization_window_seconds=window,
+        max_step_percent=percent,
+        max_step_replicas=replicas,
+        period_seconds=period,
+    )
+
+
+NOW = behavior()
 BASE = ScalingPolicy(min_replicas=1, max_replicas=10, metrics=(UTIL,), scale_up=NOW, scale_down=NOW)
 Q = replace(BASE, metrics=(QUEUE,))
 ZERO = replace(BASE, min_replicas=0)
@@ -81,7 +96,8 @@ def policy(base: ScalingPolicy = BASE, **changes: Any) -> ScalingPolicy:
 
 
 def state(current: int, ready: int | None = None, **changes: Any) -> ScalingState:
-    return replace(ScalingState(current, current if ready is None else ready), **changes)
+    ready = current if ready is None else ready
+    return replace(ScalingState(current_replicas=current, ready_replicas=ready), **changes)
 
 
 def pods(*values: float, observed: datetime = T0) -> MetricSample:
@@ -249,30 +265,30 @@ CASES = [
     case("missing-pod-may-hide-demand", ZERO, state(2, 1, last_demand_time=at(-1000)),
          {UTIL: pods(0)}, 1, reason=Reason.BELOW_TARGET, **NO_FACTOR),
     case("idle-skips-the-scale-down-window",
-         policy(ZERO, scale_down=ScalingBehavior(300)),
+         policy(ZERO, scale_down=behavior(300)),
          state(2, recommendations=(Recommendation(at(-10), 2),), last_demand_time=at(-400)),
          {UTIL: pods(0, 0)}, 0, reason=Reason.IDLE),
     case("idle-respects-the-rate-limit",
-         policy(ZERO, scale_down=ScalingBehavior(0, max_step_percent=50, max_step_replicas=1)),
+         policy(ZERO, scale_down=behavior(percent=50, replicas=1)),
          state(4, last_demand_time=at(-400)), {UTIL: pods(0, 0, 0, 0)}, 2,
          reason=Reason.IDLE, limiting_factor=LimitingFactor.RATE_LIMIT),
     case("fresh-state-starts-the-idle-clock", ZERO, state(1), {UTIL: pods(0)}, 1),
     # --- stabilisation windows ---
-    case("scale-down-window-holds", policy(scale_down=ScalingBehavior(300)),
+    case("scale-down-window-holds", policy(scale_down=behavior(300)),
          state(5, recommendations=(Recommendation(at(-200), 5),)), {UTIL: pods(*[12] * 5)}, 5,
          recommended_replicas=1, limiting_factor=LimitingFactor.STABILIZATION_WINDOW),
-    case("scale-down-window-boundary-expires", policy(scale_down=ScalingBehavior(300)),
+    case("scale-down-window-boundary-expires", policy(scale_down=behavior(300)),
          state(5, recommendations=(Recommendation(at(-300), 5), Recommendation(at(-299), 4))),
          {UTIL: pods(*[12] * 5)}, 4, limiting_factor=LimitingFactor.STABILIZATION_WINDOW),
-    case("scale-down-window-expired", policy(scale_down=ScalingBehavior(300)),
+    case("scale-down-window-expired", policy(scale_down=behavior(300)),
          state(5, recommendations=(Recommendation(at(-300), 5),)), {UTIL: pods(*[12] * 5)}, 1,
          **NO_FACTOR),
-    case("scale-up-window-holds", policy(scale_up=ScalingBehavior(60)),
+    case("scale-up-window-holds", policy(scale_up=behavior(60)),
          state(2, recommendations=(Recommendation(at(-30), 2),)), {UTIL: pods(90, 90)}, 2,
          limiting_factor=LimitingFactor.STABILIZATION_WINDOW),
-    case("scale-up-window-boundary-expires", policy(scale_up=ScalingBehavior(60)),
+    case("scale-up-window-boundary-expires", policy(scale_up=behavior(60)),
          state(2, recommendations=(Recommendation(at(-60), 2),)), {UTIL: pods(90, 90)}, 3),
-    case("fresh-state-seeds-the-scale-down-window", policy(scale_down=ScalingBehavior(300)),
+    case("fresh-state-seeds-the-scale-down-window", policy(scale_down=behavior(300)),
          state(5), {UTIL: pods(*[12] * 5)}, 5,
          limiting_factor=LimitingFactor.STABILIZATION_WINDOW),
     # --- rate limits ---
@@ -284,16 +300,18 @@ CASES = [
     case("scale-up-period-boundary-expires", Q,
          state(6, scale_events=(ScaleEvent(at(-15), 2, 6),)), {QUEUE: total(100)}, 10,
          **NO_FACTOR),
-    case("scale-up-percent-rounds-up", policy(Q, scale_up=ScalingBehavior(0, 10, 0)), state(3),
-         {QUEUE: total(100)}, 4),
-    case("scale-up-disabled", policy(Q, scale_up=ScalingBehavior(0, 0, 0)), state(2),
+    case("scale-up-percent-rounds-up", policy(Q, scale_up=behavior(percent=10, replicas=0)),
+         state(3), {QUEUE: total(100)}, 4),
+    case("scale-up-disabled", policy(Q, scale_up=behavior(percent=0, replicas=0)), state(2),
          {QUEUE: total(100)}, 2, limiting_factor=LimitingFactor.RATE_LIMIT),
-    case("scale-down-rate", policy(Q, scale_down=ScalingBehavior(0, 50, 1, 60)), state(10),
+    case("scale-down-rate",
+         policy(Q, scale_down=behavior(percent=50, replicas=1, period=60)), state(10),
          {QUEUE: total(10)}, 5, limiting_factor=LimitingFactor.RATE_LIMIT),
-    case("scale-down-rate-counts-the-period", policy(Q, scale_down=ScalingBehavior(0, 50, 0, 60)),
+    case("scale-down-rate-counts-the-period",
+         policy(Q, scale_down=behavior(percent=50, replicas=0, period=60)),
          state(5, scale_events=(ScaleEvent(at(-30), 10, 5),)), {QUEUE: total(10)}, 5,
          limiting_factor=LimitingFactor.RATE_LIMIT),
-    case("scale-down-disabled", policy(Q, scale_down=ScalingBehavior(0, 0, 0)), state(10),
+    case("scale-down-disabled", policy(Q, scale_down=behavior(percent=0, replicas=0)), state(10),
          {QUEUE: total(10)}, 10, limiting_factor=LimitingFactor.RATE_LIMIT),
     # --- min / max ---
     case("max-replicas", Q, state(8), {QUEUE: total(200)}, 10,
@@ -394,13 +412,13 @@ def test_nothing_to_change_records_nothing() -> None:
 def test_hold_records_no_recommendation() -> None:
     # A hold is no observation of load: it must not pin a later scale-down window.
     history = (Recommendation(at(-5), 3),)
-    pol = policy(scale_down=ScalingBehavior(300))
+    pol = policy(scale_down=behavior(300))
     decision = decide({UTIL: down()}, state(3, recommendations=history), pol, None, T0)
     assert decision.state.recommendations == history
 
 
 def test_state_history_is_pruned_to_the_windows() -> None:
-    pol = policy(scale_down=ScalingBehavior(300))
+    pol = policy(scale_down=behavior(300))
     old = state(
         2,
         recommendations=(Recommendation(at(-301), 9), Recommendation(at(-100), 2)),
@@ -457,7 +475,7 @@ def run_ticks(
 
 
 def test_scale_up_at_once_and_down_only_after_the_window() -> None:
-    pol = policy(Q, scale_down=ScalingBehavior(300))
+    pol = policy(Q, scale_down=behavior(300))
     ticks = run_ticks(pol, state(2), lambda t: 50 if t < 60 else 10, range(0, 400, 15))
     desired = {t: d.desired_replicas for t, d in ticks}
     assert desired[0] == 5
@@ -468,7 +486,7 @@ def test_scale_up_at_once_and_down_only_after_the_window() -> None:
 
 
 def test_idle_to_zero_and_woken_by_demand() -> None:
-    pol = policy(ZQ, scale_down=ScalingBehavior(300))
+    pol = policy(ZQ, scale_down=behavior(300))
     ticks = run_ticks(pol, state(1), lambda t: 25 if t >= 450 else 0, range(0, 500, 15))
     desired = {t: d.desired_replicas for t, d in ticks}
     assert all(desired[t] == 1 for t in range(0, 300, 15))
@@ -480,7 +498,7 @@ def test_idle_to_zero_and_woken_by_demand() -> None:
 
 
 def test_flapping_load_does_not_flap_replicas() -> None:
-    pol = policy(Q, scale_down=ScalingBehavior(300))
+    pol = policy(Q, scale_down=behavior(300))
     ticks = run_ticks(pol, state(5), lambda t: 50 if (t // 15) % 2 else 10, range(0, 600, 15))
     assert {d.desired_replicas for _, d in ticks} == {5}
 
@@ -494,7 +512,7 @@ _REPEAT_POLICIES = st.builds(
         min_replicas=minimum,
         max_replicas=6,
         mode=mode,
-        scale_down=ScalingBehavior(window),
+        scale_down=behavior(window),
         scale_to_zero_after_seconds=idle,
         price_per_gpu_hour=Decimal(1),
         max_cost_per_hour=budget,
@@ -594,7 +612,7 @@ def test_at_target_or_asleep_repeats_and_what_time_or_a_limit_can_move_does_not(
     assert not repeats(idle, idle_policy)
     assert repeats(idle, policy(idle_policy, min_replicas=1))
     # Held by a window, or capped by maxReplicas or the budget: the limit may move it.
-    windowed = policy(Q, scale_down=ScalingBehavior(300))
+    windowed = policy(Q, scale_down=behavior(300))
     first = decide({QUEUE: total(50)}, state(5), windowed, None, T0)
     held = decide({QUEUE: total(10)}, first.state, windowed, None, at(15))
     assert held.limiting_factor is LimitingFactor.STABILIZATION_WINDOW
@@ -620,7 +638,9 @@ def test_budget_helpers() -> None:
 
 
 def req(key: str, gpus: int, current: int, wanted: int) -> PoolRequest:
-    return PoolRequest(key, gpus_per_replica=gpus, current_replicas=current, wanted_replicas=wanted)
+    return PoolRequest(
+        key=key, gpus_per_replica=gpus, current_replicas=current, wanted_replicas=wanted
+    )
 
 
 @pytest.mark.parametrize(
@@ -744,13 +764,13 @@ def test_invalid_policies(changes: dict[str, Any]) -> None:
         lambda: PrometheusMetric("q", 1.0, labels=(("a", "1"), ("a", "2"))),
         lambda: PrometheusMetric("q", 1.0, labels=(("namespace", "other"),)),
         lambda: PrometheusMetric("bad-name", 1.0),
-        lambda: ScalingBehavior(-1),
-        lambda: ScalingBehavior(0, period_seconds=0),
+        lambda: ScalingBehavior(stabilization_window_seconds=-1),
+        lambda: ScalingBehavior(stabilization_window_seconds=0, period_seconds=0),
         MetricSample,
         lambda: MetricSample(total=1.0, unavailable_reason="X"),
         lambda: MetricSample(total=1.0),
-        lambda: ScalingState(-1, 0),
-        lambda: PoolRequest("a", 0, 0, 1),
+        lambda: ScalingState(current_replicas=-1, ready_replicas=0),
+        lambda: PoolRequest(key="a", gpus_per_replica=0, current_replicas=0, wanted_replicas=1),
     ],
 )
 def test_invalid_inputs(build: Any) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import gc
 import threading
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
@@ -26,8 +25,9 @@ from hypothesis import strategies as st
 from gpuyard.api.names import ServiceKey
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.reasons import Reason
+from gpuyard.api.service import AIService
 from gpuyard.config import Settings
-from gpuyard.handlers.autoscaler import TickMemory, pool_is_no_limit, tick
+from gpuyard.handlers.autoscaler import Autoscaler, pool_is_no_limit
 from gpuyard.handlers.context import Caches, Operator
 from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube
@@ -44,6 +44,7 @@ from gpuyard.logic.autoscale import (
     ScalingState,
     decide,
 )
+from gpuyard.logic.policy import scaling_policy
 from gpuyard.logic.pool_accounting import NodeInfo, PodInfo, compute_pool_usage
 from gpuyard.logic.promql import (
     Aggregation,
@@ -212,7 +213,7 @@ class World:
             caches=Caches(**indices),
             prometheus=cast(Prometheus, prometheus),
         )
-        harness = Harness(op, prometheus)
+        harness = Harness(op, prometheus, Autoscaler(op))
         op.service_queue = WorkQueue("service", harness.reconcile)
         for name, body in self.pools.items():
             # What the pool reconcile keeps current, from the same pure accounting.
@@ -226,15 +227,16 @@ class World:
 class Harness:
     op: Operator
     prometheus: FakePrometheus
+    autoscaler: Autoscaler
     reconciled: list[ServiceKey] = field(default_factory=list)
 
     async def reconcile(self, key: ServiceKey) -> None:
         # The service reconcile would apply the decision; here it only says it was asked.
         self.reconciled.append(key)
 
-    async def _tick(self, now: datetime = NOW, memory: TickMemory | None = None) -> set[ServiceKey]:
+    async def _tick(self, now: datetime = NOW) -> set[ServiceKey]:
         del self.reconciled[:]
-        await tick(self.op, now, memory)
+        await self.autoscaler.tick(now)
         queue = self.op.service_queue
         worker = asyncio.create_task(queue.run(1))
         while not queue.is_idle():
@@ -250,7 +252,7 @@ class Harness:
             return [runner.run(self._tick()) for _ in range(count)]
 
     def ticks_reading(
-        self, gpu_answers: list[Body], memory: TickMemory | None, first: int = 0
+        self, gpu_answers: list[Body], first: int = 0
     ) -> list[dict[ServiceKey, Decision]]:
         """One tick per answer to the utilisation query, 5 s apart from tick number ``first``:
         the decisions after each."""
@@ -258,16 +260,31 @@ class Harness:
         with asyncio.Runner() as runner:
             for index, answer in enumerate(gpu_answers, start=first):
                 self.prometheus.answers[UTIL_QUERY] = answer
-                runner.run(self._tick(NOW + timedelta(seconds=5 * index), memory))
-                seen.append(dict(self.op.decisions))
+                runner.run(self._tick(tick_time(index)))
+                seen.append(self.decisions)
         return seen
 
     @property
     def decisions(self) -> dict[ServiceKey, Decision]:
-        return self.op.decisions
+        """Each cached service's latest decision, as the service reconcile reads it."""
+        decisions = {}
+        for key in self.op.caches.service_keys():
+            decision = self.op.scaling.decision(key)
+            if decision is not None:
+                decisions[key] = decision
+        return decisions
 
     def sample(self, name: str, **labels: str) -> float | None:
         return self.op.metrics.registry.get_sample_value(name, labels)
+
+    def tick_services(self) -> dict[str, float | None]:
+        """How many services the last tick decided (made) and kept (repeated)."""
+        name = "gpuyard_autoscaler_tick_services"
+        return {kind: self.sample(name, decision=kind) for kind in ("made", "repeated")}
+
+
+def tick_time(index: int) -> datetime:
+    return NOW + timedelta(seconds=5 * index)
 
 
 def queue_metric(name: str, model: str) -> Body:
@@ -363,14 +380,14 @@ def test_a_service_at_its_target_is_decided_again_only_once_its_load_moves() -> 
         world.service("team-a", name, pool="l4", replicas=1, utilisation=[50.0])
         for name in ("busy", "steady")
     )
-    at_target = world.gpu_answer()
+    at_target = dict(world.gpu_values)
     world.gpu_values[("team-a", "busy-0")] = 100.0
-    loaded = world.gpu_answer()
-    answers = [at_target, at_target, at_target, loaded, loaded]
+    loaded = dict(world.gpu_values)
+    loads = [at_target, at_target, at_target, loaded, loaded]
 
-    memory = TickMemory()
-    remembering = world.operator({}).ticks_reading(answers, memory)
-    deciding_always = world.operator({}).ticks_reading(answers, None)
+    harness = world.operator({})
+    remembering = harness.ticks_reading([vector_of(load) for load in loads])
+    deciding_always = deciding_every_tick(world, loads)
 
     # Each tick leaves the decisions that deciding every service on every tick leaves. One
     # made anew carries the same state too; one repeated still carries the state it was made
@@ -384,35 +401,78 @@ def test_a_service_at_its_target_is_decided_again_only_once_its_load_moves() -> 
     assert busy_decisions[2] is busy_decisions[0]
     assert busy_decisions[3].desired_replicas == 2
     assert busy_decisions[3] is not busy_decisions[0]
-    assert set(memory.repeating) == {steady}  # scaling up: no longer repeating
+    # The last tick kept the steady one's decision and made the busy one's again: scaling
+    # up, it no longer repeated.
+    assert harness.tick_services() == {"made": 1, "repeated": 1}
 
 
-def _decided_once() -> tuple[World, ServiceKey, Harness, TickMemory, Body]:
-    """One service at its target, after a tick that remembered its decision as repeating."""
+def vector_of(load: dict[tuple[str, str], float | str]) -> Body:
+    return vector([({"namespace": ns, "pod": pod}, v) for (ns, pod), v in load.items()])
+
+
+def deciding_every_tick(
+    world: World, loads: list[dict[tuple[str, str], float | str]]
+) -> list[dict[ServiceKey, Decision]]:
+    """What deciding every service on every tick leaves, from ``decide`` alone: each tick
+    reads each pod's utilisation from ``loads`` (no pool here is short of GPUs, so no share
+    cuts a decision)."""
+    policies = {
+        key: scaling_policy(
+            AIService.from_mapping(body).spec,
+            GPUPool.from_mapping(world.pools[body["spec"]["pool"]]),
+        )
+        for key, body in world.services.items()
+    }
+    counts = {key: world.deployments[key]["spec"]["replicas"] for key in world.services}
+    states = {
+        key: ScalingState(current_replicas=count, ready_replicas=count)
+        for key, count in counts.items()
+    }
+    seen = []
+    for index, load in enumerate(loads):
+        now = tick_time(index)
+        decisions = {}
+        for key, policy in policies.items():
+            values = {
+                pod.name: float(load[pod.namespace, pod.name])
+                for pod in world.pods
+                if (pod.namespace, pod.service) == key
+            }
+            samples = {metric: MetricSample.per_pod(values, now) for metric in policy.metrics}
+            state = states[key].observed(counts[key], counts[key])
+            decisions[key] = decide(samples, state, policy, None, now)
+            states[key] = decisions[key].state
+        seen.append(decisions)
+    return seen
+
+
+def _decided_twice() -> tuple[World, ServiceKey, Harness, Body]:
+    """One service at its target, whose decision the second tick kept as repeating."""
     world = World()
     world.pool("l4", nodes=4)
     key = world.service("team-a", "svc", pool="l4", replicas=1, utilisation=[50.0])
-    harness, memory, answer = world.operator({}), TickMemory(), world.gpu_answer()
-    harness.ticks_reading([answer], memory)
-    assert harness.decisions[key].desired_replicas == 1
-    assert key in memory.repeating
-    return world, key, harness, memory, answer
+    harness, answer = world.operator({}), world.gpu_answer()
+    first, second = harness.ticks_reading([answer, answer])
+    assert first[key].desired_replicas == 1
+    assert second[key] is first[key]
+    assert harness.tick_services() == {"made": 0, "repeated": 1}
+    return world, key, harness, answer
 
 
 def test_a_changed_spec_is_decided_again_under_the_same_load() -> None:
-    world, key, harness, memory, answer = _decided_once()
+    world, key, harness, answer = _decided_twice()
     changed = copy.deepcopy(world.services[key])
     changed["metadata"]["generation"] = 2
     changed["spec"]["minReplicas"] = 2  # the metrics, and so the samples, stay the same
     harness.op.caches.services[key] = [changed]
-    harness.ticks_reading([answer], memory, first=1)
+    harness.ticks_reading([answer], first=2)
     assert harness.decisions[key].desired_replicas == 2
 
 
 def test_a_forgotten_decision_is_made_again() -> None:
-    _, key, harness, memory, answer = _decided_once()
+    _, key, harness, answer = _decided_twice()
     harness.op.forget_service(key)  # as a reconcile of a deletion does
-    harness.ticks_reading([answer], memory, first=1)
+    harness.ticks_reading([answer], first=2)
     assert harness.decisions[key].desired_replicas == 1
 
 
@@ -420,15 +480,15 @@ def test_a_service_asleep_at_zero_is_decided_again_once_its_wake_metric_moves() 
     world = World()
     world.pool("l4", nodes=4)
     key = world.service("team-a", "svc", pool="l4", replicas=0, metrics=[QUEUE], minReplicas=0)
-    harness, memory = world.operator({}), TickMemory()
+    harness = world.operator({})
     queue = {"namespace": "team-a", "service": "svc"}
     harness.prometheus.answers[QUEUE_QUERY] = vector([(queue, 0.0)])
-    asleep = harness.ticks_reading([EMPTY, EMPTY], memory)
+    asleep = harness.ticks_reading([EMPTY, EMPTY])
     assert asleep[0][key].reason is Reason.NO_DEMAND
     assert asleep[1][key] is asleep[0][key]  # not decided again
 
     harness.prometheus.answers[QUEUE_QUERY] = vector([(queue, 25.0)])
-    [woken] = harness.ticks_reading([EMPTY], memory, first=2)
+    [woken] = harness.ticks_reading([EMPTY], first=2)
     assert woken[key].reason is Reason.WOKEN
     assert woken[key].desired_replicas == 3
 
@@ -534,28 +594,6 @@ def test_nan_empty_and_failed_answers_are_unavailable(case: Case) -> None:
         assert decision.desired_replicas == replicas
     if case.expected[1] == "PrometheusUnreachable":
         assert harness.sample("gpuyard_autoscaler_errors_total", stage="query") == 1
-
-
-def test_the_collector_is_paused_during_a_tick_and_runs_again_after_even_a_failed_one() -> None:
-    world, answers = _fleet(10)
-    harness = world.operator(answers)
-    collecting: list[bool] = []
-    ask = harness.prometheus.query
-
-    def query(promql: str) -> Body:
-        collecting.append(gc.isenabled())
-        return ask(promql)
-
-    harness.prometheus.query = query  # type: ignore[method-assign]
-    assert gc.isenabled()
-    harness.ticks()
-    assert collecting
-    assert not any(collecting)
-    assert gc.isenabled()
-    harness.op.caches.gpu_pods = None  # the next tick fails once its answers are in
-    with pytest.raises(TypeError):
-        harness.ticks()
-    assert gc.isenabled()
 
 
 def test_one_failed_query_leaves_the_other_services_readable() -> None:
@@ -676,8 +714,8 @@ _POLICIES = st.builds(
         min_replicas=1,
         max_replicas=maximum,
         metrics=(UTIL_SPEC,),
-        scale_up=ScalingBehavior(0, max_step_replicas=100),
-        scale_down=ScalingBehavior(0),
+        scale_up=ScalingBehavior(stabilization_window_seconds=0, max_step_replicas=100),
+        scale_down=ScalingBehavior(stabilization_window_seconds=0),
         gpus_per_replica=gpus,
         price_per_gpu_hour=Decimal("2.5"),
         max_cost_per_hour=budget,
@@ -699,8 +737,12 @@ def test_skipping_the_second_decide_changes_nothing(
     policy: ScalingPolicy, current: int, values: list[float], share: int
 ) -> None:
     samples = {UTIL_SPEC: MetricSample.per_pod({f"p{i}": v for i, v in enumerate(values)}, NOW)}
-    state = ScalingState(current, current)
+    state = ScalingState(current_replicas=current, ready_replicas=current)
     first = decide(samples, state, policy, None, NOW)
+    second = decide(samples, state, policy, share, NOW)
     if pool_is_no_limit(first, share):
-        assert decide(samples, state, policy, share, NOW) == first
-    assert pool_is_no_limit(first, None)
+        assert second == first
+    if not first.budget_limited:
+        # Without a budget cut the shortcut misses none: each second decide that would
+        # return the first decision unchanged is skipped.
+        assert pool_is_no_limit(first, share) == (second == first)

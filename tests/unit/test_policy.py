@@ -38,8 +38,15 @@ DEFAULTS = ScalingPolicy(
     mode=Mode.AUTO,
     tolerance_percent=10,
     metrics=(),
-    scale_up=ScalingBehavior(0, max_step_percent=100, max_step_replicas=4, period_seconds=15),
-    scale_down=ScalingBehavior(300, max_step_percent=100, max_step_replicas=4, period_seconds=15),
+    scale_up=ScalingBehavior(
+        stabilization_window_seconds=0, max_step_percent=100, max_step_replicas=4, period_seconds=15
+    ),
+    scale_down=ScalingBehavior(
+        stabilization_window_seconds=300,
+        max_step_percent=100,
+        max_step_replicas=4,
+        period_seconds=15,
+    ),
     scale_to_zero_after_seconds=300,
     on_metrics_unavailable=UnavailablePolicy.HOLD,
     fallback_replicas=None,
@@ -152,8 +159,18 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {
         {
             "max_replicas": 4,
             "metrics": (UTIL_SPEC,),
-            "scale_up": ScalingBehavior(30, 50, 2, 60),
-            "scale_down": ScalingBehavior(10, 0, 4, 15),
+            "scale_up": ScalingBehavior(
+                stabilization_window_seconds=30,
+                max_step_percent=50,
+                max_step_replicas=2,
+                period_seconds=60,
+            ),
+            "scale_down": ScalingBehavior(
+                stabilization_window_seconds=10,
+                max_step_percent=0,
+                max_step_replicas=4,
+                period_seconds=15,
+            ),
         },
     ),
     "tolerance-and-idle-time": (

@@ -41,7 +41,7 @@ BASE = Decision(
     metrics_unavailable_reason=None,
     why=None,
     readings=(),
-    state=ScalingState(2, 2),
+    state=ScalingState(current_replicas=2, ready_replicas=2),
 )
 
 

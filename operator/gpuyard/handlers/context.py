@@ -11,12 +11,12 @@ from typing import Any, ParamSpec, TypeVar
 
 from gpuyard.api.names import ServiceKey
 from gpuyard.config import Settings
+from gpuyard.handlers.scaling import ScalingBook
 from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube
 from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import MultiSink
-from gpuyard.logic.autoscale import Decision, ScalingState
 from gpuyard.logic.metering import Account, PricePoint, ServiceMark
 from gpuyard.logic.pool_accounting import NodeInfo, PoolUsage
 
@@ -25,13 +25,9 @@ R = TypeVar("R")
 
 
 def _single(store: Any) -> Any | None:
-    # Keys of these indices are object names, so each store holds at most one value. A loop
-    # asks a Kopf store for nothing but its iterator: no __bool__, no next() (the autoscaler
-    # reads a few stores per service per tick).
-    if store is not None:
-        for value in store:
-            return value
-    return None
+    """The one value of a Kopf store, or None: these indices are keyed by object name, so
+    each store holds at most one value."""
+    return next(iter(store), None) if store is not None else None
 
 
 @dataclass
@@ -123,10 +119,9 @@ class Operator:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     #: Each pool's usage as its last reconcile computed it (services read it, O(1)).
     pool_usage: dict[str, PoolUsage] = field(default_factory=dict)
-    #: The autoscaler's latest decision per service (applied by the service reconcile).
-    decisions: dict[ServiceKey, Decision] = field(default_factory=dict)
-    #: What each service's autoscaling carries from one tick to the next.
-    scaling_states: dict[ServiceKey, ScalingState] = field(default_factory=dict)
+    #: Each service's autoscaling: the autoscaler's decisions, which the service reconcile
+    #: applies, and what the autoscaler carries from one tick to the next.
+    scaling: ScalingBook = field(default_factory=ScalingBook)
     #: The last usage mark the meter wrote per account (the cache may lag the write).
     marks: dict[Account, ServiceMark] = field(default_factory=dict)
     #: Pods seen deleted but not yet fully billed: uid -> (last state, when seen gone).
@@ -171,9 +166,8 @@ class Operator:
         for state in ("desired", "ready"):
             with contextlib.suppress(KeyError):
                 self.metrics.service_replicas.remove(key[0], key[1], state)
-        self.decisions.pop(key, None)
+        self.scaling.forget(key)
         self.own_status.pop(key, None)
-        self.scaling_states.pop(key, None)
         self.usage_problems.pop(Account(*key), None)
         self.set_refused(key, None)
 

@@ -20,7 +20,7 @@ from gpuyard.api.pool import GPUPool, GPUPoolStatus
 from gpuyard.api.service import AIService
 from gpuyard.handlers.context import Operator
 from gpuyard.logic.admission import AdmissionResult, check_service
-from gpuyard.logic.autoscale import Decision, ScalingState, decide
+from gpuyard.logic.autoscale import Decision
 from gpuyard.logic.children import build_deployment, build_service, owner_reference, selector_string
 from gpuyard.logic.conditions import (
     ConditionUpdate,
@@ -32,7 +32,6 @@ from gpuyard.logic.conditions import (
 )
 from gpuyard.logic.drift import needs_apply, with_applied_hash
 from gpuyard.logic.metering import Account
-from gpuyard.logic.policy import scaling_policy
 from gpuyard.logic.pool_accounting import PoolUsage, compute_pool_usage
 from gpuyard.logic.replicas import target_replicas
 from gpuyard.logic.scaling_status import autoscaler_conditions, recommendation
@@ -242,24 +241,11 @@ def _decision(
     live: dict[str, Any] | None,
     now: datetime,
 ) -> Decision | None:
-    """The autoscaler's decision; in mode Off, made here when it has none yet.
-
-    Mode Off needs no metric, so its decision (manual replicas, the budget cap) is known
-    at once: the first status write then holds every condition, instead of a second
-    write one autoscaler tick later.
-    """
-    decision = op.decisions.get(key)
+    """The autoscaler's decision; in mode Off, made at once when it has none yet (mode Off
+    needs no metric, so the first status write can hold every condition)."""
+    decision = op.scaling.decision(key)
     if decision is None and service.spec.autoscaling.mode == "Off":
-        # As if already applied: the decision then reads as the steady state it leads
-        # to ("keep N"), the same after every restart, not as the step to it.
-        current = service.spec.replicas
-        if current is None:
-            current = int(live["spec"].get("replicas") or 0) if live else 0
-        ready = int(((live or {}).get("status") or {}).get("readyReplicas") or 0)
-        decision = decide(
-            {}, ScalingState(current, ready), scaling_policy(service.spec, pool), None, now
-        )
-        op.decisions[key] = decision
+        decision = op.scaling.decide_off(key, service=service, pool=pool, live=live, now=now)
     return decision
 
 

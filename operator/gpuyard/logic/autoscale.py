@@ -93,16 +93,6 @@ class ReadingStatus(StrEnum):
     NO_PODS = "NoPods"
 
 
-# The members every service's decision compares with, as module constants: on Python 3.11
-# reading a member from its class goes through EnumType.__getattr__'s hook, several times
-# the cost of reading a global (3.12 dropped the hook), and those reads were 8 % of the
-# instructions of a 10,000-service tick.
-_OK, _UNAVAILABLE = ReadingStatus.OK, ReadingStatus.UNAVAILABLE
-_GPU_UTILIZATION = MetricType.GPU_UTILIZATION
-_AT_TARGET, _NO_DEMAND = Reason.AT_TARGET, Reason.NO_DEMAND
-_OFF, _RECOMMEND = Mode.OFF, Mode.RECOMMEND
-
-
 @dataclass(frozen=True)
 class PrometheusMetric:
     """``autoscaling.metrics[].prometheus``. Targets are floats: metric values are floats."""
@@ -149,20 +139,11 @@ class MetricSpec:
 
     @cached_property
     def name(self) -> str:
-        """How status and Events name the metric (read for every reading of every tick)."""
+        """How status and Events name the metric."""
         if self.prometheus is None:
             return self.type.value
         labels = ",".join(f"{k}={v!r}" for k, v in self.prometheus.labels)
         return self.prometheus.metric + (f"{{{labels}}}" if labels else "")
-
-    @cached_property
-    def _hash(self) -> int:
-        return hash((self.type, self.target_percent, self.prometheus))
-
-    def __hash__(self) -> int:
-        # Specs key every map of the tick (samples, queries, answers): hash the nested
-        # fields once, not on each of the tens of thousands of lookups per tick.
-        return self._hash
 
     @cached_property
     def target(self) -> float:
@@ -171,7 +152,7 @@ class MetricSpec:
         return float(self.target_percent or 0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScalingBehavior:
     """``autoscaling.scaleUp`` / ``scaleDown``.
 
@@ -191,7 +172,6 @@ class ScalingBehavior:
         if self.max_step_replicas < 0 or self.period_seconds < 1:
             raise ValueError("maxStepReplicas >= 0 and periodSeconds >= 1 are required")
 
-    # As timedeltas, which every service's decision subtracts from `now` on every tick.
     @cached_property
     def window(self) -> timedelta:
         return timedelta(seconds=self.stabilization_window_seconds)
@@ -205,7 +185,7 @@ DEFAULT_SCALE_UP = ScalingBehavior(stabilization_window_seconds=0)
 DEFAULT_SCALE_DOWN = ScalingBehavior(stabilization_window_seconds=300)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ScalingPolicy:
     """An AIService's scaling fields, one to one with the API (docs/api.md).
 
@@ -260,7 +240,7 @@ class ScalingPolicy:
 
     @cached_property
     def metric_set(self) -> frozenset[MetricSpec]:
-        """``metrics`` for membership tests (a spec's hash is cached, its equality is not)."""
+        """``metrics`` as a set, for membership tests."""
         return frozenset(self.metrics)
 
     @cached_property
@@ -269,11 +249,11 @@ class ScalingPolicy:
         return tuple(spec for spec in self.metrics if spec.prometheus is not None)
 
 
-# MetricSample, ScalingState, MetricReading and Decision are not frozen, unlike the policy
-# types: a tick builds them for every service (10,000 at a time), and a frozen dataclass pays
-# object.__setattr__ per field, about five times the cost of a plain one. Nothing mutates
-# them once built; they are values.
-@dataclass(slots=True)
+# The values a decision is made of (MetricSample, ScalingState, MetricReading, Decision) are
+# not frozen, unlike the policy types: a frozen dataclass costs several times as much to
+# build, and a tick builds these for every service it decides. Nothing changes them once
+# built.
+@dataclass(slots=True, kw_only=True)
 class MetricSample:
     """What the tick read for one metric of one service. Build with the class methods.
 
@@ -324,7 +304,7 @@ class ScaleEvent(NamedTuple):
     to_replicas: int
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class ScalingState:
     """What one tick hands to the next. Refresh ``current_replicas`` and ``ready_replicas``
     from the Deployment before each call (:meth:`observed`)."""
@@ -342,11 +322,11 @@ class ScalingState:
 
     def observed(self, current_replicas: int, ready_replicas: int) -> ScalingState:
         if (current_replicas, ready_replicas) == (self.current_replicas, self.ready_replicas):
-            return self  # the usual case, every tick for every service: no copy
+            return self
         return replace(self, current_replicas=current_replicas, ready_replicas=ready_replicas)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class MetricReading:
     """How :func:`decide` judged one metric. ``value``: mean percent over the reporting pods
     (GPU) or the service total (Prometheus); ``replicas``: what this metric alone asks for."""
@@ -362,7 +342,7 @@ class MetricReading:
     reason: str | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Decision:
     desired_replicas: int
     # After the metrics-unavailable policy, before windows, rate limits and caps.
@@ -382,7 +362,7 @@ class Decision:
     metrics_available: bool | None
     metrics_unavailable_reason: str | None
     #: What drove the recommendation, in words; None when it is the deciding metric against
-    #: its target, which :attr:`message` words only when read: most decisions never are.
+    #: its target (:attr:`message` words that).
     why: str | None
     readings: tuple[MetricReading, ...]
     state: ScalingState
@@ -423,7 +403,12 @@ def _within(ratio: float, tolerance: float) -> bool:
 def _unavailable(spec: MetricSpec, reason: str, demand: bool | None = True) -> MetricReading:
     # An unreadable metric may hide demand, so it keeps the idle clock from running.
     return MetricReading(
-        spec.name, spec.type, ReadingStatus.UNAVAILABLE, spec.target, demand=demand, reason=reason
+        metric=spec.name,
+        type=spec.type,
+        status=ReadingStatus.UNAVAILABLE,
+        target=spec.target,
+        demand=demand,
+        reason=reason,
     )
 
 
@@ -431,19 +416,22 @@ def _read_gpu(
     spec: MetricSpec, values: Mapping[str, float], state: ScalingState, tolerance: float
 ) -> MetricReading:
     target = spec.target
-    # A negative or non-finite per-pod value is a broken series: that pod counts as missing.
-    # One pass, no list: this runs for every service on every tick (NaN fails both compares).
+    # A negative or non-finite per-pod value (NaN fails both comparisons) is a broken
+    # series: that pod counts as missing.
     total, reporting, peak = 0.0, 0, 0.0
     for value in values.values():
         if 0.0 <= value < math.inf:
             total += value
             reporting += 1
-            if value > peak:  # noqa: PLR1730 - a compare costs less than a call to max()
-                peak = value
+            peak = max(peak, value)
     if not reporting:
         if state.ready_replicas == 0:
             return MetricReading(
-                spec.name, spec.type, ReadingStatus.PODS_NOT_READY, target, demand=True
+                metric=spec.name,
+                type=spec.type,
+                status=ReadingStatus.PODS_NOT_READY,
+                target=target,
+                demand=True,
             )
         return _unavailable(spec, "NoValidSeries" if values else "NoSeries")
     current = state.current_replicas
@@ -463,10 +451,18 @@ def _read_gpu(
         replicas = _ceil(filled * pods)
         replicas = min(replicas, current) if filled < 1 else max(replicas, current)
     demand: bool | None = None
-    if spec.type is _GPU_UTILIZATION:
+    if spec.type is MetricType.GPU_UTILIZATION:
         demand = missing > 0 or peak >= IDLE_GPU_UTILIZATION_PERCENT
     # GPU memory stays high while a loaded model idles: it is no demand signal either way.
-    return MetricReading(spec.name, spec.type, _OK, target, mean, replicas, demand)
+    return MetricReading(
+        metric=spec.name,
+        type=spec.type,
+        status=ReadingStatus.OK,
+        target=target,
+        value=mean,
+        replicas=replicas,
+        demand=demand,
+    )
 
 
 def _read_prometheus(
@@ -485,7 +481,15 @@ def _read_prometheus(
         replicas = current
     else:
         replicas = _ceil(total / target)
-    return MetricReading(spec.name, spec.type, _OK, target, total, replicas, demand)
+    return MetricReading(
+        metric=spec.name,
+        type=spec.type,
+        status=ReadingStatus.OK,
+        target=target,
+        value=total,
+        replicas=replicas,
+        demand=demand,
+    )
 
 
 def _read(
@@ -504,7 +508,9 @@ def _read(
     if gpu and state.current_replicas == 0 and (sample is None or problem is None):
         # Only a failed query marks a pod-less GPU metric unavailable: that is what lets the
         # metrics-unavailable policy act at zero when Prometheus itself is down.
-        return MetricReading(spec.name, spec.type, ReadingStatus.NO_PODS, spec.target)
+        return MetricReading(
+            metric=spec.name, type=spec.type, status=ReadingStatus.NO_PODS, target=spec.target
+        )
     if sample is not None and problem is None:
         if sample.observed_at is not None and now - sample.observed_at > max_age:
             problem = "Stale"
@@ -561,7 +567,7 @@ def _stabilize(
     up_cut = _cutoff(now, policy.scale_up.window)
     down_cut = _cutoff(now, policy.scale_down.window)
     up_floor = down_ceiling = proposal
-    for entry in history:  # one pass: this runs for every service on every tick
+    for entry in history:
         if entry.time <= now:
             if up_cut < entry.time:
                 up_floor = min(up_floor, entry.replicas)
@@ -619,7 +625,7 @@ class _Outcome:
             self.factor = factor
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _Caps:
     capacity_limited: bool
     missing_gpus: int
@@ -633,7 +639,7 @@ def _apply_caps(
     outcome: _Outcome, current: int, policy: ScalingPolicy, capacity_max_replicas: int | None
 ) -> _Caps:
     if capacity_max_replicas is None and policy.max_cost_per_hour is None:
-        return _UNCAPPED  # no cap to apply: most services on most ticks
+        return _UNCAPPED
     wanted = outcome.value
     budget_cap = budget_max_replicas(policy)
     # The budget is a promise about spend: it may cut below current replicas and below
@@ -655,14 +661,11 @@ def _apply_caps(
 
 
 def _prune(state: ScalingState, policy: ScalingPolicy, now: datetime) -> ScalingState:
-    recommendations, events = state.recommendations, state.scale_events
-    # Most services have not scaled within a period: no event, no cutoff to compute.
-    if recommendations:
-        recommendations = _in_window(recommendations, _cutoff(now, policy.history_span), now)
-    if events:
-        events = _in_window(events, _cutoff(now, policy.events_span), now)
+    """The state without the recommendations and scale events too old to matter."""
+    recommendations = _in_window(state.recommendations, _cutoff(now, policy.history_span), now)
+    events = _in_window(state.scale_events, _cutoff(now, policy.events_span), now)
     if recommendations is state.recommendations and events is state.scale_events:
-        return state  # nothing expired: no copy
+        return state
     return replace(state, recommendations=recommendations, scale_events=events)
 
 
@@ -670,8 +673,7 @@ _Timed = TypeVar("_Timed", Recommendation, ScaleEvent)
 
 
 def _in_window(entries: tuple[_Timed, ...], cut: datetime, now: datetime) -> tuple[_Timed, ...]:
-    """The entries with ``cut < time <= now``: ``entries`` itself when that is all of them
-    (every service, most ticks), so the usual case builds nothing."""
+    """The entries with ``cut < time <= now``; ``entries`` itself when none is outside."""
     for entry in entries:
         if not cut < entry.time <= now:
             return tuple(e for e in entries if cut < e.time <= now)
@@ -686,17 +688,21 @@ def _next_state(
     demand: bool,
 ) -> ScalingState:
     """What a decision carries to the next tick; ``scaled_to`` is the count applied now."""
-    current, events, last_scale_time = (
-        state.current_replicas, state.scale_events, state.last_scale_time
-    )  # fmt: skip
+    current = state.current_replicas
+    events = state.scale_events
+    last_scale_time = state.last_scale_time
     if scaled_to is not None:
-        events += (ScaleEvent(now, current, scaled_to),)
+        events += (ScaleEvent(time=now, from_replicas=current, to_replicas=scaled_to),)
         current, last_scale_time = scaled_to, now
     # The idle clock restarts on demand (or on doubt), at zero, and on a fresh state.
     demand_time = now if demand or state.last_demand_time is None else state.last_demand_time
-    # Positional, in field order: keywords cost more than the rest of the call.
     return ScalingState(
-        current, state.ready_replicas, history, events, demand_time, last_scale_time
+        current_replicas=current,
+        ready_replicas=state.ready_replicas,
+        recommendations=history,
+        scale_events=events,
+        last_demand_time=demand_time,
+        last_scale_time=last_scale_time,
     )
 
 
@@ -719,17 +725,27 @@ def _finish(
 ) -> Decision:
     current = state.current_replicas
     desired = outcome.value
-    applied = policy.mode is not _RECOMMEND and desired != current
+    applied = policy.mode is not Mode.RECOMMEND and desired != current
     new_state = _next_state(state, history, now, desired if applied else None, demand)
-    # Positional: with keywords, binding these 17 arguments cost a tenth of a decision.
     return Decision(
-        desired, recommended, current, policy.mode, reason, outcome.factor,
-        deciding.metric if deciding else None,
-        deciding.value if deciding else None,
-        deciding.target if deciding else None,
-        caps.capacity_limited, caps.missing_gpus, caps.budget_limited,
-        metrics_available, unavailable_reason, why, readings, new_state,
-    )  # fmt: skip
+        desired_replicas=desired,
+        recommended_replicas=recommended,
+        current_replicas=current,
+        mode=policy.mode,
+        reason=reason,
+        limiting_factor=outcome.factor,
+        metric=deciding.metric if deciding else None,
+        current_value=deciding.value if deciding else None,
+        target_value=deciding.target if deciding else None,
+        capacity_limited=caps.capacity_limited,
+        missing_gpus=caps.missing_gpus,
+        budget_limited=caps.budget_limited,
+        metrics_available=metrics_available,
+        metrics_unavailable_reason=unavailable_reason,
+        why=why,
+        readings=readings,
+        state=new_state,
+    )
 
 
 def _decide_manual(
@@ -740,7 +756,7 @@ def _decide_manual(
     # capacity still apply: they are promises of the operator, whoever picks the count.
     current = state.current_replicas
     target = current if policy.manual_replicas is None else policy.manual_replicas
-    outcome = _Outcome(target, None)
+    outcome = _Outcome(target, factor=None)
     caps = _apply_caps(outcome, current, policy, capacity_max_replicas)
     return _finish(
         policy=policy,
@@ -761,7 +777,7 @@ def _decide_manual(
     )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class _Proposal:
     replicas: int
     reason: Reason
@@ -780,14 +796,18 @@ def _propose_at_zero(
     replicas = deciding.replicas if deciding and deciding.replicas is not None else 0
     if not any(r.type is MetricType.PROMETHEUS for r in readings):
         return _Proposal(
-            0,
-            Reason.NO_WAKE_METRIC,
-            "at zero replicas and no Prometheus metric can show demand (GPU metrics need pods)",
-            LimitingFactor.NO_WAKE_METRIC,
+            replicas=0,
+            reason=Reason.NO_WAKE_METRIC,
+            why="at zero replicas and no Prometheus metric can show demand (GPU metrics need pods)",
+            factor=LimitingFactor.NO_WAKE_METRIC,
         )
     if deciding is not None and replicas > 0:
-        return _Proposal(replicas, Reason.WOKEN, f"{deciding.metric} shows demand at zero")
-    return _Proposal(0, Reason.NO_DEMAND, "no demand above the activation value at zero")
+        return _Proposal(
+            replicas=replicas, reason=Reason.WOKEN, why=f"{deciding.metric} shows demand at zero"
+        )
+    return _Proposal(
+        replicas=0, reason=Reason.NO_DEMAND, why="no demand above the activation value at zero"
+    )
 
 
 def _propose_running(
@@ -800,19 +820,21 @@ def _propose_running(
     current = state.current_replicas
     if deciding is not None and deciding.replicas is not None:
         replicas = deciding.replicas
-        reason = _AT_TARGET
+        reason = Reason.AT_TARGET
         if replicas != current:
             reason = Reason.ABOVE_TARGET if replicas > current else Reason.BELOW_TARGET
-        proposal = _Proposal(replicas, reason, None)
+        proposal = _Proposal(replicas=replicas, reason=reason, why=None)
     elif any(r.status is ReadingStatus.PODS_NOT_READY for r in judged):
         proposal = _Proposal(
-            current,
-            Reason.PODS_NOT_READY,
-            "no pod is ready to report GPU metrics yet",
-            LimitingFactor.PODS_NOT_READY,
+            replicas=current,
+            reason=Reason.PODS_NOT_READY,
+            why="no pod is ready to report GPU metrics yet",
+            factor=LimitingFactor.PODS_NOT_READY,
         )
     else:
-        proposal = _Proposal(current, Reason.NO_METRICS, "no metric can be read")
+        proposal = _Proposal(
+            replicas=current, reason=Reason.NO_METRICS, why="no metric can be read"
+        )
     if policy.min_replicas > 0:
         return proposal
     since = state.last_demand_time or now
@@ -821,7 +843,10 @@ def _propose_running(
         seconds=policy.scale_to_zero_after_seconds
     ):
         return _Proposal(
-            0, Reason.IDLE, f"no demand for {int(idle_for.total_seconds())}s", idle=True
+            replicas=0,
+            reason=Reason.IDLE,
+            why=f"no demand for {int(idle_for.total_seconds())}s",
+            idle=True,
         )
     if proposal.replicas == 0:
         # Only the idle timer takes a service to zero, never the proportional rule.
@@ -841,23 +866,30 @@ def _on_unavailable(
     rule = policy.on_metrics_unavailable
     if rule is UnavailablePolicy.HOLD:
         return _Proposal(
-            current, Reason.HOLD, f"metrics unavailable: {names}; holding", factor, hold=True
+            replicas=current,
+            reason=Reason.HOLD,
+            why=f"metrics unavailable: {names}; holding",
+            factor=factor,
+            hold=True,
         )
     if rule is UnavailablePolicy.SCALE_UP_ONLY:
         # The metrics still readable may scale up, never down: what cannot be seen may be the
         # load that keeps the current replicas busy.
         replicas = max(current, readable or 0)
         return _Proposal(
-            replicas, Reason.SCALE_UP_ONLY, f"metrics unavailable: {names}; scaling up only", factor
+            replicas=replicas,
+            reason=Reason.SCALE_UP_ONLY,
+            why=f"metrics unavailable: {names}; scaling up only",
+            factor=factor,
         )
     # Fallback is a floor while blind, not a ceiling: a metric still readable that asks for
     # more wins (KEDA's fallback overrides such a metric: kedacore/keda#6659).
     fallback = policy.fallback_replicas or 0
     return _Proposal(
-        max(fallback, readable or 0),
-        Reason.FALLBACK,
-        f"metrics unavailable: {names}; falling back to {fallback}",
-        factor,
+        replicas=max(fallback, readable or 0),
+        reason=Reason.FALLBACK,
+        why=f"metrics unavailable: {names}; falling back to {fallback}",
+        factor=factor,
     )
 
 
@@ -869,10 +901,10 @@ def _limit(
     now: datetime,
 ) -> _Outcome:
     current = state.current_replicas
-    outcome = _Outcome(proposal.replicas, proposal.factor)
+    outcome = _Outcome(proposal.replicas, factor=proposal.factor)
     # A proposal to keep the current count passes every window unchanged (the lowest
     # recommendation in a window is at most the proposal, the highest at least), and every
-    # rate limit: both are skipped then, which is most services on most ticks.
+    # rate limit: both are skipped then.
     if not proposal.hold and proposal.replicas != current:
         if not proposal.idle:
             stabilized = _stabilize(current, proposal.replicas, history, now, policy)
@@ -894,10 +926,10 @@ def _judge(
     unavailable: list[MetricReading] = []
     deciding: MetricReading | None = None
     for reading in readings:
-        if reading.status is _UNAVAILABLE:
+        if reading.status is ReadingStatus.UNAVAILABLE:
             unavailable.append(reading)
         elif (
-            reading.status is _OK
+            reading.status is ReadingStatus.OK
             and reading.replicas is not None
             and (deciding is None or reading.replicas > (deciding.replicas or 0))
         ):
@@ -936,7 +968,7 @@ def decide(
     fresh = not state.recommendations
     state = _prune(state, policy, now)
     current = state.current_replicas
-    if policy.mode is _OFF:
+    if policy.mode is Mode.OFF:
         return _decide_manual(state, policy, capacity_max_replicas, now)
 
     tolerance = policy.tolerance_percent / 100
@@ -961,13 +993,15 @@ def decide(
     if fresh and current > 0:
         # A fresh state (operator restart, mode switch) starts its windows now at the current
         # count, so that losing the history cannot skip a scale-down window.
-        history = (Recommendation(now, current),)
+        history = (Recommendation(time=now, replicas=current),)
     outcome = _limit(proposal, state, history, policy, now)
     caps = _apply_caps(outcome, current, policy, capacity_max_replicas)
     # Only what the metrics said goes into the window history: a hold, a fallback or a
     # pod-less guess is no observation of load.
     if deciding is not None and not unavailable:
-        history = _with_recommendation(history, Recommendation(now, proposal.replicas))
+        history = _with_recommendation(
+            history, Recommendation(time=now, replicas=proposal.replicas)
+        )
     return _finish(
         policy=policy,
         state=state,
@@ -1000,9 +1034,9 @@ def repeats(decision: Decision, policy: ScalingPolicy) -> bool:
     """
     if decision.limiting_factor is not None:
         return False
-    if decision.reason is _AT_TARGET:
+    if decision.reason is Reason.AT_TARGET:
         return policy.min_replicas > 0 or _has_demand(decision.readings)
-    return decision.reason is _NO_DEMAND
+    return decision.reason is Reason.NO_DEMAND
 
 
 def repeated_state(
@@ -1014,14 +1048,14 @@ def repeated_state(
     last recommendation (and the demand) afresh."""
     state = _prune(state, policy, now)
     history = _with_recommendation(
-        state.recommendations, Recommendation(now, decision.recommended_replicas)
+        state.recommendations, Recommendation(time=now, replicas=decision.recommended_replicas)
     )
     # As in decide: at zero the idle clock stands still (it restarts on every tick).
     demand = decision.current_replicas == 0 or _has_demand(decision.readings)
     return _next_state(state, history, now, None, demand)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PoolRequest:
     """One service competing for a pool's free GPUs this tick."""
 
@@ -1037,7 +1071,7 @@ class PoolRequest:
             raise ValueError(f"{self.key}: gpusPerReplica >= 1 and counts >= 0 required")
 
 
-@dataclass(order=True)
+@dataclass(order=True, kw_only=True)
 class _Bidder:
     held_gpus: int
     gpus_per_replica: int
@@ -1067,11 +1101,11 @@ def share_pool_capacity(
     allocated = {r.key: r.current_replicas for r in requests}
     heap = [
         _Bidder(
-            r.current_replicas * r.gpus_per_replica,
-            r.gpus_per_replica,
-            r.key,
-            r.current_replicas,
-            r.wanted_replicas,
+            held_gpus=r.current_replicas * r.gpus_per_replica,
+            gpus_per_replica=r.gpus_per_replica,
+            key=r.key,
+            replicas=r.current_replicas,
+            wanted=r.wanted_replicas,
         )
         for r in requests
         if r.wanted_replicas > r.current_replicas
