@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gpuyard.api.names import ServiceKey
-from gpuyard.api.pool import GPUPool, GPUPoolStatus
+from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
 from gpuyard.handlers.context import Operator
 from gpuyard.logic.admission import AdmissionResult, check_service
@@ -35,7 +35,12 @@ from gpuyard.logic.metering import Account
 from gpuyard.logic.pool_accounting import PoolUsage, compute_pool_usage
 from gpuyard.logic.replicas import target_replicas
 from gpuyard.logic.scaling_status import autoscaler_conditions, recommendation
-from gpuyard.logic.status import apply_merge_patch, service_status, status_patch
+from gpuyard.logic.status import (
+    apply_merge_patch,
+    pool_usage_status,
+    service_status,
+    status_patch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +83,7 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
     admission = check_service(
         service,
         pool,
-        _status_of(usage) if usage is not None else None,
+        pool_usage_status(usage) if usage is not None else None,
         op.caches.namespace_labels(key[0]) or {},
         usage.namespace_allocated(key[0], excluding_service=key[1]) if usage else 0,
     )
@@ -267,17 +272,6 @@ def _pool_usage(op: Operator, pool: GPUPool) -> PoolUsage:
         usage = compute_pool_usage(pool, op.caches.all_nodes(), op.caches.all_gpu_pods())
         op.pool_usage[pool.name] = usage
     return usage
-
-
-def _status_of(usage: PoolUsage) -> GPUPoolStatus:
-    return GPUPoolStatus(
-        nodes=usage.nodes,
-        ready_nodes=usage.ready_nodes,
-        capacity=usage.capacity,
-        allocated=usage.allocated,
-        available=usage.available,
-        largest_node_gpus=usage.largest_node_gpus,
-    )
 
 
 def _explain(error: ValidationError) -> str:

@@ -36,6 +36,18 @@ def pool_status(
         observed_generation,
         now,
     )
+    return pool_usage_status(
+        usage, observed_generation=observed_generation, conditions=_condition_models(conditions)
+    ).to_json()
+
+
+def pool_usage_status(
+    usage: PoolUsage,
+    *,
+    observed_generation: int | None = None,
+    conditions: list[Condition] | None = None,
+) -> GPUPoolStatus:
+    """A GPUPool status holding `usage`'s counts (all that admission reads of it)."""
     return GPUPoolStatus(
         observed_generation=observed_generation,
         nodes=usage.nodes,
@@ -44,8 +56,8 @@ def pool_status(
         allocated=usage.allocated,
         available=usage.available,
         largest_node_gpus=usage.largest_node_gpus,
-        conditions=_condition_models(conditions),
-    ).to_json()
+        conditions=conditions,
+    )
 
 
 def service_status(
