@@ -21,10 +21,10 @@ help: ## list the targets
 $(BIN)/gpuyard: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,report]'
 	@touch $@
 
-venv: $(BIN)/gpuyard ## create .venv with gpuyard and the dev tools (pinned)
+venv: $(BIN)/gpuyard ## create .venv with gpuyard, the dev tools and the report extra (pinned)
 
 binaries: ## build the pinned cluster binaries into ~/.cache/gpuyard (slow the first time)
 	bash hack/build-binaries.sh
