@@ -40,6 +40,7 @@ from gpuyard.logic.usage_report import (
 from gpuyard.report.figures import png_bytes, svg_text
 from gpuyard.report.usage import render_html, usage_figure
 from gpuyard.usage_cli import usage_command
+from localcluster import sample_report
 
 T0 = datetime(2024, 5, 1, 23, 0, tzinfo=UTC)
 
@@ -365,3 +366,9 @@ def test_usage_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         usage_command(["--ledger", "x", "--since", "yesterday"])
+
+
+def test_the_readme_picture_is_what_make_report_image_draws(tmp_path: Path) -> None:
+    drawn = tmp_path / "usage-report.png"
+    assert sample_report.main(["--out", str(drawn)]) == 0
+    assert drawn.read_bytes() == sample_report.IMAGE.read_bytes(), "run `make report-image`"
