@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/hack
 CLUSTER := $(BIN)/python -m localcluster
 
-.PHONY: help venv binaries cluster-up cluster-down cluster-env crds dist chart-lint lint test test-unit demo clean
+.PHONY: help venv binaries cluster-up cluster-down cluster-env crds dist chart-lint lint test test-unit demo report-image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -21,10 +21,10 @@ help: ## list the targets
 $(BIN)/gpuyard: pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e '.[dev,report]'
 	@touch $@
 
-venv: $(BIN)/gpuyard ## create .venv with gpuyard and the dev tools (pinned)
+venv: $(BIN)/gpuyard ## create .venv with gpuyard, the dev tools and the report extra (pinned)
 
 binaries: ## build the pinned cluster binaries into ~/.cache/gpuyard (slow the first time)
 	bash hack/build-binaries.sh
@@ -70,6 +70,9 @@ demo: ## scaling, scale-to-zero, billing on a local cluster (PROFILE=short|long,
 	@$(MAKE) --no-print-directory venv binaries
 	$(BIN)/python hack/demo.py --profile $(or $(PROFILE),standard) --out $(or $(OUT),out/demo) \
 	  $(if $(KEEP),--keep-cluster) $(DEMO_ARGS)
+
+report-image: venv ## redraw docs/images/usage-report.png (gpuyard usage --chart, sample ledger)
+	$(BIN)/python -m localcluster.sample_report
 
 clean: ## remove the virtual environment and caches kept in the repository
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -36,7 +36,7 @@ from typing import Any, Final, TextIO
 from gpuyard.api.formats import format_decimal, parse_time
 from gpuyard.io.ledger import read_ledger
 from gpuyard.logic.metering import UsageRecord
-from gpuyard.logic.usage_report import render_png
+from gpuyard.report.figures import png_bytes
 from localcluster.cluster import (
     REPO_ROOT,
     STATE_FILE,
@@ -50,9 +50,9 @@ from localcluster.cluster import (
 from localcluster.demo_report import (
     BillingCheck,
     StatusUsage,
-    chart_model,
     check_billing,
     render_html,
+    report_figure,
 )
 from localcluster.demo_story import (
     NAMESPACE,
@@ -465,16 +465,17 @@ def write_report(
     billing: BillingCheck,
 ) -> None:
     paths = run.paths
-    model = chart_model(
+    figure = report_figure(
         run.snapshots,
         records,
         story_start,
         story.starts,
+        namespace=NAMESPACE,
         services=list(SERVICES),
         currency=billing.currency,
-        title=f"GPUYARD DEMO ({run.profile}): LOAD, REPLICAS AND COST PER SERVICE",
+        title=f"gpuyard demo ({run.profile}): load, replicas and cost per service",
     )
-    paths.png.write_bytes(render_png(model))
+    paths.png.write_bytes(png_bytes(figure))
     failures = story.failures
     headline = (
         f"Profile {run.profile}, {len(story.verdicts) - len(failures)} of "
@@ -490,7 +491,7 @@ def write_report(
     ]
     paths.html.write_text(
         render_html(
-            model,
+            figure,
             headline=headline,
             verdicts=story.verdicts,
             billing=billing,

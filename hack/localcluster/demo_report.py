@@ -1,9 +1,9 @@
 """The demo's report: a chart of load, replicas and cost per service over the story, an
 HTML page around it, and the check that the bill adds up.
 
-Pure: takes the snapshots the driver recorded, the story's verdicts and the ledger's
-records; returns a ``ChartModel`` (drawn by ``gpuyard.logic.usage_report``'s PNG and SVG
-renderers, so there is no plotting dependency), HTML text and a ``BillingCheck``.
+Takes the snapshots the driver recorded, the story's verdicts and the ledger's records;
+returns a matplotlib Figure (drawn by ``gpuyard.report.timeline``), HTML text and a
+``BillingCheck``. Everything but the drawing is pure.
 """
 
 from __future__ import annotations
@@ -15,29 +15,22 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Final
 
+from matplotlib.figure import Figure
+
 from gpuyard.api.formats import format_decimal, parse_time
 from gpuyard.logic.metering import UsageRecord
-from gpuyard.logic.usage_report import ChartModel, Panel, Series, nice_ticks, render_svg
+from gpuyard.report.figures import inline_svg
+from gpuyard.report.timeline import Line, Panel, elapsed_label, timeline_figure
 from localcluster.demo_story import Snapshot, Verdict
 
-COLORS: Final = {
-    "chat": (31, 119, 180),
-    "embeddings": (44, 160, 44),
-    "finetune": (255, 127, 14),
-}
-OTHER_COLORS: Final = ((148, 103, 189), (214, 39, 40), (140, 86, 75))
-TOTAL_COLOR: Final = (110, 110, 110)
-_X_STEPS: Final = (10, 15, 30, 60, 120, 300, 600)
-_MAX_X_TICKS: Final = 10
+#: The demo's services keep their colours from one report to the next.
+COLORS: Final = {"chat": "tab:blue", "embeddings": "tab:green", "finetune": "tab:orange"}
+OTHER_COLORS: Final = ("tab:purple", "tab:red", "tab:brown")
+TOTAL_COLOR: Final = "0.45"
 
 
-def color_of(name: str, index: int) -> tuple[int, int, int]:
+def color_of(name: str, index: int) -> str:
     return COLORS.get(name, OTHER_COLORS[index % len(OTHER_COLORS)])
-
-
-def elapsed_label(seconds: float) -> str:
-    whole = round(seconds)
-    return f"{whole // 60}:{whole % 60:02d}"
 
 
 def cost_curves(
@@ -60,96 +53,84 @@ def cost_curves(
     return curves
 
 
-@dataclass(frozen=True)
-class _Lines:
-    title: str
-    lines: list[tuple[str, tuple[int, int, int], list[tuple[float, float]]]]
+def report_panels(
+    snapshots: Sequence[Snapshot],
+    records: Sequence[UsageRecord],
+    story_start: datetime,
+    *,
+    namespace: str,
+    services: Sequence[str],
+    currency: str = "USD",
+) -> list[Panel]:
+    """Load, ready replicas and cumulative cost, one line per service (and the total
+    cost); each service is named namespace/name, its cost line with its final amount."""
+    curves = cost_curves(records, story_start)
+    finals = {name: points[-1][1] for name, points in curves.items()}
+
+    def label(name: str) -> str:
+        return f"{namespace}/{name}"
+
+    return [
+        Panel(
+            "Load (GPU-% of demand)",
+            [
+                Line(
+                    label(name), [(s.t, s.service(name).load) for s in snapshots], color_of(name, i)
+                )
+                for i, name in enumerate(services)
+            ],
+        ),
+        Panel(
+            "Ready replicas",
+            [
+                Line(
+                    label(name),
+                    [(s.t, float(s.service(name).ready)) for s in snapshots],
+                    color_of(name, i),
+                )
+                for i, name in enumerate(services)
+            ],
+        ),
+        Panel(
+            f"Cumulative cost ({currency})",
+            [
+                *(
+                    Line(
+                        f"{label(name)} {finals.get(name, 0.0):.4f}",
+                        curves.get(name, []),
+                        color_of(name, i),
+                    )
+                    for i, name in enumerate(services)
+                ),
+                Line(f"total {finals.get('total', 0.0):.4f}", curves.get("total", []), TOTAL_COLOR),
+            ],
+        ),
+    ]
 
 
-def chart_model(
+def report_figure(
     snapshots: Sequence[Snapshot],
     records: Sequence[UsageRecord],
     story_start: datetime,
     phase_starts: Sequence[tuple[float, str]],
     *,
+    namespace: str,
     services: Sequence[str],
     currency: str = "USD",
     title: str = "gpuyard demo",
-    width: int = 960,
-    height: int = 760,
-) -> ChartModel:
-    """Three panels over one time axis (story seconds): load, ready replicas, cost."""
-    margin_left, margin_right, margin_top, gap, margin_bottom = 80, 40, 66, 56, 40
-    panel_height = (height - margin_top - 2 * gap - margin_bottom) // 3
-    plot_width = width - margin_left - margin_right
-    curves = cost_curves(records, story_start)
-    last = max([s.t for s in snapshots] + [p[-1][0] for p in curves.values() if p] + [60.0])
-
-    def x_at(t: float) -> float:
-        return margin_left + max(0.0, min(t, last)) / last * plot_width
-
-    step = next((s for s in _X_STEPS if last / s <= _MAX_X_TICKS), _X_STEPS[-1])
-    x_ticks = tuple((x_at(t), elapsed_label(t)) for t in range(0, int(last) + 1, step))
-    finals = {name: points[-1][1] for name, points in curves.items()}
-    specs = [
-        _Lines(
-            "LOAD (GPU-% OF DEMAND)",
-            [
-                (name, color_of(name, i), [(s.t, s.service(name).load) for s in snapshots])
-                for i, name in enumerate(services)
-            ],
-        ),
-        _Lines(
-            "READY REPLICAS",
-            [
-                (name, color_of(name, i), [(s.t, float(s.service(name).ready)) for s in snapshots])
-                for i, name in enumerate(services)
-            ],
-        ),
-        _Lines(
-            f"CUMULATIVE COST ({currency})",
-            [
-                (
-                    f"{name} {finals.get(name, 0.0):.4f}",
-                    color_of(name, i) if name != "total" else TOTAL_COLOR,
-                    curves.get(name, []),
-                )
-                for i, name in enumerate([*services, "total"])
-            ],
-        ),
-    ]
-    panels = []
-    for index, spec in enumerate(specs):
-        top = margin_top + index * (panel_height + gap)
-        peak = max((y for _, _, values in spec.lines for _, y in values), default=0.0)
-        ticks, decimals = nice_ticks(peak, count=4)
-        scale_top = ticks[-1]
-
-        def y_at(value: float, top: int = top, scale_top: float = scale_top) -> float:
-            return top + panel_height - value / scale_top * panel_height
-
-        panels.append(
-            Panel(
-                title=spec.title,
-                left=margin_left,
-                top=top,
-                width=plot_width,
-                height=panel_height,
-                series=tuple(
-                    Series(name, color, tuple((x_at(t), y_at(v)) for t, v in values))
-                    for name, color, values in spec.lines
-                ),
-                y_ticks=tuple((y_at(t), f"{t:.{decimals}f}") for t in ticks),
-                x_ticks=x_ticks,
-                # Phase names only above the first panel, where nothing else is written.
-                # The first phase starts the axis; the others get a line and, above the
-                # first panel, their name.
-                markers=tuple(
-                    (x_at(t), name.upper() if index == 0 else "") for t, name in phase_starts[1:]
-                ),
-            )
-        )
-    return ChartModel(title, width, height, tuple(panels))
+) -> Figure:
+    """Three panels over the story's time axis, the phases marked: 960 x 760 pixels."""
+    panels = report_panels(
+        snapshots, records, story_start, namespace=namespace, services=services, currency=currency
+    )
+    return timeline_figure(
+        panels,
+        title=title,
+        phase_starts=phase_starts,
+        xlabel="Time since the story began (m:ss)",
+        width=960,
+        height=760,
+    )
 
 
 # --------------------------------------------------------------------------- the bill
@@ -254,7 +235,7 @@ def check_billing(
 
 
 def render_html(
-    model: ChartModel,
+    figure: Figure,
     *,
     headline: str,
     verdicts: Sequence[Verdict],
@@ -297,7 +278,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 <body>
 <h1>gpuyard demo report</h1>
 <p>{esc(headline)}</p>
-{render_svg(model)}
+{inline_svg(figure)}
 <h2>What was expected, and what happened</h2>
 <table>
 <thead><tr><th></th><th>phase</th><th>at</th><th>expected</th><th>observed</th></tr></thead>

@@ -7,6 +7,7 @@ or run standalone through `usage_command(argv)`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -15,23 +16,22 @@ from typing import Any
 
 from gpuyard.api.formats import parse_time
 from gpuyard.io.ledger import LedgerCorruptError, read_ledger
-from gpuyard.logic.metering import MeteringError
+from gpuyard.logic.metering import MeteringError, UsageRecord
 from gpuyard.logic.usage_report import (
     DEFAULT_GROUP_BY,
     GROUP_FIELDS,
     ReportFilter,
-    chart_model,
     filter_records,
     parse_group_by,
     render_csv,
-    render_html,
     render_json,
-    render_png,
     render_table,
     summarize,
 )
 
 _RENDERERS = {"table": render_table, "csv": render_csv, "json": render_json}
+#: Exit status for a chart asked for without the plotting extra installed.
+MISSING_EXTRA = 2
 
 
 def _time_arg(text: str) -> datetime:
@@ -68,7 +68,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     )
     parser.add_argument("--format", choices=sorted(_RENDERERS), default="table")
     parser.add_argument(
-        "--chart", type=Path, help="also write a chart: .png for an image, otherwise HTML"
+        "--chart",
+        type=Path,
+        help="also write a chart: .png or .svg for an image, otherwise an HTML page "
+        "(needs the report extra: pip install 'gpuyard[report]')",
     )
     parser.set_defaults(func=run_usage)
     return parser
@@ -85,8 +88,38 @@ def add_usage_parser(subparsers: Any) -> argparse.ArgumentParser:
     return configure_parser(parser)
 
 
+def _chart_library_missing() -> str | None:
+    """Why no chart can be drawn here, or None. The operator image leaves the plotting
+    library out, so this is checked before the ledger is read, not hit mid-way."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return (
+            "gpuyard usage: --chart needs matplotlib, which is not installed; "
+            "install the report extra: pip install 'gpuyard[report]'"
+        )
+    return None
+
+
+def write_chart(path: Path, records: Sequence[UsageRecord]) -> None:
+    """The chart in the format its suffix names: .png, .svg, otherwise an HTML page."""
+    from gpuyard.report import figures, usage  # noqa: PLC0415 - the optional extra
+
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        path.write_bytes(figures.png_bytes(usage.usage_figure(records, title="GPU usage")))
+    elif suffix == ".svg":
+        path.write_text(
+            figures.svg_text(usage.usage_figure(records, title="GPU usage")), encoding="utf-8"
+        )
+    else:
+        path.write_text(usage.render_html(records), encoding="utf-8")
+
+
 def run_usage(args: argparse.Namespace) -> int:
-    """Exit status 0 on success, 1 when the ledger cannot be read."""
+    """Exit status 0 on success, 1 when the ledger cannot be read, 2 when a chart is asked
+    for without the report extra."""
+    if args.chart is not None and (missing := _chart_library_missing()) is not None:
+        print(missing, file=sys.stderr)
+        return MISSING_EXTRA
     try:
         ledger = read_ledger(args.ledger)
     except (OSError, LedgerCorruptError) as exc:
@@ -104,10 +137,7 @@ def run_usage(args: argparse.Namespace) -> int:
     records = filter_records(ledger.records, flt)
     sys.stdout.write(_RENDERERS[args.format](summarize(records, args.group_by)))
     if args.chart is not None:
-        if args.chart.suffix.lower() == ".png":
-            args.chart.write_bytes(render_png(chart_model(records, title="GPU usage")))
-        else:
-            args.chart.write_text(render_html(records), encoding="utf-8")
+        write_chart(args.chart, records)
     return 0
 
 

@@ -60,8 +60,8 @@ def png_size(data: bytes) -> tuple[int, int]:
     assert chunks[0] == b"IHDR"
     assert chunks[-1] == b"IEND"
     width, height, depth, color = struct.unpack(">IIBB", data[16:26])
-    assert (depth, color) == (8, 2)  # 8-bit RGB
-    assert len(zlib.decompress(idat)) == height * (1 + 3 * width)
+    assert (depth, color) == (8, 6)  # 8-bit RGBA, as matplotlib's Agg writes it
+    assert len(zlib.decompress(idat)) == height * (1 + 4 * width)
     return width, height
 
 

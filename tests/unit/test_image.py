@@ -241,3 +241,20 @@ def test_image_venv_holds_pinned_runtime_dependencies_only(image_venv: Path) -> 
     assert not {"pip", "setuptools", "pytest", "ruff", "mypy", "hypothesis", "lupa"} & set(
         installed
     )
+    # Nor the report extra: the operator draws no charts.
+    assert not {"matplotlib", "numpy", "pillow"} & set(installed)
+
+
+@pytest.mark.slow
+def test_image_has_no_plotting_library_and_says_so_for_a_chart(image_venv: Path) -> None:
+    # The report extra stays out of the image; asking for a chart there is a one-line
+    # error that names the extra, checked before the ledger is even read.
+    result = as_nonroot(
+        ["gpuyard", "usage", "--ledger", "/nonexistent.jsonl", "--chart", "/tmp/usage.png"],
+        env=image_env(image_venv),
+    )
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "pip install 'gpuyard[report]'" in result.stderr
+    assert "Traceback" not in result.stderr

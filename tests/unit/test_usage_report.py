@@ -6,14 +6,17 @@ import csv
 import io
 import itertools
 import json
+import re
 import struct
-import zlib
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
+from matplotlib.dates import num2date
 
 from gpuyard.logic.metering import (
     PodLifetime,
@@ -25,18 +28,19 @@ from gpuyard.logic.metering import (
 )
 from gpuyard.logic.usage_report import (
     ReportFilter,
-    chart_model,
     cumulative_series,
     filter_records,
     parse_group_by,
     render_csv,
-    render_html,
     render_json,
-    render_png,
     render_table,
+    service_series,
     summarize,
 )
+from gpuyard.report.figures import png_bytes, svg_text
+from gpuyard.report.usage import render_html, usage_figure
 from gpuyard.usage_cli import usage_command
+from localcluster import sample_report
 
 T0 = datetime(2024, 5, 1, 23, 0, tzinfo=UTC)
 
@@ -208,20 +212,77 @@ def test_cumulative_series_is_monotone_and_ends_at_the_totals(records: list[Usag
     assert (len(thinned), thinned[0], thinned[-1]) == (10, points[0], points[-1])
 
 
-def test_chart_model_keeps_lines_inside_their_panels(records: list[UsageRecord]) -> None:
-    model = chart_model(records, width=800, height=500)
-    assert [p.title for p in model.panels] == ["Cumulative GPU-hours", "Cumulative cost"]
-    assert [s.name for s in model.panels[1].series] == ["cost EUR", "cost USD"]
-    for panel in model.panels:
-        for series in panel.series:
-            for x, y in series.points:
-                assert panel.left <= x <= panel.left + panel.width
-                assert panel.top <= y <= panel.top + panel.height
-        assert float(panel.y_ticks[-1][1]) >= 0
-    gpu_hours = model.panels[0]
-    # 5.5 GPU-hours in all: ticks on a 1/2/2.5/5 grid reach just past it.
-    assert [label for _, label in gpu_hours.y_ticks] == ["0", "2", "4", "6"]
-    assert gpu_hours.series[0].points[-1][1] == pytest.approx(gpu_hours.top + gpu_hours.height / 12)
+#: The fixture's services, as the legends name them (namespace/name, sorted).
+SERVICES = ["team-a/llm", "team-a/sd", "team-b/llm"]
+
+
+def test_service_series_has_one_cumulative_series_per_service(records: list[UsageRecord]) -> None:
+    series = service_series(records)
+    assert [s.name for s in series] == SERVICES
+    # Each starts at zero at its own first window and ends at its own total.
+    assert [(s.points[0].time, s.points[0].gpu_seconds) for s in series] == [(T0, 0)] * 3
+    assert [s.points[-1].gpu_seconds for s in series] == [2 * 7200, 1800, 3600]
+    assert dict(series[2].points[-1].cost) == {"EUR": Decimal("1.80")}
+    later = pod_records(uid="c1", namespace="team-c", minutes=10, start_minute=30)
+    assert service_series(later)[0].points[0].time == T0 + timedelta(minutes=30)
+
+
+def test_usage_figure_draws_a_line_per_service_with_units(records: list[UsageRecord]) -> None:
+    figure = usage_figure(records)
+    usage_axes, cost_axes = figure.axes
+    assert len(usage_axes.get_lines()) == len(SERVICES)
+    assert [t.get_text() for t in usage_axes.get_legend().get_texts()] == SERVICES
+    assert usage_axes.get_ylabel() == "GPU-hours"
+    assert cost_axes.get_xlabel() == "Time (UTC)"
+    # Two currencies: the cost axis names none, each cost line names its own.
+    assert cost_axes.get_ylabel() == "Cost"
+    assert [t.get_text() for t in cost_axes.get_legend().get_texts()] == [
+        "team-a/llm (USD)",
+        "team-a/sd (USD)",
+        "team-b/llm (EUR)",
+    ]
+    # Each line ends at its service's GPU-hours: 2 GPUs x 2 h, 1 x 0.5 h, 1 x 1 h.
+    assert [line.get_ydata()[-1] for line in usage_axes.get_lines()] == [4.0, 0.5, 1.0]
+    assert [line.get_ydata()[-1] for line in cost_axes.get_lines()] == [9.6, 1.8, 1.8]
+    # The y axis starts at zero and its top covers the highest line, with little room
+    # to spare (matplotlib's 5 % margin).
+    bottom, top = usage_axes.get_ylim()
+    assert bottom == 0
+    assert 4.0 < top <= 4.2 + 1e-9
+    # The time axis spans the first window's start to the last window's end.
+    first, last = (num2date(x) for x in cost_axes.get_xlim())
+    assert first <= T0 < T0 + timedelta(hours=2) <= last
+
+
+def test_usage_figure_of_one_currency_names_it_on_the_cost_axis(
+    records: list[UsageRecord],
+) -> None:
+    usd = [r for r in records if r.currency == "USD"]
+    _, cost_axes = usage_figure(usd).axes
+    assert cost_axes.get_ylabel() == "Cost (USD)"
+    assert [t.get_text() for t in cost_axes.get_legend().get_texts()] == SERVICES[:2]
+
+
+def test_png_and_svg_come_from_the_same_figure(records: list[UsageRecord]) -> None:
+    figure = usage_figure(records, width=800, height=500)
+    png = png_bytes(figure)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png[12:16] == b"IHDR"
+    assert struct.unpack(">II", png[16:24]) == (800, 500)
+    root = ElementTree.fromstring(svg_text(figure))
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    texts = {"".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text")}
+    assert {*SERVICES, "GPU-hours", "Time (UTC)", "GPU usage"} <= texts
+    # The same data gives the same files: no date, no random ids.
+    assert png_bytes(usage_figure(records, width=800, height=500)) == png
+    first, second = (svg_text(usage_figure(records, width=800, height=500)) for _ in range(2))
+    assert first == second
+
+
+def test_usage_figure_without_records_says_so() -> None:
+    figure = usage_figure([])
+    assert figure.axes == []
+    assert [t.get_text() for t in figure.texts] == ["GPU usage", "no usage records match"]
 
 
 def test_html_page_is_self_contained_and_escaped(records: list[UsageRecord]) -> None:
@@ -229,42 +290,17 @@ def test_html_page_is_self_contained_and_escaped(records: list[UsageRecord]) -> 
     page = render_html([*records, *hostile])
     assert page.startswith("<!DOCTYPE html>")
     assert "<svg" in page
-    assert "<polyline" in page
+    assert "<path" in page
+    assert "<?xml" not in page  # the SVG is inline, not a document of its own
     assert "<script" not in page
     assert "&lt;script&gt;" in page
-    # The only URL is the SVG namespace: nothing is fetched when the page opens.
-    assert page.count("://") == 1
-    assert "http://www.w3.org/2000/svg" in page
+    # The only URLs are the SVG's XML namespaces: nothing is fetched when the page opens.
+    assert set(re.findall(r'([\w:]+)="(\w+://[^"]*)"', page)) == {
+        ("xmlns", "http://www.w3.org/2000/svg"),
+        ("xmlns:xlink", "http://www.w3.org/1999/xlink"),
+    }
+    assert page.count("://") == 2
     assert "no usage" in render_html([])
-
-
-def _png_pixels(data: bytes) -> tuple[int, int, bytes]:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    offset, idat, size = 8, b"", (0, 0)
-    while offset < len(data):
-        (length,) = struct.unpack(">I", data[offset : offset + 4])
-        kind = data[offset + 4 : offset + 8]
-        body = data[offset + 8 : offset + 8 + length]
-        (crc,) = struct.unpack(">I", data[offset + 8 + length : offset + 12 + length])
-        assert crc == zlib.crc32(kind + body)
-        if kind == b"IHDR":
-            size = struct.unpack(">II", body[:8])
-            assert body[8:] == bytes([8, 2, 0, 0, 0])  # 8-bit RGB
-        elif kind == b"IDAT":
-            idat += body
-        offset += 12 + length
-    return size[0], size[1], zlib.decompress(idat)
-
-
-def test_png_is_a_valid_rgb_image_with_the_series_drawn(records: list[UsageRecord]) -> None:
-    model = chart_model(records, width=320, height=240)
-    width, height, raw = _png_pixels(render_png(model))
-    assert (width, height) == (320, 240)
-    assert len(raw) == height * (1 + 3 * width)
-    x, y = model.panels[0].series[0].points[-1]
-    stride = 1 + 3 * width
-    pixel = raw[round(y) * stride + 1 + round(x) * 3 : round(y) * stride + 4 + round(x) * 3]
-    assert tuple(pixel) == model.panels[0].series[0].color
 
 
 # --------------------------------------------------------------------------- command
@@ -294,6 +330,32 @@ def test_usage_command_reports_from_a_ledger(
     out, _ = capsys.readouterr()
     assert out.splitlines()[2].split()[:4] == ["llm", "a100", "USD", "60"]
     assert png.read_bytes().startswith(b"\x89PNG")
+    svg = tmp_path / "usage.svg"
+    assert usage_command([*argv, "--chart", str(svg)]) == 0
+    legend = {
+        "".join(t.itertext()) for t in ElementTree.parse(svg).iter() if t.tag.endswith("text")
+    }
+    assert {"team-a/llm", "team-a/sd"} <= legend
+
+
+def test_a_chart_without_the_report_extra_is_a_one_line_error(
+    tmp_path: Path,
+    records: list[UsageRecord],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ledger, png = tmp_path / "usage.jsonl", tmp_path / "usage.png"
+    write_ledger(ledger, records)
+    # None in sys.modules is how Python says a module cannot be imported.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert usage_command(["--ledger", str(ledger), "--chart", str(png)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "pip install 'gpuyard[report]'" in err
+    assert not png.exists()
+    # Without --chart the report needs no plotting library.
+    assert usage_command(["--ledger", str(ledger)]) == 0
 
 
 def test_usage_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -304,3 +366,9 @@ def test_usage_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
         usage_command(["--ledger", "x", "--since", "yesterday"])
+
+
+def test_the_readme_picture_is_what_make_report_image_draws(tmp_path: Path) -> None:
+    drawn = tmp_path / "usage-report.png"
+    assert sample_report.main(["--out", str(drawn)]) == 0
+    assert drawn.read_bytes() == sample_report.IMAGE.read_bytes(), "run `make report-image`"
