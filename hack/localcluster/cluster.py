@@ -31,7 +31,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 
@@ -113,6 +113,7 @@ class ClusterState:
             "KUBECONFIG": self.kubeconfig,
             "GPUYARD_CLUSTER_STATE": str(Path(self.state_dir) / STATE_FILE),
             "GPUYARD_PROMETHEUS_URL": self.prometheus_url,
+            "GPUYARD_GPU_EXPORTER_MATCHERS": GPU_EXPORTER_MATCHERS,
             "GPUYARD_DCGM_SIM_URL": self.dcgm_sim_url,
         }
 
@@ -214,6 +215,13 @@ def write_kubeconfig(path: Path, server: str, pki: Path, client: str = "admin") 
     path.chmod(0o600)
 
 
+#: The DCGM simulator's scrape job, and the operator setting that trusts only its series.
+#: Targets registered under targets/ belong to job "local", so none can pass for it (unless
+#: it publishes a job label itself: that job honours labels, see docs/autoscaling.md).
+DCGM_EXPORTER_JOB: Final = "dcgm-exporter"
+GPU_EXPORTER_MATCHERS: Final = f'job="{DCGM_EXPORTER_JOB}"'
+
+
 def prometheus_config(path: Path, sim_address: str, targets_dir: Path, scrape_seconds: int) -> None:
     config = {
         "global": {
@@ -222,7 +230,7 @@ def prometheus_config(path: Path, sim_address: str, targets_dir: Path, scrape_se
         },
         "scrape_configs": [
             {
-                "job_name": "dcgm-exporter",
+                "job_name": DCGM_EXPORTER_JOB,
                 # dcgm-exporter's pod/namespace labels name the workload, not the exporter:
                 # keep them as they are, as a ServiceMonitor with honorLabels does.
                 "honor_labels": True,

@@ -38,6 +38,7 @@ from gpuyard.io.ledger import read_ledger
 from gpuyard.logic.metering import UsageRecord
 from gpuyard.report.figures import png_bytes
 from localcluster.cluster import (
+    GPU_EXPORTER_MATCHERS,
     REPO_ROOT,
     STATE_FILE,
     ClusterState,
@@ -277,6 +278,7 @@ def start_operator(state: ClusterState, out: Path, ledger: Path) -> OperatorProc
         **OPERATOR_SETTINGS,
         "GPUYARD_KUBECONFIG": state.kubeconfig,
         "GPUYARD_PROMETHEUS_URL": state.prometheus_url,
+        "GPUYARD_GPU_EXPORTER_MATCHERS": GPU_EXPORTER_MATCHERS,
         "GPUYARD_USAGE_LEDGER": str(ledger),
         "GPUYARD_METRICS_ADDRESS": "127.0.0.1",
         "GPUYARD_METRICS_PORT": str(metrics_port),

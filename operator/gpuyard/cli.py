@@ -28,6 +28,7 @@ def _run(args: argparse.Namespace) -> int:
             "prometheus_url": args.prometheus_url,
             "autoscale_interval": args.autoscale_interval,
             "metrics_window_seconds": args.metrics_window,
+            "gpu_exporter_matchers": args.gpu_exporter_matchers,
             "workers": args.workers,
             "log_level": args.log_level,
             "log_format": args.log_format,
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--autoscale-interval", type=float, help="seconds between ticks (default 5)")
     run.add_argument(
         "--metrics-window", type=int, help="seconds GPU metrics are averaged over (default 30)"
+    )
+    run.add_argument(
+        "--gpu-exporter-matchers",
+        metavar="MATCHERS",
+        help='label matchers of the real DCGM exporter\'s series, such as job="dcgm-exporter" '
+        "(default none: only plain namespace and pod labels are trusted)",
     )
     run.add_argument("--workers", type=int, help="concurrent reconciles (default 8)")
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -7,10 +7,27 @@ through Kopf's memo.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, PlainSerializer, PlainValidator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from gpuyard.logic.promql import UNIDENTIFIED_EXPORTER, GpuExporter
+
+
+def _gpu_exporter(value: object) -> GpuExporter:
+    if isinstance(value, GpuExporter):
+        return value
+    if isinstance(value, str):
+        return GpuExporter.parse(value)
+    raise ValueError('exporter matchers must be a string such as job="dcgm-exporter"')
+
+
+#: A PromQL label-matcher list in the environment, a :class:`GpuExporter` once read.
+#: NoDecode: pydantic-settings would otherwise try the text as JSON.
+GpuExporterSetting = Annotated[
+    GpuExporter, NoDecode, PlainValidator(_gpu_exporter), PlainSerializer(str)
+]
 
 
 class Settings(BaseSettings):
@@ -44,6 +61,16 @@ class Settings(BaseSettings):
     prometheus_url: str | None = Field(default=None, description="Prometheus for GPU metrics")
     autoscale_interval: float = Field(
         default=5.0, ge=0.5, le=300, description="seconds between autoscaler ticks"
+    )
+    gpu_exporter_matchers: GpuExporterSetting = Field(
+        default=UNIDENTIFIED_EXPORTER,
+        description=(
+            "PromQL label matchers that identify the real DCGM exporter's series by its scrape "
+            'target, such as job="dcgm-exporter" or namespace="gpu-operator",'
+            'service="nvidia-dcgm-exporter"; every GPU query reads only those series, and '
+            "only theirs may name the workload through exported_namespace/exported_pod. "
+            "Empty: every series is read by its plain namespace and pod labels"
+        ),
     )
     metrics_window_seconds: int = Field(
         default=30,

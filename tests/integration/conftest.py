@@ -22,7 +22,14 @@ from typing import Any
 import pytest
 
 from chart_support import Helm, rbac_manifest, service_account_kubeconfig
-from localcluster.cluster import REPO_ROOT, ClusterState, audit_writes, binaries_dir, free_port
+from localcluster.cluster import (
+    GPU_EXPORTER_MATCHERS,
+    REPO_ROOT,
+    ClusterState,
+    audit_writes,
+    binaries_dir,
+    free_port,
+)
 from localcluster.jsonhttp import http_json
 from support import Kubectl, wait_until
 
@@ -60,6 +67,8 @@ class OperatorProcess:
             "GPUYARD_HEALTH_PORT": str(self.health_port),
             "GPUYARD_HEALTH_ADDRESS": "127.0.0.1",
             "GPUYARD_PROMETHEUS_URL": self.cluster.prometheus_url,
+            # As a real install is configured: only the exporter's job names workloads.
+            "GPUYARD_GPU_EXPORTER_MATCHERS": GPU_EXPORTER_MATCHERS,
             "GPUYARD_LOG_LEVEL": "INFO",
             # The simulator is scraped every second: react in seconds, as a test should.
             "GPUYARD_AUTOSCALE_INTERVAL": "1",

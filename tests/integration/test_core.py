@@ -633,6 +633,22 @@ REFUSED_BY_THE_API_SERVER = [
         "Too long: may not be more than 63 bytes",
         id="node-selector-value-over-63",
     ),
+    pytest.param(
+        with_spec(
+            container={"image": IMAGE, "env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]}
+        ),
+        "spec.container.env[0].name",
+        "the NVIDIA container toolkit reads them",
+        id="env-read-by-the-gpu-runtime",
+    ),
+    pytest.param(
+        with_spec(
+            container={"image": IMAGE, "env": [{"name": "HF_HOME"}, {"name": "CUDA_VERSION"}]}
+        ),
+        "spec.container.env[1].name",
+        "env names starting with NVIDIA_ and CUDA_VERSION are reserved",
+        id="env-legacy-cuda-image",
+    ),
     pytest.param(with_spec(gpuCount=2), "unknown field", "spec.gpuCount", id="unknown-field"),
     pytest.param(
         with_spec(container={"image": IMAGE, "securityContext": {"privileged": True}}),

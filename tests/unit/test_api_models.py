@@ -160,6 +160,22 @@ def test_full_service_spec_round_trips() -> None:
         ),
         pytest.param(service_spec(container={"image": "localhost:5000/a/b:c"}), id="registry-port"),
         pytest.param(service_spec(budget={"maxCostPerHour": "0.000001"}), id="tiny-budget"),
+        pytest.param(
+            # The toolkit reads exactly NVIDIA_*: other names that mention it are the tenant's.
+            service_spec(
+                container={
+                    "image": "x",
+                    "env": [
+                        {"name": "nvidia_visible_devices"},
+                        {"name": "MY_NVIDIA_VISIBLE_DEVICES"},
+                        {"name": "NVIDIA"},
+                        {"name": "CUDA_VISIBLE_DEVICES"},
+                        {"name": "CUDA_VERSION_USED"},
+                    ],
+                }
+            ),
+            id="env-names-the-gpu-runtime-ignores",
+        ),
     ],
 )
 def test_valid_service_specs(spec: dict[str, Any]) -> None:
@@ -198,6 +214,25 @@ SERVICE_REJECTIONS = [
         service_spec(container={"image": "x", "env": [{"name": "1A"}]}),
         "should match pattern",
     ),
+    *[
+        (
+            f"env-read-by-the-gpu-runtime-{name}",
+            service_spec(container={"image": "x", "env": [{"name": "A"}, {"name": name}]}),
+            "env names starting with NVIDIA_ and CUDA_VERSION are reserved: the NVIDIA "
+            "container toolkit reads them",
+        )
+        for name in (
+            "NVIDIA_VISIBLE_DEVICES",
+            "NVIDIA_DRIVER_CAPABILITIES",
+            "NVIDIA_REQUIRE_CUDA",
+            "NVIDIA_DISABLE_REQUIRE",
+            "NVIDIA_MIG_CONFIG_DEVICES",
+            "NVIDIA_MIG_MONITOR_DEVICES",
+            "NVIDIA_IMEX_CHANNELS",
+            "NVIDIA_",
+            "CUDA_VERSION",
+        )
+    ],
     ("port-zero", service_spec(container={"image": "x", "port": 0}), "greater than or equal"),
     (
         "bad-cpu",

@@ -153,7 +153,8 @@ containers = drop_none(
                 st.fixed_dictionaries(
                     {
                         "name": st.one_of(
-                            st.sampled_from(["A", "B", "HF_HOME"]), st.text(max_size=5)
+                            st.sampled_from(["A", "B", "HF_HOME", "NVIDIA_VISIBLE_DEVICES"]),
+                            st.text(max_size=5),
                         ),
                         "value": st.text(max_size=5),
                     }

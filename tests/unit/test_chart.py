@@ -451,6 +451,32 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setti
     return Settings()
 
 
+def test_default_gpu_exporter_is_the_gpu_operators(
+    default_objects: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_from(operator_env(default_objects), monkeypatch)
+
+    # The GPU Operator's ServiceMonitor scrapes Service nvidia-dcgm-exporter in its own
+    # namespace: target labels no exporter in a tenant's namespace can take.
+    assert settings.gpu_exporter_matchers.matchers == (
+        ("namespace", "gpu-operator"),
+        ("service", "nvidia-dcgm-exporter"),
+    )
+
+
+def test_gpu_exporter_matchers_reach_the_operator_intact(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hostile = 'dcgm"} or vector(1) # \\ é'
+    objects = helm.template({"operator": {"gpuExporterMatchers": f"job={json.dumps(hostile)}"}})
+    settings = settings_from(operator_env(objects), monkeypatch)
+    assert settings.gpu_exporter_matchers.matchers == (("job", hostile),)
+
+    unset = helm.template({"operator": {"gpuExporterMatchers": ""}})
+    assert "GPUYARD_GPU_EXPORTER_MATCHERS" not in operator_env(unset)
+    assert settings_from(operator_env(unset), monkeypatch).gpu_exporter_matchers.matchers == ()
+
+
 def test_default_usage_goes_to_stdout_only(default_objects: list[dict[str, Any]]) -> None:
     env = operator_env(default_objects)
 

@@ -82,3 +82,40 @@ def test_a_refused_setting_is_not_quoted_back(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ValidationError) as refused:
         Settings()
     assert "s3cr3t" not in str(refused.value)
+
+
+def test_no_gpu_exporter_is_identified_by_default() -> None:
+    exporter = Settings().gpu_exporter_matchers
+
+    assert exporter.matchers == ()
+    assert exporter.trusts_exported_labels is False
+
+
+def test_gpu_exporter_matchers_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "GPUYARD_GPU_EXPORTER_MATCHERS",
+        '{service="nvidia-dcgm-exporter", namespace="gpu-operator"}',
+    )
+
+    exporter = Settings().gpu_exporter_matchers
+
+    assert exporter.matchers == (("namespace", "gpu-operator"), ("service", "nvidia-dcgm-exporter"))
+    assert exporter.trusts_exported_labels is True
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('job=~"dcgm.*"', "only = is accepted"),
+        ('exported_namespace="team-a"', "any target can set them"),
+        ('{job="dcgm"', "unbalanced braces"),
+        ('job="dcgm" or vector(1)', "expected , at"),
+    ],
+)
+def test_bad_gpu_exporter_matchers_stop_the_start(
+    monkeypatch: pytest.MonkeyPatch, text: str, message: str
+) -> None:
+    monkeypatch.setenv("GPUYARD_GPU_EXPORTER_MATCHERS", text)
+    with pytest.raises(ValidationError, match=message) as refused:
+        Settings()
+    assert "gpu_exporter_matchers" in str(refused.value)

@@ -23,8 +23,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpuyard.logic.promql import (
+    MAX_EXPORTER_MATCHERS,
+    MAX_EXPORTER_VALUE_LENGTH,
     MAX_TENANT_LABEL_VALUE_LENGTH,
+    UNIDENTIFIED_EXPORTER,
     Aggregation,
+    GpuExporter,
     GpuSeries,
     PrometheusResponseError,
     gpu_memory_query,
@@ -102,8 +106,9 @@ def _unquote(text: str, start: int) -> tuple[str, int]:
 
 
 _TOKEN = re.compile(
-    r"(?P<space> +)|(?P<duration>[0-9]+[smhdwy])|(?P<ident>[a-zA-Z_:][a-zA-Z0-9_:]*)"
-    r"|(?P<op>=~|!~|!=|=)|(?P<punct>[(){}\[\],])"
+    r"(?P<space> +)|(?P<duration>[0-9]+[smhdwy])|(?P<number>[0-9]+)"
+    r"|(?P<ident>[a-zA-Z_:][a-zA-Z0-9_:]*)|(?P<op>=~|!~|!=|=)|(?P<arithmetic>[*/+])"
+    r"|(?P<punct>[(){}\[\],])"
 )
 
 
@@ -463,14 +468,27 @@ def test_parse_grouped_errors(body: str, reason: str) -> None:
 
 # --- GPU queries ---------------------------------------------------------------------------
 
+DCGM = GpuExporter.parse('job="dcgm"')
+
 
 def test_gpu_utilization_query_shape() -> None:
-    assert gpu_utilization_query() == (
+    assert gpu_utilization_query(exporter=GpuExporter.parse('job="dcgm-exporter"')) == (
         "avg by (namespace, pod) (label_replace(label_replace("
-        "avg_over_time(DCGM_FI_DEV_GPU_UTIL[30s]), "
+        'avg_over_time(DCGM_FI_DEV_GPU_UTIL{job="dcgm-exporter"}[30s]), '
         '"namespace", "$1", "exported_namespace", "(.+)"), '
         '"pod", "$1", "exported_pod", "(.+)"))'
     )
+
+
+def test_without_an_identified_exporter_only_plain_labels_key_the_series() -> None:
+    # Any scrape target can publish exported_* labels: they name nobody's pod unless the
+    # series are known to be the exporter's.
+    queries = gpu_queries()
+    assert queries[GpuSeries.GPU_UTIL] == (
+        "avg by (namespace, pod) (avg_over_time(DCGM_FI_DEV_GPU_UTIL[30s]))"
+    )
+    assert not any("exported_" in query for query in queries.values())
+    assert gpu_queries(exporter=UNIDENTIFIED_EXPORTER) == queries
 
 
 def test_engine_active_is_scaled_to_percent() -> None:
@@ -479,7 +497,7 @@ def test_engine_active_is_scaled_to_percent() -> None:
 
 
 def test_memory_query_divides_used_by_total() -> None:
-    query = gpu_memory_query(exporter_matchers={"job": "dcgm"})
+    query = gpu_memory_query(exporter=DCGM)
     assert (
         '100 * avg_over_time(DCGM_FI_DEV_FB_USED{job="dcgm"}[30s]) / '
         '(avg_over_time(DCGM_FI_DEV_FB_USED{job="dcgm"}[30s]) + '
@@ -487,24 +505,162 @@ def test_memory_query_divides_used_by_total() -> None:
     ) in query
 
 
+HOSTILE_VALUE = 'x"}\n\\é😀 or vector(1)'
+
+
 def test_gpu_queries_are_a_constant_set() -> None:
-    queries = gpu_queries(exporter_matchers={"job": 'a"b'})
+    queries = gpu_queries(exporter=GpuExporter((("job", 'a"b'),)))
     assert set(queries) == set(GpuSeries)
     assert all('{job="a\\"b"}' in q for q in queries.values())
     assert all(q.startswith("avg by (namespace, pod) (") for q in queries.values())
 
 
 @pytest.mark.parametrize(
-    "matchers", [{"namespace": "x"}, {"exported_pod": "x"}, {"__name__": "x"}, {"a-b": "x"}]
+    "exporter",
+    [
+        GpuExporter((("job", HOSTILE_VALUE),)),
+        GpuExporter((("namespace", "gpu-operator"), ("service", HOSTILE_VALUE[::-1]))),
+    ],
 )
-def test_exporter_matchers_cannot_touch_the_keys(matchers: dict[str, str]) -> None:
-    with pytest.raises(ValueError, match=r"(key label|label name)"):
-        gpu_utilization_query(exporter_matchers=matchers)
+def test_every_gpu_series_of_every_query_carries_exactly_the_exporter_matchers(
+    exporter: GpuExporter,
+) -> None:
+    for query in gpu_queries(exporter=exporter).values():
+        tokens = tokenize(query)
+        metrics = [i for i, token in enumerate(tokens) if token[1].startswith("DCGM_FI_")]
+        assert metrics
+        for i in metrics:
+            selector = tokens[i + 1 : i + 2 + 4 * len(exporter.matchers)]
+            assert selector[0] == ("punct", "{")
+            assert selector[-1] == ("punct", "}")
+            matchers = [
+                tuple(t[1] for t in selector[j : j + 3]) for j in range(1, len(selector) - 1, 4)
+            ]
+            assert matchers == [(name, "=", value) for name, value in exporter.matchers]
+        # No value escaped its string: the query still has the shape of one.
+        assert sum(token == ("punct", "{") for token in tokens) == len(metrics)
+        assert ("ident", "or") not in tokens
 
 
 def test_memory_is_not_a_utilization_source() -> None:
     with pytest.raises(ValueError, match="not a utilisation series"):
         gpu_utilization_query(GpuSeries.MEMORY)
+
+
+# --- the exporter matchers setting ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "matchers"),
+    [
+        ("", ()),
+        ("  ", ()),
+        ("{}", ()),
+        ('job="dcgm-exporter"', (("job", "dcgm-exporter"),)),
+        (
+            '{ service = "nvidia-dcgm-exporter" ,namespace="gpu-operator", }',
+            (("namespace", "gpu-operator"), ("service", "nvidia-dcgm-exporter")),
+        ),
+        ('job="a\\"b\\\\c\\n\\t\\u00e9\\U0001F600"', (("job", 'a"b\\c\n\té😀'),)),
+        ('job="é"', (("job", "é"),)),
+        (
+            'namespace="gpu-operator",pod="dcgm-1"',
+            (("namespace", "gpu-operator"), ("pod", "dcgm-1")),
+        ),
+    ],
+)
+def test_exporter_matchers_parse(text: str, matchers: tuple[tuple[str, str], ...]) -> None:
+    exporter = GpuExporter.parse(text)
+    assert exporter.matchers == matchers
+    assert exporter.trusts_exported_labels == bool(matchers)
+    assert GpuExporter.parse(str(exporter)) == exporter
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('job=~"dcgm.*"', "only = is accepted"),
+        ('job!="x"', "only = is accepted"),
+        ('job!~"x"', "only = is accepted"),
+        ('exported_namespace="gpu-operator"', "exported_\\* labels come from the scraped series"),
+        ('exported_pod="x"', "any target can set them"),
+        ('exported_job="x"', "any target can set them"),
+        ('__name__="DCGM_FI_DEV_GPU_UTIL"', "belong to Prometheus"),
+        ('job=""', "empty value matches series without the label"),
+        ('job="a",job="b"', "given twice"),
+        ('a-b="x"', "expected = after 'a'"),
+        ('1job="x"', "expected a label name at 0"),
+        ("job=dcgm", "expected a double-quoted value"),
+        ("job='dcgm'", "expected a double-quoted value"),
+        ("job=`dcgm`", "expected a double-quoted value"),
+        ('job="dcgm', "unterminated string"),
+        ('job="x"}', "unbalanced braces"),
+        ('{job="x"', "unbalanced braces"),
+        ("}", "unbalanced braces"),
+        ('job="x" service="y"', "expected , at 8"),
+        ('job="x"} or vector(1) or {a="b"', "expected , at 7"),
+        ('job="x",,', "expected a label name"),
+        ('job="x\ny"', "control character"),
+        ('job="x\x7fy"', "control character"),
+        ('job="\\q"', "unsupported escape"),
+        ('job="\\x41"', "unsupported escape"),
+        ('job="\\101"', "unsupported escape"),
+        ('job="\\ud800"', "is no character"),
+        ('job="\\U00110000"', "is no character"),
+        ('job="\\u12"', "bad \\\\u escape"),
+        ('job="\\u12zz"', "bad \\\\u escape"),
+        (",".join(f'l{i}="v"' for i in range(9)), "at most 8 exporter matchers"),
+        ('job="' + "x" * 257 + '"', "value over 256"),
+    ],
+)
+def test_bad_exporter_matchers_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GpuExporter.parse(text)
+
+
+@pytest.mark.parametrize(
+    "matchers",
+    [
+        (("service", "a"), ("job", "b")),  # not in name order
+        (("job", "a"), ("job", "b")),
+        (("exported_pod", "x"),),
+        (("a-b", "x"),),
+        (("job", "\ud800"),),
+    ],
+)
+def test_an_exporter_built_directly_is_checked_as_strictly(
+    matchers: tuple[tuple[str, str], ...],
+) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - each has its own message above
+        GpuExporter(matchers)
+
+
+_label_names = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,20}", fullmatch=True).filter(
+    lambda name: not name.startswith(("__", "exported_"))
+)
+_label_values = st.text(
+    st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=MAX_EXPORTER_VALUE_LENGTH
+)
+
+
+@given(st.dictionaries(_label_names, _label_values, max_size=MAX_EXPORTER_MATCHERS))
+@settings(max_examples=200, deadline=None)
+def test_exporter_matchers_round_trip_through_promql(pairs: dict[str, str]) -> None:
+    exporter = GpuExporter(tuple(sorted(pairs.items())))
+
+    assert GpuExporter.parse(str(exporter)) == exporter
+    assert GpuExporter.parse(exporter.selector()) == exporter
+    # What goes into a query is plain ASCII and parses back, by the strict tokenizer above,
+    # to exactly the configured matchers.
+    selector = exporter.selector()
+    assert selector.isascii()
+    if pairs:
+        tokens = tokenize(selector)
+        assert tokens[0] == ("punct", "{")
+        assert tokens[-1] == ("punct", "}")
+        body = [token for token in tokens[1:-1] if token != ("punct", ",")]
+        triples = [tuple(t[1] for t in body[i : i + 3]) for i in range(0, len(body), 3)]
+        assert triples == [(name, "=", value) for name, value in sorted(pairs.items())]
 
 
 # --- response parsing ----------------------------------------------------------------------
@@ -664,6 +820,26 @@ def test_queries_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
         "job": "dcgm",
     }
     idle = {"namespace": "gpu-operator", "pod": "dcgm-exporter-1", "job": "dcgm"}
+    # A tenant's exporter scraped without honoured labels: its own target labels, and the
+    # victim's pod in the exported_* labels it published.
+    rogue = {
+        "namespace": "team-x",
+        "pod": "rogue",
+        "exported_namespace": "team-a",
+        "exported_pod": "p1",
+        "job": "impostor",
+    }
+    # The GPU Operator's exporter behind its ServiceMonitor (honorLabels off), and a tenant
+    # whose Service has the same name in its own namespace.
+    operator_target = {"namespace": "gpu-operator", "service": "nvidia-dcgm-exporter"}
+    gpu_operator = {
+        **operator_target,
+        "pod": "nvidia-dcgm-exporter-a",
+        "job": "nvidia-dcgm-exporter",
+    }
+    gpu_operator_real = {**gpu_operator, "exported_namespace": "team-c", "exported_pod": "p3"}
+    gpu_operator_rogue = {**gpu_operator_real, "namespace": "team-x", "pod": "rogue"}
+    gpu_operator_exporter = GpuExporter(tuple(sorted(operator_target.items())))
     scope = {"namespace": "team-a", "service": "chat"}
     # The near miss (the hostile value less its last character) matches nothing; the other
     # service and the other namespace get series of their own, never a share of team-a/chat.
@@ -683,6 +859,11 @@ def test_queries_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
                     series("DCGM_FI_DEV_GPU_UTIL", {**not_honoured, "gpu": "0"}, "20x8"),
                     series("DCGM_FI_DEV_GPU_UTIL", {**idle, "gpu": "1"}, "0x8"),
                     series("DCGM_FI_DEV_GPU_UTIL", {**honoured, "job": "impostor"}, "100x8"),
+                    series("DCGM_FI_DEV_GPU_UTIL", rogue, "100x8"),
+                    series("DCGM_FI_DEV_GPU_UTIL", gpu_operator_real, "40x8"),
+                    series("DCGM_FI_DEV_GPU_UTIL", gpu_operator_rogue, "100x8"),
+                    series("DCGM_FI_DEV_FB_USED", rogue, "100x8"),
+                    series("DCGM_FI_DEV_FB_FREE", rogue, "0x8"),
                     series("DCGM_FI_DEV_FB_USED", honoured, "30x8"),
                     series("DCGM_FI_DEV_FB_FREE", honoured, "70x8"),
                     series("DCGM_FI_PROF_GR_ENGINE_ACTIVE", not_honoured, "0.25x8"),
@@ -693,7 +874,7 @@ def test_queries_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
                 ],
                 "promql_expr_test": [
                     {
-                        "expr": gpu_utilization_query(exporter_matchers={"job": "dcgm"}),
+                        "expr": gpu_utilization_query(exporter=DCGM),
                         "eval_time": "1m",
                         "exp_samples": [
                             {"labels": '{namespace="team-a",pod="p1"}', "value": 60},
@@ -705,12 +886,27 @@ def test_queries_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
                         ],
                     },
                     {
-                        "expr": gpu_memory_query(exporter_matchers={"job": "dcgm"}),
+                        "expr": gpu_memory_query(exporter=DCGM),
                         "eval_time": "1m",
                         "exp_samples": [{"labels": '{namespace="team-a",pod="p1"}', "value": 30}],
                     },
                     {
-                        "expr": gpu_utilization_query(GpuSeries.GR_ENGINE_ACTIVE),
+                        # Nothing identifies the exporter: the rogue's exported_* labels
+                        # are ignored, and its series stays in its own namespace.
+                        "expr": gpu_memory_query(),
+                        "eval_time": "1m",
+                        "exp_samples": [
+                            {"labels": '{namespace="team-a",pod="p1"}', "value": 30},
+                            {"labels": '{namespace="team-x",pod="rogue"}', "value": 100},
+                        ],
+                    },
+                    {
+                        "expr": gpu_utilization_query(exporter=gpu_operator_exporter),
+                        "eval_time": "1m",
+                        "exp_samples": [{"labels": '{namespace="team-c",pod="p3"}', "value": 40}],
+                    },
+                    {
+                        "expr": gpu_utilization_query(GpuSeries.GR_ENGINE_ACTIVE, exporter=DCGM),
                         "eval_time": "1m",
                         "exp_samples": [{"labels": '{namespace="team-b",pod="p2"}', "value": 25}],
                     },

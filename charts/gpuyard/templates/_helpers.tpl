@@ -124,6 +124,10 @@ then extraEnv.
 - name: GPUYARD_PROMETHEUS_URL
   value: {{ . | quote }}
 {{- end }}
+{{- with .Values.operator.gpuExporterMatchers }}
+- name: GPUYARD_GPU_EXPORTER_MATCHERS
+  value: {{ . | quote }}
+{{- end }}
 - name: GPUYARD_AUTOSCALE_INTERVAL
   value: {{ .Values.operator.autoscaleIntervalSeconds | quote }}
 - name: GPUYARD_RESYNC_SECONDS

@@ -49,7 +49,10 @@ def _rows(schema: Mapping[str, Any], path: str, required: set[str]) -> Iterator[
     for name, child in schema.get("properties", {}).items():
         field = f"{path}.{name}" if path else name
         bounds = [form.format(child[key]) for key, form in _BOUNDS if key in child]
-        for rule in child.get("x-kubernetes-validations", []):
+        # A list's item rules (each toleration, each env variable) belong on the list's row.
+        items = child.get("items", {}) if child.get("type") == "array" else {}
+        for rule in [*child.get("x-kubernetes-validations", []),
+                     *items.get("x-kubernetes-validations", [])]:  # fmt: skip
             bounds.append(rule["message"])
         default = ""
         if "default" in child and child["default"] != {}:

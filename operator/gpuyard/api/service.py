@@ -72,11 +72,40 @@ Argument = Annotated[str, StringConstraints(max_length=4096)]
 # --- spec.container ------------------------------------------------------------------------
 
 
+#: Names the NVIDIA container toolkit reads from a container's environment to decide which
+#: GPUs it sees, which driver libraries are mounted and which requirements are checked
+#: (NVIDIA_VISIBLE_DEVICES, NVIDIA_DRIVER_CAPABILITIES, NVIDIA_REQUIRE_*, NVIDIA_MIG_*, ...).
+#: The whole prefix is refused rather than a list that each toolkit release extends.
+GPU_RUNTIME_ENV_PREFIX: Final = "NVIDIA_"
+#: Set without NVIDIA_REQUIRE_CUDA, it makes the toolkit treat the image as a legacy CUDA
+#: image, which widens the default devices and driver capabilities.
+GPU_RUNTIME_LEGACY_ENV: Final = "CUDA_VERSION"
+
+
+def _not_read_by_gpu_runtime(variable: EnvVar) -> bool:
+    return not (
+        variable.name.startswith(GPU_RUNTIME_ENV_PREFIX) or variable.name == GPU_RUNTIME_LEGACY_ENV
+    )
+
+
 class EnvVar(ApiModel):
     """One environment variable of the container."""
 
+    cel_rules = (
+        CelRule(
+            rule=f"!self.name.startsWith('{GPU_RUNTIME_ENV_PREFIX}') && "
+            f"self.name != '{GPU_RUNTIME_LEGACY_ENV}'",
+            message=f"env names starting with {GPU_RUNTIME_ENV_PREFIX} and "
+            f"{GPU_RUNTIME_LEGACY_ENV} are reserved: the NVIDIA container toolkit reads them to "
+            "decide which GPUs and driver features a container gets, and gpuyard assigns each "
+            "replica its GPUs through the device plugin",
+            holds=_not_read_by_gpu_runtime,
+            field_path=".name",
+        ),
+    )
+
     name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ENV_NAME_PATTERN)]
-    """Variable name, a C identifier."""
+    """Variable name, a C identifier; not one the NVIDIA container toolkit reads."""
     value: Annotated[str, StringConstraints(max_length=32768)] = ""
     """Variable value."""
 

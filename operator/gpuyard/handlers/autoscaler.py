@@ -249,7 +249,7 @@ async def _ask(
     """Every query of the tick, concurrently: the GPU series, grouped by the service of each
     ready pod, and each tenant metric's totals by service."""
     window = op.settings.metrics_window_seconds
-    gpu = gpu_queries(window_seconds=window)
+    gpu = gpu_queries(window_seconds=window, exporter=op.settings.gpu_exporter_matchers)
     # Each distinct tenant metric is sent once per tick, not per service; equal declarations
     # give the same text, which is sent once too.
     tenant: dict[MetricSpec, str] = {}

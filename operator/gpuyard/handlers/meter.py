@@ -554,7 +554,9 @@ async def _with_utilization(op: Operator, batches: list[ServiceBatch]) -> list[S
     series_of_pool = _utilization_series_by_pool(op)
     readings: dict[str, dict[PodKey, dict[int, float]]] = {}
     for series in {series_of_pool.get(record.pool, GpuSeries.GPU_UTIL) for record in records}:
-        query = gpu_utilization_query(GpuSeries(series), window_seconds=width)
+        query = gpu_utilization_query(
+            GpuSeries(series), window_seconds=width, exporter=op.settings.gpu_exporter_matchers
+        )
         try:
             body = await op.io(op.prometheus.query_range, query, *span, width)
             readings[series] = parse_matrix_response(body)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import string
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
@@ -19,9 +21,13 @@ from gpuyard.api.names import RESERVED_PROMETHEUS_LABELS, ServiceKey
 
 __all__ = [
     "DEFAULT_WINDOW_SECONDS",
+    "MAX_EXPORTER_MATCHERS",
+    "MAX_EXPORTER_VALUE_LENGTH",
     "MAX_TENANT_LABELS",
     "MAX_TENANT_LABEL_VALUE_LENGTH",
+    "UNIDENTIFIED_EXPORTER",
     "Aggregation",
+    "GpuExporter",
     "GpuSeries",
     "PodKey",
     "PrometheusResponseError",
@@ -44,8 +50,6 @@ DEFAULT_WINDOW_SECONDS = 30
 MAX_TENANT_LABELS = 8
 MAX_TENANT_LABEL_VALUE_LENGTH = 256
 
-# Series are keyed by these labels; an exporter matcher on them would break the keying.
-_KEY_LABELS = frozenset({"namespace", "pod", "exported_namespace", "exported_pod"})
 # The names a label takes when Prometheus does not honour the exporter's (read per series).
 _EXPORTED_LABEL = {name: f"exported_{name}" for name in ("namespace", "pod", "service")}
 
@@ -124,32 +128,176 @@ def _matchers(pairs: list[tuple[str, str]]) -> str:
     return "{" + ",".join(f"{name}={quote_label_value(value)}" for name, value in pairs) + "}"
 
 
+# An operator setting, not a tenant's input, but parsed as strictly: it decides whose series
+# may name a tenant's pods.
+MAX_EXPORTER_MATCHERS = 8
+MAX_EXPORTER_VALUE_LENGTH = 256
+_STRING_ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "t": "\t", "r": "\r"}
+_HEX_ESCAPE_DIGITS = {"u": 4, "U": 8}
+
+
+@dataclass(frozen=True)
+class GpuExporter:
+    """Which series are the real DCGM exporter's: ``matchers`` on the labels that
+    Prometheus gives its scrape target, such as ``job`` or ``namespace`` and ``service``.
+
+    Every GPU query reads only series that carry all of them, and only then are their
+    ``exported_namespace``/``exported_pod`` labels trusted to name the workload. Without
+    matchers (:data:`UNIDENTIFIED_EXPORTER`) nothing is trusted beyond the plain
+    ``namespace`` and ``pod`` labels. Matchers are exact and ``(name, value)`` pairs in name
+    order, so equal settings give byte-equal queries.
+    """
+
+    matchers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.matchers) > MAX_EXPORTER_MATCHERS:
+            raise ValueError(f"at most {MAX_EXPORTER_MATCHERS} exporter matchers")
+        names = [name for name, _ in self.matchers]
+        if names != sorted(set(names)):
+            raise ValueError("exporter matchers must name each label once, in name order")
+        for name, value in self.matchers:
+            _check_exporter_matcher(name, value)
+
+    @classmethod
+    def parse(cls, text: str) -> GpuExporter:
+        """Parse a PromQL label-matcher list such as ``job="dcgm-exporter"`` or
+        ``{namespace="gpu-operator", service="nvidia-dcgm-exporter"}`` (braces optional,
+        Go string escapes in the values); empty text means no exporter is identified."""
+        body = text.strip()
+        if body.startswith("{") != body.endswith("}") or body == "}":
+            raise ValueError("exporter matchers: unbalanced braces")
+        if body.startswith("{"):
+            body = body[1:-1]
+        pairs: dict[str, str] = {}
+        position = _skip_spaces(body, 0)
+        while position < len(body):
+            name_match = _LABEL_NAME.match(body, position)
+            if name_match is None:
+                raise ValueError(f"exporter matchers: expected a label name at {position}")
+            name = name_match.group()
+            position = _skip_spaces(body, name_match.end())
+            operator = body[position : position + 2]
+            if operator in {"=~", "!=", "!~"}:
+                raise ValueError(
+                    f"exporter matcher {name}{operator}: only = is accepted, as a regex or a "
+                    "negative matcher can also match targets nobody meant to trust"
+                )
+            if not operator.startswith("="):
+                raise ValueError(f"exporter matchers: expected = after {name!r}")
+            value, position = _parse_string(body, _skip_spaces(body, position + 1))
+            if name in pairs:
+                raise ValueError(f"exporter matchers: label {name!r} given twice")
+            pairs[name] = value
+            position = _skip_spaces(body, position)
+            if position < len(body):
+                if body[position] != ",":
+                    raise ValueError(f"exporter matchers: expected , at {position}")
+                position = _skip_spaces(body, position + 1)
+        return cls(tuple(sorted(pairs.items())))
+
+    @property
+    def trusts_exported_labels(self) -> bool:
+        """Whether ``exported_*`` labels name the workload: only for an identified exporter."""
+        return bool(self.matchers)
+
+    def selector(self) -> str:
+        """The matchers as a PromQL selector body (``{job="x"}``), or "" without any."""
+        return _matchers(list(self.matchers)) if self.matchers else ""
+
+    def __str__(self) -> str:
+        return self.selector().removeprefix("{").removesuffix("}")
+
+
+#: No exporter identified: plain labels only.
+UNIDENTIFIED_EXPORTER = GpuExporter()
+
+
+def _check_exporter_matcher(name: str, value: str) -> None:
+    if not _LABEL_NAME.fullmatch(name):
+        raise ValueError(f"invalid exporter label name {name!r}")
+    if name.startswith("__"):
+        raise ValueError(f"exporter label {name!r}: names starting with __ belong to Prometheus")
+    if name.startswith("exported_"):
+        raise ValueError(
+            f"exporter label {name!r}: exported_* labels come from the scraped series, so any "
+            "target can set them; match the exporter's target labels (job, namespace, service)"
+        )
+    if not value:
+        raise ValueError(
+            f"exporter label {name!r}: an empty value matches series without the label"
+        )
+    if len(value) > MAX_EXPORTER_VALUE_LENGTH:
+        raise ValueError(f"exporter label {name!r}: value over {MAX_EXPORTER_VALUE_LENGTH}")
+    quote_label_value(value)  # refuses what no series can carry (a lone surrogate)
+
+
+def _skip_spaces(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\n\r":
+        position += 1
+    return position
+
+
+def _parse_string(text: str, position: int) -> tuple[str, int]:
+    """A double-quoted PromQL string starting at ``position``: its value and the position
+    after it. Accepts the escapes :func:`quote_label_value` emits and \\n, \\t, \\r."""
+    if position >= len(text) or text[position] != '"':
+        raise ValueError(f"exporter matchers: expected a double-quoted value at {position}")
+    out: list[str] = []
+    index = position + 1
+    while index < len(text):
+        char = text[index]
+        if char == '"':
+            return "".join(out), index + 1
+        if ord(char) < 0x20 or ord(char) == 0x7F:
+            raise ValueError(f"exporter matchers: control character at {index}; escape it")
+        if char != "\\":
+            out.append(char)
+            index += 1
+            continue
+        escape = text[index + 1 : index + 2]
+        if escape in _STRING_ESCAPES:
+            out.append(_STRING_ESCAPES[escape])
+            index += 2
+        elif escape in _HEX_ESCAPE_DIGITS:
+            digits = text[index + 2 : index + 2 + _HEX_ESCAPE_DIGITS[escape]]
+            if len(digits) != _HEX_ESCAPE_DIGITS[escape] or digits.strip(string.hexdigits):
+                raise ValueError(f"exporter matchers: bad \\{escape} escape at {index}")
+            code = int(digits, 16)
+            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                raise ValueError(f"exporter matchers: \\{escape}{digits} is no character")
+            out.append(chr(code))
+            index += 2 + len(digits)
+        else:
+            raise ValueError(f"exporter matchers: unsupported escape at {index}")
+    raise ValueError("exporter matchers: unterminated string")
+
+
 def _window(window_seconds: int) -> str:
     if isinstance(window_seconds, bool) or not 1 <= window_seconds <= _MAX_WINDOW_SECONDS:
         raise ValueError(f"window must be 1..{_MAX_WINDOW_SECONDS} seconds, got {window_seconds!r}")
     return f"[{window_seconds}s]"
 
 
-def _exporter_selector(metric: str, exporter_matchers: Mapping[str, str] | None) -> str:
-    pairs = sorted((exporter_matchers or {}).items())
-    for name, _ in pairs:
-        if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
-            raise ValueError(f"invalid exporter label name {name!r}")
-        if name in _KEY_LABELS:
-            raise ValueError(f"exporter matchers cannot constrain the key label {name!r}")
-    return metric + (_matchers(pairs) if pairs else "")
+def _exporter_selector(metric: str, exporter: GpuExporter) -> str:
+    return metric + exporter.selector()
 
 
-def _keyed_by_pod(expression: str) -> str:
+def _keyed_by_pod(expression: str, exporter: GpuExporter) -> str:
     """Average ``expression`` per (namespace, pod) of the workload holding the GPU.
 
     When Prometheus does not honour the exporter's labels, dcgm-exporter's ``namespace`` and
     ``pod`` arrive as ``exported_namespace``/``exported_pod`` and the plain names hold the
-    exporter's own pod. ``label_replace`` with ``(.+)`` copies an exported label over the
-    plain one only where it is non-empty (an absent label reads as ""), so the same query
-    yields the workload's keys in both set-ups. Idle GPUs keep the exporter's key (or an
-    empty pod) and match no service.
+    exporter's own pod. Any scrape target can publish ``exported_*`` labels, so they are
+    read only when ``exporter`` restricts the series to the real exporter's: then
+    ``label_replace`` with ``(.+)`` copies an exported label over the plain one where it is
+    non-empty (an absent label reads as ""), and the same query yields the workload's keys
+    in both set-ups. Without an exporter the plain labels alone key the series, which a
+    target whose labels Prometheus does not honour can only set to its own namespace. Idle
+    GPUs keep the exporter's key (or an empty pod) and match no service.
     """
+    if not exporter.trusts_exported_labels:
+        return f"avg by (namespace, pod) ({expression})"
     relabelled = (
         f'label_replace(label_replace({expression}, "namespace", "$1", "exported_namespace", '
         f'"(.+)"), "pod", "$1", "exported_pod", "(.+)")'
@@ -161,30 +309,28 @@ def gpu_utilization_query(
     source: GpuSeries = GpuSeries.GPU_UTIL,
     *,
     window_seconds: int = DEFAULT_WINDOW_SECONDS,
-    exporter_matchers: Mapping[str, str] | None = None,
+    exporter: GpuExporter = UNIDENTIFIED_EXPORTER,
 ) -> str:
     """Average GPU utilisation per pod, in percent.
 
     ``DCGM_FI_DEV_GPU_UTIL`` is already a percentage; ``DCGM_FI_PROF_GR_ENGINE_ACTIVE`` (the
-    one that works on MIG slices) is a 0..1 ratio and is scaled by 100. ``exporter_matchers``
-    are operator settings such as ``{"job": "dcgm-exporter"}`` that keep other jobs from
-    posing as the exporter.
+    one that works on MIG slices) is a 0..1 ratio and is scaled by 100. ``exporter`` (the
+    operator's setting, never a tenant's) says which series are the real exporter's.
     """
     window = _window(window_seconds)
     if source is GpuSeries.GPU_UTIL:
-        inner = f"avg_over_time({_exporter_selector(source.value, exporter_matchers)}{window})"
+        inner = f"avg_over_time({_exporter_selector(source.value, exporter)}{window})"
     elif source is GpuSeries.GR_ENGINE_ACTIVE:
-        selector = _exporter_selector(source.value, exporter_matchers)
-        inner = f"100 * avg_over_time({selector}{window})"
+        inner = f"100 * avg_over_time({_exporter_selector(source.value, exporter)}{window})"
     else:
         raise ValueError(f"{source} is not a utilisation series")
-    return _keyed_by_pod(inner)
+    return _keyed_by_pod(inner, exporter)
 
 
 def gpu_memory_query(
     *,
     window_seconds: int = DEFAULT_WINDOW_SECONDS,
-    exporter_matchers: Mapping[str, str] | None = None,
+    exporter: GpuExporter = UNIDENTIFIED_EXPORTER,
 ) -> str:
     """Framebuffer memory in use per pod, in percent: ``100 * used / (used + free)``.
 
@@ -193,29 +339,25 @@ def gpu_memory_query(
     decision drops.
     """
     window = _window(window_seconds)
-    used = f"avg_over_time({_exporter_selector('DCGM_FI_DEV_FB_USED', exporter_matchers)}{window})"
-    free = f"avg_over_time({_exporter_selector('DCGM_FI_DEV_FB_FREE', exporter_matchers)}{window})"
-    return _keyed_by_pod(f"100 * {used} / ({used} + {free})")
+    used = f"avg_over_time({_exporter_selector('DCGM_FI_DEV_FB_USED', exporter)}{window})"
+    free = f"avg_over_time({_exporter_selector('DCGM_FI_DEV_FB_FREE', exporter)}{window})"
+    return _keyed_by_pod(f"100 * {used} / ({used} + {free})", exporter)
 
 
 def gpu_queries(
     *,
     window_seconds: int = DEFAULT_WINDOW_SECONDS,
-    exporter_matchers: Mapping[str, str] | None = None,
+    exporter: GpuExporter = UNIDENTIFIED_EXPORTER,
 ) -> dict[GpuSeries, str]:
     """The GPU queries of one tick: always these three, whatever the number of services."""
     return {
         GpuSeries.GPU_UTIL: gpu_utilization_query(
-            GpuSeries.GPU_UTIL, window_seconds=window_seconds, exporter_matchers=exporter_matchers
+            GpuSeries.GPU_UTIL, window_seconds=window_seconds, exporter=exporter
         ),
         GpuSeries.GR_ENGINE_ACTIVE: gpu_utilization_query(
-            GpuSeries.GR_ENGINE_ACTIVE,
-            window_seconds=window_seconds,
-            exporter_matchers=exporter_matchers,
+            GpuSeries.GR_ENGINE_ACTIVE, window_seconds=window_seconds, exporter=exporter
         ),
-        GpuSeries.MEMORY: gpu_memory_query(
-            window_seconds=window_seconds, exporter_matchers=exporter_matchers
-        ),
+        GpuSeries.MEMORY: gpu_memory_query(window_seconds=window_seconds, exporter=exporter),
     }
 
 
