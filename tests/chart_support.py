@@ -132,6 +132,17 @@ def rbac_manifest(helm: Helm, namespace: str, release: str = "gpuyard") -> str:
     ).stdout  # fmt: skip
 
 
+def operator_policy_manifest(helm: Helm, namespace: str, release: str = "gpuyard") -> str:
+    """The chart's admission policies that hold the operator's ServiceAccount (of
+    `release` in `namespace`) to what it builds, with their bindings."""
+    return helm.template_text(
+        None,
+        "--show-only", "templates/operator-policy.yaml",
+        release=release,
+        namespace=namespace,
+    ).stdout  # fmt: skip
+
+
 def service_account_kubeconfig(
     admin_kubeconfig: str, token: str, path: Path, user: str = "service-account"
 ) -> Path:

@@ -8,6 +8,7 @@ running for the next test.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client import ApiClient
 
-from chart_support import Helm, rbac_manifest, service_account_kubeconfig
+from chart_support import Helm, operator_policy_manifest, rbac_manifest, service_account_kubeconfig
+from gpuyard.io.kube import make_api_client
 from localcluster.cluster import (
     GPU_EXPORTER_MATCHERS,
     REPO_ROOT,
@@ -37,6 +40,8 @@ OPERATOR_USER_AGENT = "gpuyard/"
 # Not "gpuyard": test_helm.py installs releases of that name, whose cluster-scoped
 # ClusterRole would collide with this one.
 TEST_RELEASE = "gpuyard-tests"
+#: The namespace of the session operator's ServiceAccount.
+OPERATOR_NAMESPACE = "gpuyard-tests"
 
 
 class OperatorProcess:
@@ -148,18 +153,58 @@ def chart_service_account(
     cluster: ClusterState, kubectl: Kubectl, tmp_path_factory: pytest.TempPathFactory
 ) -> str:
     """A kubeconfig holding a token of the Helm chart's ServiceAccount, bound to exactly
-    the chart's ClusterRole.
+    the chart's ClusterRole and held by the chart's operator admission policies.
 
     The operator under test runs with it, so the whole integration suite proves that the
-    chart's RBAC is enough (and a missing verb fails a test, not a production install).
+    chart's RBAC is enough and that the policies let through everything the operator does
+    (a missing verb or an over-strict rule fails a test, not a production install).
     """
     home = tmp_path_factory.mktemp("helm")
     helm = Helm(binaries_dir(build=False) / "helm", home, cluster.kubeconfig)
-    namespace = "gpuyard-tests"
+    namespace = OPERATOR_NAMESPACE
     kubectl.run("create", "namespace", namespace, check=False)
     kubectl.apply(rbac_manifest(helm, namespace, release=TEST_RELEASE), namespace)
+    kubectl.apply(operator_policy_manifest(helm, namespace, release=TEST_RELEASE))
     token = kubectl("create", "token", TEST_RELEASE, "-n", namespace, "--duration=24h").strip()
-    return str(service_account_kubeconfig(cluster.kubeconfig, token, home / "kubeconfig"))
+    config = str(service_account_kubeconfig(cluster.kubeconfig, token, home / "kubeconfig"))
+    wait_until(
+        lambda: operator_policies_enforced(Kubectl(kubectl.binary, config), namespace),
+        timeout=60,
+        what="the operator's admission policies to be enforced",
+    )
+    return config
+
+
+def operator_policies_enforced(as_operator: Kubectl, namespace: str) -> bool:
+    """Whether the operator's policies refuse it a Deployment that is not gpuyard's (a dry
+    run: nothing is created either way). A new policy is enforced once the API server's
+    informers have seen it, a moment after it is created."""
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "operator-policy-probe", "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": {"app": "probe"}},
+            "template": {
+                "metadata": {"labels": {"app": "probe"}},
+                "spec": {"containers": [{"name": "main", "image": "registry.example/p:1"}]},
+            },
+        },
+    }
+    result = as_operator.run(
+        "create", "--dry-run=server", "-f", "-", stdin=json.dumps(deployment), check=False
+    )
+    if result.returncode == 0:
+        return False
+    assert "denied request" in result.stderr, result.stderr
+    return True
+
+
+@pytest.fixture(scope="session")
+def operator_api(chart_service_account: str) -> ApiClient:
+    """An API client with the session operator's own token: requests made as the operator
+    makes them."""
+    return make_api_client(chart_service_account, pool_size=1)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from support import Kubectl, wait_until
 
 CRDS = ("aiservices.gpuyard.io", "gpupools.gpuyard.io")
 #: The chart's admission policies, each with a binding of the same name (name suffixes).
-POLICIES = ("pods", "workloads", "deployment-scale")
+POLICIES = ("pods", "workloads", "deployment-scale", "operator-children", "operator-finalizers")
 POLICY_KINDS = ("validatingadmissionpolicy", "validatingadmissionpolicybinding")
 RULES_SNAPSHOT = REPO_ROOT / "tests" / "data" / "clusterrole-rules.yaml"
 RESTRICTED = "pod-security.kubernetes.io/enforce=restricted"

@@ -48,6 +48,11 @@ POLICIES_OF_RELEASE_GPUYARD = {
     for kind in ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
     for name in ("pods", "workloads", "deployment-scale")
 }
+OPERATOR_POLICIES_OF_RELEASE_GPUYARD = {
+    (kind, f"gpuyard-{name}")
+    for kind in ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+    for name in ("operator-children", "operator-finalizers")
+}
 HOOK = "gpuyard-release-finalizers"
 UNINSTALL_HOOK = {
     (kind, HOOK)
@@ -131,6 +136,7 @@ def test_default_render_has_exactly_the_operators_objects(
         ("Deployment", "gpuyard"),
         ("Pod", "gpuyard-test-metrics"),
         *POLICIES_OF_RELEASE_GPUYARD,
+        *OPERATOR_POLICIES_OF_RELEASE_GPUYARD,
         *UNINSTALL_HOOK,
     }
     for obj in default_objects:
@@ -648,10 +654,26 @@ REPLICASET_CONTROLLER = "system:serviceaccount:kube-system:replicaset-controller
 DEPLOYMENT_CONTROLLER = "system:serviceaccount:kube-system:deployment-controller"
 
 
+def is_operator_policy(name: str) -> bool:
+    """Whether a policy (or binding) of the chart limits the operator itself
+    (templates/operator-policy.yaml) rather than guarding gpuyard's marks."""
+    return "-operator-" in name
+
+
 def policies(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The policies that guard gpuyard's marks (templates/admissionpolicy.yaml)."""
     return {
         policy["metadata"]["name"]: policy
         for policy in of_kind(objects, "ValidatingAdmissionPolicy")
+        if not is_operator_policy(policy["metadata"]["name"])
+    }
+
+
+def operator_policies(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        policy["metadata"]["name"]: policy
+        for policy in of_kind(objects, "ValidatingAdmissionPolicy")
+        if is_operator_policy(policy["metadata"]["name"])
     }
 
 
@@ -671,7 +693,11 @@ def test_admission_policies_deny_through_their_bindings(
     default_objects: list[dict[str, Any]],
 ) -> None:
     found = policies(default_objects)
-    bindings = of_kind(default_objects, "ValidatingAdmissionPolicyBinding")
+    bindings = [
+        binding
+        for binding in of_kind(default_objects, "ValidatingAdmissionPolicyBinding")
+        if not is_operator_policy(binding["metadata"]["name"])
+    ]
 
     assert set(found) == {"gpuyard-pods", "gpuyard-workloads", "gpuyard-deployment-scale"}
     assert sorted(binding["spec"]["policyName"] for binding in bindings) == sorted(found)
@@ -719,11 +745,23 @@ def test_admission_policies_match_only_what_they_guard(
 
 
 def test_admission_policies_can_be_turned_off(helm: Helm) -> None:
-    objects = helm.template({"admissionPolicy": {"enabled": False}})
+    objects = helm.template(
+        {"admissionPolicy": {"enabled": False}, "operatorAdmissionPolicy": {"enabled": False}}
+    )
 
     kinds = {kind for kind, _ in kinds_and_names(objects)}
     assert kinds.isdisjoint({"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"})
     assert of_kind(objects, "Deployment")
+
+
+def test_the_marks_policies_and_the_operators_policies_are_turned_off_apart(helm: Helm) -> None:
+    without_marks = kinds_and_names(helm.template({"admissionPolicy": {"enabled": False}}))
+    without_limits = kinds_and_names(helm.template({"operatorAdmissionPolicy": {"enabled": False}}))
+
+    assert without_marks >= OPERATOR_POLICIES_OF_RELEASE_GPUYARD
+    assert not POLICIES_OF_RELEASE_GPUYARD & without_marks
+    assert without_limits >= POLICIES_OF_RELEASE_GPUYARD
+    assert not OPERATOR_POLICIES_OF_RELEASE_GPUYARD & without_limits
 
 
 @pytest.mark.parametrize(
@@ -759,6 +797,101 @@ def test_admission_policies_exempt_the_users_the_values_add(helm: Helm) -> None:
         assert job in exempt_users(policy), name
 
 
+@pytest.mark.parametrize(
+    ("values", "account"),
+    [
+        ({}, "prod-gpuyard"),
+        ({"serviceAccount": {"name": "gpu-operator"}}, "gpu-operator"),
+        ({"serviceAccount": {"create": False, "name": "platform-sa"}}, "platform-sa"),
+    ],
+)
+def test_operator_policies_bind_the_operators_account_only(
+    helm: Helm, values: dict[str, Any], account: str
+) -> None:
+    objects = helm.template(values, release="prod", namespace="ml")
+    found = operator_policies(objects)
+    bindings = [
+        binding
+        for binding in of_kind(objects, "ValidatingAdmissionPolicyBinding")
+        if is_operator_policy(binding["metadata"]["name"])
+    ]
+    # The account the operator's pod runs as, and no one else: tenants, controllers and
+    # the uninstall hook are not limited by these policies.
+    condition = f"request.userInfo.username == 'system:serviceaccount:ml:{account}'"
+
+    assert set(found) == {"prod-gpuyard-operator-children", "prod-gpuyard-operator-finalizers"}
+    for policy in found.values():
+        assert policy["spec"]["failurePolicy"] == "Fail"
+        assert policy["spec"]["matchConditions"] == [
+            {"name": "the-operator", "expression": condition}
+        ]
+        for validation in policy["spec"]["validations"]:
+            assert validation["message"], validation
+            assert "leave" in validation["messageExpression"], validation
+            assert validation["reason"] == "Forbidden"
+    assert sorted(binding["spec"]["policyName"] for binding in bindings) == sorted(found)
+    for binding in bindings:
+        assert binding["spec"] == {
+            "policyName": binding["metadata"]["name"],
+            "validationActions": ["Deny"],
+        }
+    assert one(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == account
+
+
+def test_operator_policies_match_every_write_the_clusterrole_allows_on_shared_kinds(
+    default_objects: list[dict[str, Any]],
+) -> None:
+    # Deployments, Services, pods and GPUPools: the kinds whose writes RBAC cannot narrow
+    # to gpuyard's own objects. Status subresources and Events are gpuyard's output.
+    rules = {
+        name: policy["spec"]["matchConstraints"]["resourceRules"]
+        for name, policy in operator_policies(default_objects).items()
+    }
+
+    assert rules == {
+        "gpuyard-operator-children": [
+            {
+                "apiGroups": ["apps"],
+                "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE", "DELETE"],
+                "resources": ["deployments"],
+            },
+            {
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE", "DELETE"],
+                "resources": ["services"],
+            },
+        ],
+        "gpuyard-operator-finalizers": [
+            {
+                "apiGroups": [""],
+                "apiVersions": ["v1"],
+                "operations": ["UPDATE"],
+                "resources": ["pods"],
+            },
+            {
+                "apiGroups": ["gpuyard.io"],
+                "apiVersions": ["v1alpha1"],
+                "operations": ["UPDATE"],
+                "resources": ["gpupools"],
+            },
+        ],
+    }
+    cluster_role = named(default_objects, "ClusterRole", "gpuyard")
+    writable = {
+        resource
+        for rule in cluster_role["rules"]
+        if {"create", "update", "patch", "delete"} & set(rule["verbs"])
+        for resource in rule["resources"]
+    }
+    matched = {
+        resource for kind_rules in rules.values() for rule in kind_rules
+        for resource in rule["resources"]
+    }  # fmt: skip
+    assert writable - matched == {"aiservices/status", "gpupools/status", "events"}
+
+
 # --- values and their schema ---------------------------------------------------------------
 
 
@@ -780,6 +913,7 @@ def test_admission_policies_exempt_the_users_the_values_add(helm: Helm) -> None:
         ({"prometheusRule": {"poolNearlyFullPercent": 150}}, "poolNearlyFullPercent"),
         ({"admissionPolicy": {"enabled": "yes"}}, "at '/admissionPolicy/enabled'"),
         ({"admissionPolicy": {"exemptUsers": ["o'brien"]}}, "at '/admissionPolicy/exemptUsers/0'"),
+        ({"operatorAdmissionPolicy": {"enabled": "no"}}, "at '/operatorAdmissionPolicy/enabled'"),
         ({"uninstall": {"billingTimeoutSeconds": -1}}, "at '/uninstall/billingTimeoutSeconds'"),
         ({"uninstall": {"releaseFinalizer": True}}, "'releaseFinalizer' not allowed"),
         (
