@@ -204,7 +204,25 @@ def started(memo: Any) -> Operator:
 
 
 async def on_service_event(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-    started(memo).service_queue.add((namespace or "", name))
+    # Kopf updates the indices before it calls event handlers: the cache holds this event's
+    # body. Most events of a service echo gpuyard's own status write, and are skipped.
+    operator = started(memo)
+    key = (namespace or "", name)
+    if operator.service_changed(key):
+        operator.service_queue.add(key)
+
+
+async def on_deployment_event(
+    namespace: str | None, name: str, labels: Any, memo: Any, **_: Any
+) -> None:
+    # Most events of a Deployment are its controller's status updates, which change
+    # nothing the service reports: skipped.
+    owner = labels.get(SERVICE_LABEL)
+    if owner:
+        operator = started(memo)
+        key = (namespace or "", owner)
+        if owner != name or operator.deployment_changed(key):
+            operator.service_queue.add(key)
 
 
 async def on_child_event(namespace: str | None, labels: Any, memo: Any, **_: Any) -> None:
@@ -289,7 +307,7 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.on.probe(id="queues", registry=r)(queue_depths)
 
     kopf.on.event(API_GROUP, API_VERSION, "aiservices", registry=r)(on_service_event)
-    kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=r)(on_child_event)
+    kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=r)(on_deployment_event)
     kopf.on.event("", "v1", "services", labels=MANAGED, registry=r)(on_child_event)
     kopf.on.event(API_GROUP, API_VERSION, "gpupools", registry=r)(on_pool_event)
     kopf.on.event("", "v1", "nodes", registry=r)(on_capacity_event)

@@ -61,6 +61,7 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
         # Deleted: the garbage collector removes the children through their owner reference.
         op.forget_service(key)
         return
+    op.remember_reads(key, body)
     own = op.own_status.get(key)
     if own is not None:
         # Watch events of our own earlier writes arrive after those writes, some of them
@@ -88,6 +89,7 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
     if key in op.not_accepted:
         op.set_refused(key, None)
     live = op.caches.deployment(key)
+    op.remember_deployment(key, live)
     decision = _decision(op, key, service=service, pool=pool, live=live, now=now)
     accepted = _Accepted(key, body, service, pool, usage, admission, decision, live, now)
     replicas = await _apply_children(op, accepted)
@@ -176,6 +178,7 @@ async def _refuse(
     op: Operator, key: ServiceKey, body: dict[str, Any], admission: AdmissionResult, now: datetime
 ) -> None:
     """Say why in the status; create and change nothing else."""
+    op.remember_deployment(key, None)  # not read: each of its events reconciles
     if op.not_accepted.get(key) != admission.reason:
         logger.warning(
             "AIService %s/%s not accepted: %s: %s", *key, admission.reason, admission.message
