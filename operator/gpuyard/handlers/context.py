@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 from gpuyard.api.names import ServiceKey
+from gpuyard.api.pool import GPUPool
 from gpuyard.config import Settings
 from gpuyard.handlers.scaling import ScalingBook
 from gpuyard.handlers.workqueue import WorkQueue
@@ -120,6 +121,9 @@ class Operator:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     #: Each pool's usage as its last reconcile computed it (services read it, O(1)).
     pool_usage: dict[str, PoolUsage] = field(default_factory=dict)
+    #: Each pool as the service reconcile last parsed it, with the resourceVersion parsed
+    #: (None: the pool does not parse).
+    parsed_pools: dict[str, tuple[str | None, GPUPool | None]] = field(default_factory=dict)
     #: Each service's autoscaling: the autoscaler's decisions, which the service reconcile
     #: applies, and what the autoscaler carries from one tick to the next.
     scaling: ScalingBook = field(default_factory=ScalingBook)
@@ -168,6 +172,7 @@ class Operator:
 
     def forget_pool(self, name: str) -> None:
         self.pool_usage.pop(name, None)
+        self.parsed_pools.pop(name, None)
         self.metrics.pool_gpus.clear()
 
     def forget_service(self, key: ServiceKey) -> None:

@@ -253,13 +253,21 @@ def _decision(
 
 
 def _pool(op: Operator, name: str) -> GPUPool | None:
+    """The pool, parsed once per resourceVersion: its many services share the parse."""
     body = op.caches.pool(name)
     if body is None:
+        op.parsed_pools.pop(name, None)
         return None
+    version = body["metadata"].get("resourceVersion")
+    parsed = op.parsed_pools.get(name)
+    if version is not None and parsed is not None and parsed[0] == version:
+        return parsed[1]
     try:
-        return GPUPool.from_mapping(body)
+        pool: GPUPool | None = GPUPool.from_mapping(body)
     except ValidationError:
-        return None  # the pool reconcile logs it; for its services it is as good as absent
+        pool = None  # the pool reconcile logs it; for its services it is as good as absent
+    op.parsed_pools[name] = (version, pool)
+    return pool
 
 
 def _pool_usage(op: Operator, pool: GPUPool) -> PoolUsage:
