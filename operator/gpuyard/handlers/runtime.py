@@ -205,11 +205,12 @@ def started(memo: Any) -> Operator:
 
 async def on_service_event(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
     # Kopf updates the indices before it calls event handlers: the cache holds this event's
-    # body. Most events of a service echo gpuyard's own status write, and are skipped.
+    # body. Most events of a service echo gpuyard's own status write, and are skipped. A
+    # service without its Deployment (a new one) goes before status work.
     operator = started(memo)
     key = (namespace or "", name)
     if operator.service_changed(key):
-        operator.service_queue.add(key)
+        operator.service_queue.add(key, urgent=operator.caches.deployment(key) is None)
 
 
 async def on_deployment_event(

@@ -97,6 +97,11 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
     ready = int(((accepted.live or {}).get("status") or {}).get("readyReplicas") or 0)
     op.metrics.service_replicas.labels(key[0], key[1], "desired").set(replicas)
     op.metrics.service_replicas.labels(key[0], key[1], "ready").set(ready)
+    if live is None:
+        # Just created. The status waits for the reconcile that the Deployment's first
+        # watch event brings: it queues behind every service still waiting for its
+        # Deployment (the work queue's urgent lane), and finds the Deployment cached.
+        return
     await _write_status(op, key, body, _desired_status(op, accepted, replicas))
 
 
