@@ -448,7 +448,9 @@ def test_a_field_the_service_stops_asking_for_leaves_the_deployment(
     kubectl.apply(manifest(service), namespace)
 
     wait_until(lambda: "args" not in (container() or {"args": 1}), what="the args to go")
-    deployment = kubectl.json("get", "deployment", "-n", namespace, "trimmed")
+    deployment = kubectl.json(
+        "get", "deployment", "-n", namespace, "trimmed", "--show-managed-fields"
+    )
     ours = [
         (entry["operation"], entry.get("subresource"))
         for entry in deployment["metadata"]["managedFields"]
