@@ -75,6 +75,16 @@ def test_a_deployment_status_update_without_new_replica_counts_is_not_read() -> 
     assert deployment_read(update) == deployment_read(live)
 
 
+def test_the_deployment_controllers_revision_annotation_is_not_read() -> None:
+    live = _deployment()
+    live["metadata"]["annotations"] = {"gpuyard.io/applied-hash": "abc"}
+    rolled = copy.deepcopy(live)
+    rolled["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = "1"
+    assert deployment_read(rolled) == deployment_read(live)
+    rolled["metadata"]["annotations"]["gpuyard.io/applied-hash"] = "def"
+    assert deployment_read(rolled) != deployment_read(live)
+
+
 def test_new_replica_counts_spec_or_metadata_of_a_deployment_are_read() -> None:
     live = _deployment()
     for part, key, value in (
@@ -82,7 +92,7 @@ def test_new_replica_counts_spec_or_metadata_of_a_deployment_are_read() -> None:
         ("status", "updatedReplicas", 1),
         ("status", "replicas", 2),
         ("spec", "replicas", 2),
-        ("metadata", "annotations", {"deployment.kubernetes.io/revision": "2"}),
+        ("metadata", "annotations", {"gpuyard.io/applied-hash": "abc"}),
     ):
         changed = copy.deepcopy(live)
         changed[part][key] = value

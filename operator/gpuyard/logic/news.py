@@ -19,6 +19,9 @@ _BOOKKEEPING = frozenset({"resourceVersion", "managedFields"})
 #: The fields of a Deployment's status the service reconcile reads (the replica counts its
 #: AIService status and Ready condition report); the rest is the controller's.
 _DEPLOYMENT_STATUS_READ = ("replicas", "readyReplicas", "updatedReplicas")
+#: The prefix of the annotations the Deployment controller writes (the rollout's revision
+#: number): gpuyard neither sets nor reads them.
+_DEPLOYMENT_CONTROLLER_ANNOTATIONS = "deployment.kubernetes.io/"
 #: The AIService status field the meter owns; the service reconcile does not read it.
 _USAGE = "usage"
 
@@ -35,11 +38,20 @@ def status_read(status: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def deployment_read(body: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What the service reconcile reads of its Deployment: the metadata (bookkeeping
-    aside), the spec and the replica counts of the status."""
+    """What the service reconcile reads of its Deployment: the metadata (bookkeeping and
+    the Deployment controller's annotations aside), the spec and the replica counts of the
+    status."""
+    metadata = _metadata(body)
+    annotations = metadata.get("annotations")
+    if annotations:
+        metadata["annotations"] = {
+            key: value
+            for key, value in annotations.items()
+            if not key.startswith(_DEPLOYMENT_CONTROLLER_ANNOTATIONS)
+        }
     status = body.get("status") or {}
     counts = tuple(status.get(field) for field in _DEPLOYMENT_STATUS_READ)
-    return (_metadata(body), body.get("spec"), counts)
+    return (metadata, body.get("spec"), counts)
 
 
 def _metadata(body: Mapping[str, Any]) -> dict[str, Any]:
