@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import os
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -125,6 +126,30 @@ def index_owner_links(
 # -- start-up and shutdown ---------------------------------------------------------------
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Kopf's diff base, kept by nobody.
+
+    Before every event's handlers, Kopf deep-copies the body into an "essence" and diffs
+    it with the last one, for change handlers (``on.create``, ``on.update``, ``on.field``)
+    and daemons. gpuyard has none of them, only indices and ``on.event``, so nothing reads
+    that diff; building it was a third of the operator's CPU while services were created
+    (bench/RESULTS.md). A change handler added later needs Kopf's default storage back.
+    """
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        del body, extra_fields  # nothing is built from them
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        del body
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        del body, patch, essence
+
+
 def login(memo: Any, **kwargs: Any) -> Any:
     """Kopf's watches use the same identity as gpuyard's own calls."""
     config: Settings = memo["config"]
@@ -138,6 +163,7 @@ def login(memo: Any, **kwargs: Any) -> Any:
 async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) -> None:
     config: Settings = memo["config"]
     settings.peering.standalone = True
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
