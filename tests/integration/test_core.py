@@ -427,6 +427,38 @@ def test_a_hand_edit_of_the_deployment_is_reverted(
     assert pods[0]["spec"]["nodeSelector"] == {"gpuyard.io/pool": "l4"}
 
 
+def test_a_field_the_service_stops_asking_for_leaves_the_deployment(
+    kubectl: Kubectl, namespace: str, running_operator: OperatorProcess
+) -> None:
+    """The Deployment is created with a plain create, whose fields are not server-side
+    apply's to remove; the first apply after it takes them over, so they still go."""
+    service = aiservice("trimmed", replicas=0)
+    service["spec"]["container"]["args"] = ["--verbose"]
+    kubectl.apply(manifest(service), namespace)
+
+    def container() -> dict[str, Any] | None:
+        deployment = get(kubectl, "deployment", "-n", namespace, "trimmed")
+        if deployment is None:
+            return None
+        [found] = deployment["spec"]["template"]["spec"]["containers"]
+        return dict(found)
+
+    wait_until(lambda: (container() or {}).get("args") == ["--verbose"], what="the args")
+    del service["spec"]["container"]["args"]
+    kubectl.apply(manifest(service), namespace)
+
+    wait_until(lambda: "args" not in (container() or {"args": 1}), what="the args to go")
+    deployment = kubectl.json(
+        "get", "deployment", "-n", namespace, "trimmed", "--show-managed-fields"
+    )
+    ours = [
+        (entry["operation"], entry.get("subresource"))
+        for entry in deployment["metadata"]["managedFields"]
+        if entry["manager"] == "gpuyard"
+    ]
+    assert ours == [("Apply", None)], deployment["metadata"]["managedFields"]
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="server-side apply leaves fields another manager added (kubectl patch) in place, "

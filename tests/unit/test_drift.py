@@ -9,7 +9,13 @@ import pytest
 from sample_objects import make_pool, make_service, pool_spec, service_spec
 
 from gpuyard.logic.children import build_deployment, owner_reference
-from gpuyard.logic.drift import APPLIED_HASH_ANNOTATION, contains, needs_apply, with_applied_hash
+from gpuyard.logic.drift import (
+    APPLIED_HASH_ANNOTATION,
+    contains,
+    fields_taken_over,
+    needs_apply,
+    with_applied_hash,
+)
 
 POOL = make_pool(
     pool_spec(tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
@@ -213,3 +219,46 @@ def test_type_mismatches_are_drift() -> None:
     assert not contains({"a": {"b": 1}}, {"a": [1]})
     assert not contains({"a": True}, {"a": "true"})
     assert not contains({"a": None}, {"a": {"b": 1}})
+
+
+def _entry(manager: str, operation: str, fields: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "manager": manager,
+        "operation": operation,
+        "apiVersion": "apps/v1",
+        "time": "2026-12-02T10:00:00Z",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": fields,
+        **extra,
+    }
+
+
+def test_the_fields_of_our_create_become_our_apply_entry() -> None:
+    created = _entry("gpuyard", "Update", {"f:spec": {"f:replicas": {}, "f:template": {}}})
+    controller = _entry(
+        "kube-controller-manager", "Update", {"f:status": {"f:replicas": {}}}, subresource="status"
+    )
+    taken = fields_taken_over([created, controller], "gpuyard")
+    assert taken == [
+        {**created, "operation": "Apply"},
+        controller,
+    ]
+
+
+def test_an_existing_apply_entry_absorbs_our_update_fields() -> None:
+    applied = _entry("gpuyard", "Apply", {"f:spec": {"f:replicas": {}}})
+    updated = _entry("gpuyard", "Update", {"f:spec": {"f:paused": {}}, "f:metadata": {}})
+    taken = fields_taken_over([applied, _entry("kubectl", "Update", {}), updated], "gpuyard")
+    assert taken is not None
+    ours = [entry for entry in taken if entry["manager"] == "gpuyard"]
+    assert len(ours) == 1
+    assert ours[0]["operation"] == "Apply"
+    assert ours[0]["fieldsV1"] == {"f:spec": {"f:replicas": {}, "f:paused": {}}, "f:metadata": {}}
+    assert [entry["manager"] for entry in taken] == ["gpuyard", "kubectl"]
+
+
+def test_nothing_to_take_over_without_an_update_entry_of_ours() -> None:
+    assert fields_taken_over(None, "gpuyard") is None
+    assert fields_taken_over([_entry("gpuyard", "Apply", {})], "gpuyard") is None
+    status = _entry("gpuyard", "Update", {"f:status": {}}, subresource="status")
+    assert fields_taken_over([status, _entry("kubectl", "Update", {})], "gpuyard") is None

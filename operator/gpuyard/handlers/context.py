@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 from gpuyard.api.names import ServiceKey
+from gpuyard.api.pool import GPUPool
 from gpuyard.config import Settings
 from gpuyard.handlers.scaling import ScalingBook
 from gpuyard.handlers.workqueue import WorkQueue
@@ -18,6 +19,7 @@ from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import MultiSink
 from gpuyard.logic.metering import Account, PricePoint, ServiceMark
+from gpuyard.logic.news import deployment_read, service_read, status_read
 from gpuyard.logic.pool_accounting import NodeInfo, PoolUsage
 
 P = ParamSpec("P")
@@ -119,6 +121,9 @@ class Operator:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     #: Each pool's usage as its last reconcile computed it (services read it, O(1)).
     pool_usage: dict[str, PoolUsage] = field(default_factory=dict)
+    #: Each pool as the service reconcile last parsed it, with the resourceVersion parsed
+    #: (None: the pool does not parse).
+    parsed_pools: dict[str, tuple[str | None, GPUPool | None]] = field(default_factory=dict)
     #: Each service's autoscaling: the autoscaler's decisions, which the service reconcile
     #: applies, and what the autoscaler carries from one tick to the next.
     scaling: ScalingBook = field(default_factory=ScalingBook)
@@ -141,6 +146,13 @@ class Operator:
     usage_problems: dict[Account, tuple[str, str] | None] = field(default_factory=dict)
     #: Each service's status fields as the service reconcile last wrote them.
     own_status: dict[ServiceKey, dict[str, Any]] = field(default_factory=dict)
+    #: What the last reconcile of each service read of it (``logic.news``: the metadata
+    #: and spec, then the status), and of its Deployment; an event that changes none of
+    #: it needs no reconcile.
+    service_reads: dict[ServiceKey, tuple[tuple[Any, ...], dict[str, Any]]] = field(
+        default_factory=dict
+    )
+    deployment_reads: dict[ServiceKey, tuple[Any, ...]] = field(default_factory=dict)
     #: Services refused at the last reconcile, with the reason (for logs and metrics).
     not_accepted: dict[ServiceKey, str] = field(default_factory=dict)
 
@@ -160,6 +172,7 @@ class Operator:
 
     def forget_pool(self, name: str) -> None:
         self.pool_usage.pop(name, None)
+        self.parsed_pools.pop(name, None)
         self.metrics.pool_gpus.clear()
 
     def forget_service(self, key: ServiceKey) -> None:
@@ -168,8 +181,42 @@ class Operator:
                 self.metrics.service_replicas.remove(key[0], key[1], state)
         self.scaling.forget(key)
         self.own_status.pop(key, None)
+        self.service_reads.pop(key, None)
+        self.deployment_reads.pop(key, None)
         self.usage_problems.pop(Account(*key), None)
         self.set_refused(key, None)
+
+    def remember_reads(self, key: ServiceKey, body: Mapping[str, Any]) -> None:
+        """Record the AIService body a reconcile of ``key`` starts from."""
+        self.service_reads[key] = (service_read(body), status_read(body.get("status")))
+
+    def remember_deployment(self, key: ServiceKey, live: Mapping[str, Any] | None) -> None:
+        """Record the Deployment a reconcile of ``key`` read (None: none, or not read)."""
+        if live is None:
+            self.deployment_reads.pop(key, None)
+        else:
+            self.deployment_reads[key] = deployment_read(live)
+
+    def service_changed(self, key: ServiceKey) -> bool:
+        """Whether the cached AIService holds anything its last reconcile did not read:
+        a status other than the one that reconcile wrote (or read, if it wrote none)
+        counts, the meter's usage and the API server's bookkeeping do not."""
+        body = self.caches.service(key)
+        reads = self.service_reads.get(key)
+        if body is None or reads is None:
+            return True
+        read, status = reads
+        own = self.own_status.get(key)
+        expected = status_read(own) if own is not None else status
+        return service_read(body) != read or status_read(body.get("status")) != expected
+
+    def deployment_changed(self, key: ServiceKey) -> bool:
+        """Whether the cached Deployment of ``key`` holds anything the service's last
+        reconcile did not read (its controller's conditions and observed generation do
+        not count)."""
+        live = self.caches.deployment(key)
+        read = self.deployment_reads.get(key)
+        return live is None or read is None or deployment_read(live) != read
 
     def set_refused(self, key: ServiceKey, reason: str | None) -> None:
         """Record whether a service is refused (and why), for logs and the metric."""

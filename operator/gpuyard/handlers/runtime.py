@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import os
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -125,6 +126,30 @@ def index_owner_links(
 # -- start-up and shutdown ---------------------------------------------------------------
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Kopf's diff base, kept by nobody.
+
+    Before every event's handlers, Kopf deep-copies the body into an "essence" and diffs
+    it with the last one, for change handlers (``on.create``, ``on.update``, ``on.field``)
+    and daemons. gpuyard has none of them, only indices and ``on.event``, so nothing reads
+    that diff; building it was a third of the operator's CPU while services were created
+    (bench/RESULTS.md). A change handler added later needs Kopf's default storage back.
+    """
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        del body, extra_fields  # nothing is built from them
+        return {}
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        del body
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        del body, patch, essence
+
+
 def login(memo: Any, **kwargs: Any) -> Any:
     """Kopf's watches use the same identity as gpuyard's own calls."""
     config: Settings = memo["config"]
@@ -138,6 +163,7 @@ def login(memo: Any, **kwargs: Any) -> Any:
 async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) -> None:
     config: Settings = memo["config"]
     settings.peering.standalone = True
+    settings.persistence.diffbase_storage = NoDiffBase()
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
@@ -204,7 +230,26 @@ def started(memo: Any) -> Operator:
 
 
 async def on_service_event(namespace: str | None, name: str, memo: Any, **_: Any) -> None:
-    started(memo).service_queue.add((namespace or "", name))
+    # Kopf updates the indices before it calls event handlers: the cache holds this event's
+    # body. Most events of a service echo gpuyard's own status write, and are skipped. A
+    # service without its Deployment (a new one) goes before status work.
+    operator = started(memo)
+    key = (namespace or "", name)
+    if operator.service_changed(key):
+        operator.service_queue.add(key, urgent=operator.caches.deployment(key) is None)
+
+
+async def on_deployment_event(
+    namespace: str | None, name: str, labels: Any, memo: Any, **_: Any
+) -> None:
+    # Most events of a Deployment are its controller's status updates, which change
+    # nothing the service reports: skipped.
+    owner = labels.get(SERVICE_LABEL)
+    if owner:
+        operator = started(memo)
+        key = (namespace or "", owner)
+        if owner != name or operator.deployment_changed(key):
+            operator.service_queue.add(key)
 
 
 async def on_child_event(namespace: str | None, labels: Any, memo: Any, **_: Any) -> None:
@@ -289,7 +334,7 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.on.probe(id="queues", registry=r)(queue_depths)
 
     kopf.on.event(API_GROUP, API_VERSION, "aiservices", registry=r)(on_service_event)
-    kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=r)(on_child_event)
+    kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=r)(on_deployment_event)
     kopf.on.event("", "v1", "services", labels=MANAGED, registry=r)(on_child_event)
     kopf.on.event(API_GROUP, API_VERSION, "gpupools", registry=r)(on_pool_event)
     kopf.on.event("", "v1", "nodes", registry=r)(on_capacity_event)

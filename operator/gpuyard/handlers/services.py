@@ -1,4 +1,4 @@
-"""AIService reconcile: admission, children by server-side apply, status — in that order.
+"""AIService reconcile: admission, children (created, then kept by server-side apply), status.
 
 Level-triggered: the same function runs for a create, an update, a hand edit of a child,
 a pool that changed, a restart. It reads everything from the caches, asks the pure core
@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gpuyard import FIELD_MANAGER
 from gpuyard.api.names import ServiceKey
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
@@ -30,7 +31,7 @@ from gpuyard.logic.conditions import (
     ready_condition,
     usage_reported_condition,
 )
-from gpuyard.logic.drift import needs_apply, with_applied_hash
+from gpuyard.logic.drift import fields_taken_over, needs_apply, with_applied_hash
 from gpuyard.logic.metering import Account
 from gpuyard.logic.pool_accounting import PoolUsage, compute_pool_usage
 from gpuyard.logic.replicas import target_replicas
@@ -66,6 +67,7 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
         # Deleted: the garbage collector removes the children through their owner reference.
         op.forget_service(key)
         return
+    op.remember_reads(key, body)
     own = op.own_status.get(key)
     if own is not None:
         # Watch events of our own earlier writes arrive after those writes, some of them
@@ -93,12 +95,18 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
     if key in op.not_accepted:
         op.set_refused(key, None)
     live = op.caches.deployment(key)
+    op.remember_deployment(key, live)
     decision = _decision(op, key, service=service, pool=pool, live=live, now=now)
     accepted = _Accepted(key, body, service, pool, usage, admission, decision, live, now)
     replicas = await _apply_children(op, accepted)
     ready = int(((accepted.live or {}).get("status") or {}).get("readyReplicas") or 0)
     op.metrics.service_replicas.labels(key[0], key[1], "desired").set(replicas)
     op.metrics.service_replicas.labels(key[0], key[1], "ready").set(ready)
+    if live is None:
+        # Just created. The status waits for the reconcile that the Deployment's first
+        # watch event brings: it queues behind every service still waiting for its
+        # Deployment (the work queue's urgent lane), and finds the Deployment cached.
+        return
     await _write_status(op, key, body, _desired_status(op, accepted, replicas))
 
 
@@ -114,7 +122,7 @@ async def _apply_children(op: Operator, it: _Accepted) -> int:
     owner = owner_reference(it.service)
     deployment = with_applied_hash(build_deployment(it.service, it.pool, replicas, owner))
     if needs_apply(deployment, it.live):
-        await op.io(op.kube.apply, deployment)
+        await _apply(op, deployment, it.live)
         if live_replicas is not None and live_replicas != replicas:
             await _announce_scale(op, it, live_replicas, replicas)
     network = build_service(it.service, it.pool, owner)
@@ -122,10 +130,23 @@ async def _apply_children(op: Operator, it: _Accepted) -> int:
     if network is not None:
         network = with_applied_hash(network)
         if needs_apply(network, live_network):
-            await op.io(op.kube.apply, network)
+            await _apply(op, network, live_network)
     elif live_network is not None:
         await op.io(op.kube.delete, "v1", "Service", it.key[0], it.key[1])
     return replicas
+
+
+async def _apply(op: Operator, desired: dict[str, Any], live: dict[str, Any] | None) -> None:
+    """Create a missing child (a create costs the API server a third of an apply), else
+    server-side apply it, after taking over the fields its create recorded."""
+    if live is None:
+        await op.io(op.kube.create, desired)
+        return
+    metadata = live["metadata"]
+    taken_over = fields_taken_over(metadata.get("managedFields"), FIELD_MANAGER)
+    if taken_over is not None:
+        await op.io(op.kube.take_over_fields, desired, metadata["resourceVersion"], taken_over)
+    await op.io(op.kube.apply, desired)
 
 
 def _desired_status(op: Operator, it: _Accepted, replicas: int) -> dict[str, Any]:
@@ -181,6 +202,7 @@ async def _refuse(
     op: Operator, key: ServiceKey, body: dict[str, Any], admission: AdmissionResult, now: datetime
 ) -> None:
     """Say why in the status; create and change nothing else."""
+    op.remember_deployment(key, None)  # not read: each of its events reconciles
     if op.not_accepted.get(key) != admission.reason:
         logger.warning(
             "AIService %s/%s not accepted: %s: %s", *key, admission.reason, admission.message
@@ -255,13 +277,21 @@ def _decision(
 
 
 def _pool(op: Operator, name: str) -> GPUPool | None:
+    """The pool, parsed once per resourceVersion: its many services share the parse."""
     body = op.caches.pool(name)
     if body is None:
+        op.parsed_pools.pop(name, None)
         return None
+    version = body["metadata"].get("resourceVersion")
+    parsed = op.parsed_pools.get(name)
+    if version is not None and parsed is not None and parsed[0] == version:
+        return parsed[1]
     try:
-        return GPUPool.from_mapping(body)
+        pool: GPUPool | None = GPUPool.from_mapping(body)
     except ValidationError:
-        return None  # the pool reconcile logs it; for its services it is as good as absent
+        pool = None  # the pool reconcile logs it; for its services it is as good as absent
+    op.parsed_pools[name] = (version, pool)
+    return pool
 
 
 def _pool_usage(op: Operator, pool: GPUPool) -> PoolUsage:

@@ -5,6 +5,10 @@ nodes, pods); what to do is always the same: reconcile the whole object. So ever
 only enqueues a key, bursts collapse into one reconcile per key, one key is never
 reconciled twice at once, and a failure is retried with exponential backoff instead of
 being lost. One bad object delays only itself.
+
+Keys added as ``urgent`` (a service whose Deployment does not exist yet) go before the
+others: creating what is missing is what users wait for, while most other work only
+brings a status up to date.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -35,8 +40,14 @@ class WorkQueue(Generic[K]):
         self._reconcile = reconcile
         self._base_delay = base_delay
         self._max_delay = max_delay
-        self._queue: asyncio.Queue[K] = asyncio.Queue()
+        # Two lanes, urgent first. A key promoted to the urgent lane keeps its entry in the
+        # other one; whichever entry comes second finds the key no longer queued and is
+        # dropped. ``_entries`` counts the entries of both lanes.
+        self._urgent: deque[K] = deque()
+        self._normal: deque[K] = deque()
+        self._entries = asyncio.Semaphore(0)
         self._queued: set[K] = set()
+        self._queued_urgent: set[K] = set()
         self._active: set[K] = set()
         self._again: set[K] = set()  # changed while being reconciled: go round once more
         self._failures: dict[K, int] = {}
@@ -45,13 +56,34 @@ class WorkQueue(Generic[K]):
         self.errors = 0
         self.on_result: Callable[[str, float, bool], None] | None = None
 
-    def add(self, key: K) -> None:
-        """Ask for a reconcile of ``key`` soon; a no-op when one is already queued."""
+    def add(self, key: K, *, urgent: bool = False) -> None:
+        """Ask for a reconcile of ``key`` soon (``urgent``: before every key that is not); a
+        no-op when one is already queued, in a lane at least as urgent."""
         if key in self._active:
             self._again.add(key)
         elif key not in self._queued:
             self._queued.add(key)
-            self._queue.put_nowait(key)
+            self._put(key, urgent=urgent)
+        elif urgent and key not in self._queued_urgent:
+            self._put(key, urgent=True)
+
+    def _put(self, key: K, *, urgent: bool) -> None:
+        if urgent:
+            self._queued_urgent.add(key)
+            self._urgent.append(key)
+        else:
+            self._normal.append(key)
+        self._entries.release()
+
+    async def _next(self) -> K:
+        """The next queued key, urgent ones first."""
+        while True:
+            await self._entries.acquire()
+            key = self._urgent.popleft() if self._urgent else self._normal.popleft()
+            if key in self._queued:
+                self._queued.discard(key)
+                self._queued_urgent.discard(key)
+                return key
 
     def add_after(self, key: K, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -65,7 +97,7 @@ class WorkQueue(Generic[K]):
         self.add(key)
 
     def __len__(self) -> int:
-        return self._queue.qsize()
+        return len(self._queued)
 
     def is_idle(self) -> bool:
         return not self._queued and not self._active and not self._again
@@ -75,8 +107,7 @@ class WorkQueue(Generic[K]):
 
     async def _worker(self) -> None:
         while True:
-            key = await self._queue.get()
-            self._queued.discard(key)
+            key = await self._next()
             self._active.add(key)
             started = time.monotonic()
             ok = True

@@ -129,6 +129,40 @@ class Kube:
             query=[("fieldManager", FIELD_MANAGER), ("force", "true")],
         )  # fmt: skip
 
+    def create(self, obj: Mapping[str, Any]) -> Any:
+        """Create ``obj`` (POST) as field manager ``gpuyard``; server-side apply it when it
+        exists already.
+
+        A create costs the API server about a third of an apply; the fields it sets are
+        recorded as gpuyard's with operation ``Update``, which the first apply that changes
+        the object takes over (see ``take_over_fields``).
+        """
+        self._writes.labels(verb="create", resource=obj["kind"]).inc()
+        collection = _object_path(obj).rsplit("/", 1)[0]
+        try:
+            return self._call(
+                "POST", collection, body=dict(obj), query=[("fieldManager", FIELD_MANAGER)]
+            )
+        except ApiException as error:
+            if error.status != 409:
+                raise
+        return self.apply(obj)
+
+    def take_over_fields(
+        self, obj: Mapping[str, Any], resource_version: str, managed_fields: list[Any]
+    ) -> None:
+        """Replace the managedFields of the stored ``obj`` with ``managed_fields``, unless
+        it changed since ``resource_version``."""
+        self._writes.labels(verb="patch-managed-fields", resource=obj["kind"]).inc()
+        self._call(
+            "PATCH", _object_path(obj), content_type="application/json-patch+json",
+            body=[
+                {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version},
+                {"op": "replace", "path": "/metadata/managedFields", "value": managed_fields},
+            ],
+            query=[("fieldManager", FIELD_MANAGER)],
+        )  # fmt: skip
+
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self._writes.labels(verb="delete", resource=kind).inc()
         path = _object_path(

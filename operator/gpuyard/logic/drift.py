@@ -9,6 +9,11 @@ gpuyard owns must be reverted. Two checks decide whether to apply again:
 2. Every field of the desired object has the same value in the live object. The API
    server adds defaults and other managers add fields; those are not drift. A value
    someone changed, or a field of ours someone removed, is.
+
+A missing child is created with a plain create, which records its fields as gpuyard's
+with operation ``Update``; server-side apply would leave such fields behind when gpuyard
+stops setting them. Before the first apply, ``fields_taken_over`` moves them to gpuyard's
+``Apply`` entry, as client-go's ``csaupgrade`` does.
 """
 
 from __future__ import annotations
@@ -86,3 +91,55 @@ def _quantity(value: Any) -> Decimal | None:
         return Decimal(number) * factor
     except InvalidOperation:
         return None
+
+
+def fields_taken_over(managed_fields: Any, manager: str) -> list[dict[str, Any]] | None:
+    """``managed_fields`` with ``manager``'s ``Update`` entries of the main resource (its
+    create, say) merged into its ``Apply`` entry; None when it has no such entry.
+
+    Server-side apply removes a field only from the set of the ``Apply`` entry: a field
+    gpuyard created and then stops setting must be in that set to go.
+    """
+    entries = [dict(entry) for entry in managed_fields or [] if isinstance(entry, Mapping)]
+
+    def ours(entry: Mapping[str, Any], operation: str) -> bool:
+        return (
+            entry.get("manager") == manager
+            and entry.get("operation") == operation
+            and not entry.get("subresource")
+        )
+
+    updates = [entry for entry in entries if ours(entry, "Update")]
+    if not updates:
+        return None
+    applied = next((entry for entry in entries if ours(entry, "Apply")), None)
+    merged = {
+        **updates[0],
+        **(applied or {}),
+        "operation": "Apply",
+        "fieldsType": "FieldsV1",
+        "fieldsV1": {},
+    }
+    for entry in [*updates, *([applied] if applied else [])]:
+        merged["fieldsV1"] = _union(merged["fieldsV1"], entry.get("fieldsV1") or {})
+    anchor = applied or updates[0]  # the merged entry stands where the Apply one did
+    result: list[dict[str, Any]] = []
+    for entry in entries:
+        if entry is anchor:
+            result.append(merged)
+        elif entry is not applied and not ours(entry, "Update"):
+            result.append(entry)
+    return result
+
+
+def _union(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """The union of two field sets (``FieldsV1``: nested objects, ``{}`` for a leaf)."""
+    merged = dict(a)
+    for key, value in b.items():
+        before = merged.get(key)
+        merged[key] = (
+            _union(before, value)
+            if isinstance(before, Mapping) and isinstance(value, Mapping)
+            else value
+        )
+    return merged
