@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import copy
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -294,9 +295,9 @@ def queue_metric(name: str, model: str) -> Body:
     }
 
 
-def tenant_query(name: str, model: str) -> str:
+def tenant_query(name: str, model: str, namespaces: Iterable[str] = ("ns",)) -> str:
     return prometheus_metric_group_query(
-        name, {"model": model}, Aggregation.SUM, window_seconds=WINDOW
+        name, {"model": model}, Aggregation.SUM, namespaces, window_seconds=WINDOW
     )
 
 
@@ -311,7 +312,7 @@ def _fleet(services: int) -> tuple[World, dict[str, Answer]]:
     world = World()
     world.pool("l4", nodes=max(1, services // 2), gpus_per_node=4)
     world.pool("a100", nodes=max(1, services // 2), gpus_per_node=4)
-    tenant: dict[str, list[tuple[dict[str, str], float | str]]] = {}
+    tenant: dict[tuple[str, str], list[tuple[dict[str, str], float | str]]] = {}
     for index in range(services):
         metric, model = DECLARATIONS[index % len(DECLARATIONS)]
         namespace, name = f"team-{index % 7}", f"svc-{index}"
@@ -326,11 +327,13 @@ def _fleet(services: int) -> tuple[World, dict[str, Answer]]:
                 queue_metric(metric, model),
             ],
         )
-        tenant.setdefault(tenant_query(metric, model), []).append(
+        tenant.setdefault((metric, model), []).append(
             ({"namespace": namespace, "service": name}, 10.0)
         )
     answers: dict[str, Answer] = {UTIL_QUERY: world.gpu_answer()}
-    answers.update({query: vector(series) for query, series in tenant.items()})
+    for (metric, model), series in tenant.items():
+        namespaces = {labels["namespace"] for labels, _ in series}
+        answers[tenant_query(metric, model, namespaces)] = vector(series)
     return world, answers
 
 
@@ -342,7 +345,8 @@ def test_queries_per_tick_are_three_plus_one_per_tenant_metric(services: int) ->
     [reconciled] = harness.ticks()
 
     gpu = set(gpu_queries(window_seconds=WINDOW).values())
-    tenant = {tenant_query(metric, model) for metric, model in DECLARATIONS}
+    tenant = {query for query in answers if query != UTIL_QUERY}
+    assert len(tenant) == len(DECLARATIONS)
     assert len(harness.prometheus.queries) == 3 + len(DECLARATIONS)
     assert set(harness.prometheus.queries) == gpu | tenant
     assert harness.sample("gpuyard_prometheus_queries_total") == 3 + len(DECLARATIONS)
@@ -482,12 +486,13 @@ def test_a_service_asleep_at_zero_is_decided_again_once_its_wake_metric_moves() 
     key = world.service("team-a", "svc", pool="l4", replicas=0, metrics=[QUEUE], minReplicas=0)
     harness = world.operator({})
     queue = {"namespace": "team-a", "service": "svc"}
-    harness.prometheus.answers[QUEUE_QUERY] = vector([(queue, 0.0)])
+    team_a_query = tenant_query("queue_length", "llama", ["team-a"])
+    harness.prometheus.answers[team_a_query] = vector([(queue, 0.0)])
     asleep = harness.ticks_reading([EMPTY, EMPTY])
     assert asleep[0][key].reason is Reason.NO_DEMAND
     assert asleep[1][key] is asleep[0][key]  # not decided again
 
-    harness.prometheus.answers[QUEUE_QUERY] = vector([(queue, 25.0)])
+    harness.prometheus.answers[team_a_query] = vector([(queue, 25.0)])
     [woken] = harness.ticks_reading([EMPTY], first=2)
     assert woken[key].reason is Reason.WOKEN
     assert woken[key].desired_replicas == 3
