@@ -194,7 +194,7 @@ class World:
             [({"namespace": ns, "pod": pod}, v) for (ns, pod), v in self.gpu_values.items()]
         )
 
-    def operator(self, answers: dict[str, Answer]) -> Harness:
+    def operator(self, answers: dict[str, Answer], **settings: Any) -> Harness:
         indices: dict[str, Any] = {f.name: {} for f in fields(Caches)}
         indices["pools"] = {name: [body] for name, body in self.pools.items()}
         indices["services"] = {key: [body] for key, body in self.services.items()}
@@ -207,7 +207,7 @@ class World:
         prometheus = FakePrometheus(answers)
         op = Operator(
             settings=Settings.model_construct(
-                autoscale_interval=1.0, metrics_window_seconds=WINDOW
+                autoscale_interval=1.0, metrics_window_seconds=WINDOW, **settings
             ),
             kube=cast(Kube, NoKube()),
             metrics=OperatorMetrics(),
@@ -356,6 +356,42 @@ def test_queries_per_tick_are_three_plus_one_per_tenant_metric(services: int) ->
     assert {d.desired_replicas for d in harness.decisions.values()} == {1}
     # A first decision is news: every service goes to the reconcile once.
     assert reconciled == set(world.services)
+
+
+@pytest.mark.parametrize("namespace_label", ["namespace", "tenant_namespace"])
+def test_a_tenant_query_reads_only_the_namespaces_that_declare_it(namespace_label: str) -> None:
+    world = World()
+    world.pool("l4", nodes=4)
+    # Two services declare the same metric with different targets: one query for both.
+    team_a = world.service("team-a", "svc", pool="l4", replicas=1, metrics=[QUEUE])
+    llama_elsewhere = {**QUEUE, "prometheus": {**QUEUE["prometheus"], "targetPerReplica": "5"}}
+    team_b = world.service("team-b", "svc", pool="l4", replicas=1, metrics=[llama_elsewhere])
+    world.service("team-c", "svc", pool="l4", replicas=1, metrics=[queue_metric("q", "other")])
+    world.service("team-d", "svc", pool="l4", replicas=1, utilisation=[50.0])
+    llama = prometheus_metric_group_query(
+        "queue_length", {"model": "llama"}, Aggregation.SUM, ["team-a", "team-b"],
+        window_seconds=WINDOW, namespace_label=namespace_label,
+    )  # fmt: skip
+    other = prometheus_metric_group_query(
+        "q", {"model": "other"}, Aggregation.SUM, ["team-c"],
+        window_seconds=WINDOW, namespace_label=namespace_label,
+    )  # fmt: skip
+    answer = vector(
+        [
+            ({namespace_label: "team-a", "service": "svc"}, 20.0),
+            ({namespace_label: "team-b", "service": "svc"}, 20.0),
+            # A label of the series itself, beside its target's, moves no one.
+            ({"exported_namespace": "team-a", "service": "svc"}, 1000.0),
+        ]
+    )
+    harness = world.operator({llama: answer}, tenant_namespace_label=namespace_label)
+
+    harness.ticks()
+
+    tenant = set(harness.prometheus.queries) - set(gpu_queries(window_seconds=WINDOW).values())
+    assert tenant == {llama, other}
+    assert harness.decisions[team_a].desired_replicas == 2  # 20 / 10
+    assert harness.decisions[team_b].desired_replicas == 4  # 20 / 5
 
 
 def test_gpu_only_services_cost_the_three_gpu_queries() -> None:
