@@ -352,6 +352,7 @@ def synthetic_cluster(services: int, now: datetime) -> tuple[Operator, CannedPro
             nodes[node] = NodeInfo(node, {"gpuyard.io/pool": name}, ready=True,
                                    allocatable={GPU: 8})  # fmt: skip
     placed: dict[str, int] = {}
+    declared: dict[tuple[str, str], list[tuple[dict[str, str], float]]] = {}
     for index in range(services):
         namespace, name = f"team-{index % 50}", f"svc-{index}"
         pool = f"pool-{index % pools}"
@@ -392,11 +393,15 @@ def synthetic_cluster(services: int, now: datetime) -> tuple[Operator, CannedPro
             gpu.append((labels, 58.0 + r))
             gpu_third.append((labels, 58.0 + r + (index % 3 == 0)))
             gpu_all.append((labels, 59.0 + r))
-        query = prometheus_metric_group_query(metric, {"model": model}, Aggregation.SUM,
-                                              window_seconds=WINDOW)  # fmt: skip
-        tenant.setdefault(query, []).append(
+        declared.setdefault((metric, model), []).append(
             ({"namespace": namespace, "service": name}, 8.0 * replicas)
         )
+    # Each declaration's query is scoped to the namespaces that declare it.
+    for (metric, model), series in declared.items():
+        namespaces = {labels["namespace"] for labels, _ in series}
+        query = prometheus_metric_group_query(metric, {"model": model}, Aggregation.SUM,
+                                              namespaces, window_seconds=WINDOW)  # fmt: skip
+        tenant[query] = series
     indices["nodes"] = {name: [info] for name, info in nodes.items()}
     by_node: dict[str, list[PodInfo]] = {}
     for pod_info in pods:

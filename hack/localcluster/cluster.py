@@ -221,6 +221,19 @@ def write_kubeconfig(path: Path, server: str, pki: Path, client: str = "admin") 
 DCGM_EXPORTER_JOB: Final = "dcgm-exporter"
 GPU_EXPORTER_MATCHERS: Final = f'job="{DCGM_EXPORTER_JOB}"'
 
+#: Where a tenant's own scrape targets are registered (a JSON file per target group, under
+#: the targets directory), and their job. Prometheus does not honour their labels, so each
+#: target's ``namespace`` label, which the file gives as Kubernetes service discovery would,
+#: is the target's own and a series claiming another arrives as ``exported_namespace``: the
+#: scrape configuration that docs/autoscaling.md asks of a real install.
+TENANT_TARGETS_SUBDIR: Final = "tenants"
+TENANT_TARGETS_JOB: Final = "tenant-targets"
+
+
+def tenant_targets_dir(state: ClusterState) -> Path:
+    """The file-discovery directory of the tenants' own scrape targets."""
+    return Path(state.prometheus_targets_dir) / TENANT_TARGETS_SUBDIR
+
 
 def prometheus_config(path: Path, sim_address: str, targets_dir: Path, scrape_seconds: int) -> None:
     config = {
@@ -232,17 +245,31 @@ def prometheus_config(path: Path, sim_address: str, targets_dir: Path, scrape_se
             {
                 "job_name": DCGM_EXPORTER_JOB,
                 # dcgm-exporter's pod/namespace labels name the workload, not the exporter:
-                # keep them as they are, as a ServiceMonitor with honorLabels does.
+                # keep them as they are, as a ServiceMonitor with honorLabels does. The
+                # simulator's per-service request gauge comes this way too, as from a
+                # cluster gateway the administrator trusts to speak for every namespace.
                 "honor_labels": True,
                 "static_configs": [{"targets": [sim_address]}],
             },
             {
-                # Other scrape targets (the operator's metrics, a tenant's request-level
-                # metrics) are registered at run time by dropping a JSON file here.
+                # Other scrape targets (the operator's metrics, test doubles) are registered
+                # at run time by dropping a JSON file here. This job honours labels, so its
+                # targets are trusted to name any namespace; a tenant's own targets belong
+                # in the tenants' job below.
                 "job_name": "local",
                 "honor_labels": True,
                 "file_sd_configs": [
                     {"files": [str(targets_dir / "*.json")], "refresh_interval": "1s"}
+                ],
+            },
+            {
+                "job_name": TENANT_TARGETS_JOB,
+                "honor_labels": False,
+                "file_sd_configs": [
+                    {
+                        "files": [str(targets_dir / TENANT_TARGETS_SUBDIR / "*.json")],
+                        "refresh_interval": "1s",
+                    }
                 ],
             },
         ],
@@ -337,7 +364,7 @@ class LocalCluster:
         bins = binaries_dir(build=True)
         version = bins.name.split("-")[1]
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        for sub in ("logs", "etcd", "prometheus", "targets"):
+        for sub in ("logs", "etcd", "prometheus", "targets", f"targets/{TENANT_TARGETS_SUBDIR}"):
             (self.state_dir / sub).mkdir(exist_ok=True)
         pki = self.state_dir / "pki"
         make_certificates(pki)

@@ -29,6 +29,7 @@ def _run(args: argparse.Namespace) -> int:
             "autoscale_interval": args.autoscale_interval,
             "metrics_window_seconds": args.metrics_window,
             "gpu_exporter_matchers": args.gpu_exporter_matchers,
+            "tenant_namespace_label": args.tenant_namespace_label,
             "workers": args.workers,
             "log_level": args.log_level,
             "log_format": args.log_format,
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MATCHERS",
         help='label matchers of the real DCGM exporter\'s series, such as job="dcgm-exporter" '
         "(default none: only plain namespace and pod labels are trusted)",
+    )
+    run.add_argument(
+        "--tenant-namespace-label",
+        metavar="LABEL",
+        help="the scrape-target label that names a tenant metric's namespace (default "
+        "namespace; the Prometheus Operator's enforcedNamespaceLabel where one is set)",
     )
     run.add_argument("--workers", type=int, help="concurrent reconciles (default 8)")
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

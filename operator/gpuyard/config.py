@@ -9,10 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, PlainSerializer, PlainValidator, model_validator
+from pydantic import AfterValidator, Field, PlainSerializer, PlainValidator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from gpuyard.logic.promql import UNIDENTIFIED_EXPORTER, GpuExporter
+from gpuyard.logic.promql import (
+    DEFAULT_TENANT_NAMESPACE_LABEL,
+    UNIDENTIFIED_EXPORTER,
+    GpuExporter,
+    validate_tenant_namespace_label,
+)
 
 
 def _gpu_exporter(value: object) -> GpuExporter:
@@ -28,6 +33,9 @@ def _gpu_exporter(value: object) -> GpuExporter:
 GpuExporterSetting = Annotated[
     GpuExporter, NoDecode, PlainValidator(_gpu_exporter), PlainSerializer(str)
 ]
+
+#: A label name that Prometheus attaches to scrape targets (never an exported_* one).
+TenantNamespaceLabel = Annotated[str, AfterValidator(validate_tenant_namespace_label)]
 
 
 class Settings(BaseSettings):
@@ -70,6 +78,15 @@ class Settings(BaseSettings):
             'service="nvidia-dcgm-exporter"; every GPU query reads only those series, and '
             "only theirs may name the workload through exported_namespace/exported_pod. "
             "Empty: every series is read by its plain namespace and pod labels"
+        ),
+    )
+    tenant_namespace_label: TenantNamespaceLabel = Field(
+        default=DEFAULT_TENANT_NAMESPACE_LABEL,
+        description=(
+            "the label that carries the namespace of a tenant metric's scrape target, as "
+            "Kubernetes service discovery relabelling or the Prometheus Operator's "
+            "enforcedNamespaceLabel sets it; a Prometheus-type metric is read only from "
+            "series whose label names the service's own namespace. Never an exported_* label"
         ),
     )
     metrics_window_seconds: int = Field(

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import copy
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -193,7 +194,7 @@ class World:
             [({"namespace": ns, "pod": pod}, v) for (ns, pod), v in self.gpu_values.items()]
         )
 
-    def operator(self, answers: dict[str, Answer]) -> Harness:
+    def operator(self, answers: dict[str, Answer], **settings: Any) -> Harness:
         indices: dict[str, Any] = {f.name: {} for f in fields(Caches)}
         indices["pools"] = {name: [body] for name, body in self.pools.items()}
         indices["services"] = {key: [body] for key, body in self.services.items()}
@@ -206,7 +207,7 @@ class World:
         prometheus = FakePrometheus(answers)
         op = Operator(
             settings=Settings.model_construct(
-                autoscale_interval=1.0, metrics_window_seconds=WINDOW
+                autoscale_interval=1.0, metrics_window_seconds=WINDOW, **settings
             ),
             kube=cast(Kube, NoKube()),
             metrics=OperatorMetrics(),
@@ -294,9 +295,9 @@ def queue_metric(name: str, model: str) -> Body:
     }
 
 
-def tenant_query(name: str, model: str) -> str:
+def tenant_query(name: str, model: str, namespaces: Iterable[str] = ("ns",)) -> str:
     return prometheus_metric_group_query(
-        name, {"model": model}, Aggregation.SUM, window_seconds=WINDOW
+        name, {"model": model}, Aggregation.SUM, namespaces, window_seconds=WINDOW
     )
 
 
@@ -311,7 +312,7 @@ def _fleet(services: int) -> tuple[World, dict[str, Answer]]:
     world = World()
     world.pool("l4", nodes=max(1, services // 2), gpus_per_node=4)
     world.pool("a100", nodes=max(1, services // 2), gpus_per_node=4)
-    tenant: dict[str, list[tuple[dict[str, str], float | str]]] = {}
+    tenant: dict[tuple[str, str], list[tuple[dict[str, str], float | str]]] = {}
     for index in range(services):
         metric, model = DECLARATIONS[index % len(DECLARATIONS)]
         namespace, name = f"team-{index % 7}", f"svc-{index}"
@@ -326,11 +327,13 @@ def _fleet(services: int) -> tuple[World, dict[str, Answer]]:
                 queue_metric(metric, model),
             ],
         )
-        tenant.setdefault(tenant_query(metric, model), []).append(
+        tenant.setdefault((metric, model), []).append(
             ({"namespace": namespace, "service": name}, 10.0)
         )
     answers: dict[str, Answer] = {UTIL_QUERY: world.gpu_answer()}
-    answers.update({query: vector(series) for query, series in tenant.items()})
+    for (metric, model), series in tenant.items():
+        namespaces = {labels["namespace"] for labels, _ in series}
+        answers[tenant_query(metric, model, namespaces)] = vector(series)
     return world, answers
 
 
@@ -342,7 +345,8 @@ def test_queries_per_tick_are_three_plus_one_per_tenant_metric(services: int) ->
     [reconciled] = harness.ticks()
 
     gpu = set(gpu_queries(window_seconds=WINDOW).values())
-    tenant = {tenant_query(metric, model) for metric, model in DECLARATIONS}
+    tenant = {query for query in answers if query != UTIL_QUERY}
+    assert len(tenant) == len(DECLARATIONS)
     assert len(harness.prometheus.queries) == 3 + len(DECLARATIONS)
     assert set(harness.prometheus.queries) == gpu | tenant
     assert harness.sample("gpuyard_prometheus_queries_total") == 3 + len(DECLARATIONS)
@@ -352,6 +356,42 @@ def test_queries_per_tick_are_three_plus_one_per_tenant_metric(services: int) ->
     assert {d.desired_replicas for d in harness.decisions.values()} == {1}
     # A first decision is news: every service goes to the reconcile once.
     assert reconciled == set(world.services)
+
+
+@pytest.mark.parametrize("namespace_label", ["namespace", "tenant_namespace"])
+def test_a_tenant_query_reads_only_the_namespaces_that_declare_it(namespace_label: str) -> None:
+    world = World()
+    world.pool("l4", nodes=4)
+    # Two services declare the same metric with different targets: one query for both.
+    team_a = world.service("team-a", "svc", pool="l4", replicas=1, metrics=[QUEUE])
+    llama_elsewhere = {**QUEUE, "prometheus": {**QUEUE["prometheus"], "targetPerReplica": "5"}}
+    team_b = world.service("team-b", "svc", pool="l4", replicas=1, metrics=[llama_elsewhere])
+    world.service("team-c", "svc", pool="l4", replicas=1, metrics=[queue_metric("q", "other")])
+    world.service("team-d", "svc", pool="l4", replicas=1, utilisation=[50.0])
+    llama = prometheus_metric_group_query(
+        "queue_length", {"model": "llama"}, Aggregation.SUM, ["team-a", "team-b"],
+        window_seconds=WINDOW, namespace_label=namespace_label,
+    )  # fmt: skip
+    other = prometheus_metric_group_query(
+        "q", {"model": "other"}, Aggregation.SUM, ["team-c"],
+        window_seconds=WINDOW, namespace_label=namespace_label,
+    )  # fmt: skip
+    answer = vector(
+        [
+            ({namespace_label: "team-a", "service": "svc"}, 20.0),
+            ({namespace_label: "team-b", "service": "svc"}, 20.0),
+            # A label of the series itself, beside its target's, moves no one.
+            ({"exported_namespace": "team-a", "service": "svc"}, 1000.0),
+        ]
+    )
+    harness = world.operator({llama: answer}, tenant_namespace_label=namespace_label)
+
+    harness.ticks()
+
+    tenant = set(harness.prometheus.queries) - set(gpu_queries(window_seconds=WINDOW).values())
+    assert tenant == {llama, other}
+    assert harness.decisions[team_a].desired_replicas == 2  # 20 / 10
+    assert harness.decisions[team_b].desired_replicas == 4  # 20 / 5
 
 
 def test_gpu_only_services_cost_the_three_gpu_queries() -> None:
@@ -482,12 +522,13 @@ def test_a_service_asleep_at_zero_is_decided_again_once_its_wake_metric_moves() 
     key = world.service("team-a", "svc", pool="l4", replicas=0, metrics=[QUEUE], minReplicas=0)
     harness = world.operator({})
     queue = {"namespace": "team-a", "service": "svc"}
-    harness.prometheus.answers[QUEUE_QUERY] = vector([(queue, 0.0)])
+    team_a_query = tenant_query("queue_length", "llama", ["team-a"])
+    harness.prometheus.answers[team_a_query] = vector([(queue, 0.0)])
     asleep = harness.ticks_reading([EMPTY, EMPTY])
     assert asleep[0][key].reason is Reason.NO_DEMAND
     assert asleep[1][key] is asleep[0][key]  # not decided again
 
-    harness.prometheus.answers[QUEUE_QUERY] = vector([(queue, 25.0)])
+    harness.prometheus.answers[team_a_query] = vector([(queue, 25.0)])
     [woken] = harness.ticks_reading([EMPTY], first=2)
     assert woken[key].reason is Reason.WOKEN
     assert woken[key].desired_replicas == 3

@@ -483,6 +483,17 @@ def test_gpu_exporter_matchers_reach_the_operator_intact(
     assert settings_from(operator_env(unset), monkeypatch).gpu_exporter_matchers.matchers == ()
 
 
+def test_tenant_namespace_label_reaches_the_operator(
+    default_objects: list[dict[str, Any]], helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert settings_from(operator_env(default_objects), monkeypatch).tenant_namespace_label == (
+        "namespace"
+    )
+    objects = helm.template({"operator": {"tenantNamespaceLabel": "tenant_namespace"}})
+    settings = settings_from(operator_env(objects), monkeypatch)
+    assert settings.tenant_namespace_label == "tenant_namespace"
+
+
 def test_default_usage_goes_to_stdout_only(default_objects: list[dict[str, Any]]) -> None:
     env = operator_env(default_objects)
 

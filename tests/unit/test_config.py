@@ -119,3 +119,30 @@ def test_bad_gpu_exporter_matchers_stop_the_start(
     with pytest.raises(ValidationError, match=message) as refused:
         Settings()
     assert "gpu_exporter_matchers" in str(refused.value)
+
+
+def test_tenant_metrics_are_keyed_by_the_target_namespace_label(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().tenant_namespace_label == "namespace"
+    # The Prometheus Operator's enforcedNamespaceLabel may have another name.
+    monkeypatch.setenv("GPUYARD_TENANT_NAMESPACE_LABEL", "tenant_namespace")
+    assert Settings().tenant_namespace_label == "tenant_namespace"
+
+
+@pytest.mark.parametrize(
+    ("label", "message"),
+    [
+        ("exported_namespace", "any target can set"),
+        ("__meta_kubernetes_namespace", "never reach a series"),
+        ("service", "names the service"),
+        ('namespace="a"', "invalid tenant namespace label"),
+    ],
+)
+def test_a_namespace_label_a_target_can_set_stops_the_start(
+    monkeypatch: pytest.MonkeyPatch, label: str, message: str
+) -> None:
+    monkeypatch.setenv("GPUYARD_TENANT_NAMESPACE_LABEL", label)
+    with pytest.raises(ValidationError, match=message) as refused:
+        Settings()
+    assert "tenant_namespace_label" in str(refused.value)

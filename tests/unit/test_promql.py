@@ -40,6 +40,7 @@ from gpuyard.logic.promql import (
     parse_vector_response,
     prometheus_metric_group_query,
     quote_label_value,
+    validate_tenant_namespace_label,
     validate_tenant_selector,
 )
 
@@ -248,42 +249,49 @@ def _vector(*series: tuple[dict[str, str], str]) -> str:
 
 # --- tenant metric queries: one per distinct declaration, grouped by service ---------------
 
+#: The namespaces of the services that declare a metric, where a test does not care which.
+NS = ("a", "b")
+
 
 def test_tenant_query_shape() -> None:
     query = prometheus_metric_group_query(
-        "vllm:num_requests_waiting", {"model": "llama"}, Aggregation.SUM
+        "vllm:num_requests_waiting", {"model": "llama"}, Aggregation.SUM, ["team-b", "team-a"]
     )
     assert query == (
         "sum by (namespace, service) (avg_over_time("
-        '{__name__="vllm:num_requests_waiting",model="llama"}[30s]))'
+        '{__name__="vllm:num_requests_waiting",namespace=~"team-a|team-b",model="llama"}[30s]))'
     )
 
 
 def test_tenant_query_window_and_aggregation() -> None:
-    query = prometheus_metric_group_query("q", {}, Aggregation.MAX, window_seconds=5)
+    query = prometheus_metric_group_query("q", {}, Aggregation.MAX, ["ns"], window_seconds=5)
     assert parse_tenant_query(query) == (
         "max",
         ["namespace", "service"],
-        [("__name__", "=", "q")],
+        [("__name__", "=", "q"), ("namespace", "=~", "ns")],
         "5s",
     )
 
 
 def test_equal_specs_give_byte_equal_queries() -> None:
     # The tick de-duplicates queries by their text; label order must not matter.
-    one = prometheus_metric_group_query("q", {"b": "2", "a": "1"}, Aggregation.AVG)
-    two = prometheus_metric_group_query("q", {"a": "1", "b": "2"}, Aggregation.AVG)
+    one = prometheus_metric_group_query("q", {"b": "2", "a": "1"}, Aggregation.AVG, NS)
+    two = prometheus_metric_group_query("q", {"a": "1", "b": "2"}, Aggregation.AVG, NS)
     assert one == two
-    assert one != prometheus_metric_group_query("q", {"a": "1", "b": "3"}, Aggregation.AVG)
-    assert one != prometheus_metric_group_query("q", {"a": "1", "b": "2"}, Aggregation.SUM)
+    assert one != prometheus_metric_group_query("q", {"a": "1", "b": "3"}, Aggregation.AVG, NS)
+    assert one != prometheus_metric_group_query("q", {"a": "1", "b": "2"}, Aggregation.SUM, NS)
+    # Namespaces in any order, repeated or not, give the same text too.
+    assert one == prometheus_metric_group_query(
+        "q", {"a": "1", "b": "2"}, Aggregation.AVG, ["b", "a", "b"]
+    )
 
 
 def test_metric_names_that_are_keywords_stay_names() -> None:
     for name in ["sum", "by", "inf", "nan", "offset", "bool", "on"]:
         _, _, matchers, _ = parse_tenant_query(
-            prometheus_metric_group_query(name, {}, Aggregation.SUM)
+            prometheus_metric_group_query(name, {}, Aggregation.SUM, NS)
         )
-        assert matchers == [("__name__", "=", name)]
+        assert matchers == [("__name__", "=", name), ("namespace", "=~", "a|b")]
 
 
 @pytest.mark.parametrize(
@@ -308,7 +316,7 @@ def test_metric_names_that_are_keywords_stay_names() -> None:
 )
 def test_tenant_labels_rejected(labels: dict[str, str]) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - the message varies by rule
-        prometheus_metric_group_query("q", labels, Aggregation.SUM)
+        prometheus_metric_group_query("q", labels, Aggregation.SUM, NS)
 
 
 @pytest.mark.parametrize("metric", ["", "1abc", "a-b", "a b", "a\n", "é", "a{b}", "x" * 201])
@@ -316,13 +324,13 @@ def test_tenant_metric_names_rejected(metric: str) -> None:
     with pytest.raises(ValueError, match="metric name"):
         validate_tenant_selector(metric, {})
     with pytest.raises(ValueError, match="metric name"):
-        prometheus_metric_group_query(metric, {}, Aggregation.SUM)
+        prometheus_metric_group_query(metric, {}, Aggregation.SUM, NS)
 
 
 @pytest.mark.parametrize("window", [0, -1, 86_401, True])
 def test_window_bounds(window: int) -> None:
     with pytest.raises(ValueError, match="window"):
-        prometheus_metric_group_query("q", {}, Aggregation.SUM, window_seconds=window)
+        prometheus_metric_group_query("q", {}, Aggregation.SUM, NS, window_seconds=window)
 
 
 _HOSTILE_PIECES = [
@@ -373,22 +381,92 @@ _SERVICES = st.from_regex(r"[a-z]([-a-z0-9]{0,10}[a-z0-9])?", fullmatch=True)
     metric=st.from_regex(r"[a-zA-Z_:][a-zA-Z0-9_:]{0,30}", fullmatch=True),
     labels=st.dictionaries(_LABEL_NAMES, _HOSTILE_VALUES, max_size=8),
     aggregation=st.sampled_from(Aggregation),
+    namespaces=st.sets(_NAMESPACES, min_size=1, max_size=5),
 )
 def test_hostile_labels_parse_back_to_exactly_the_intended_matchers(
-    metric: str, labels: dict[str, str], aggregation: Aggregation
+    metric: str, labels: dict[str, str], aggregation: Aggregation, namespaces: set[str]
 ) -> None:
-    query = prometheus_metric_group_query(metric, labels, aggregation)
+    query = prometheus_metric_group_query(metric, labels, aggregation, namespaces)
     parsed_aggregation, grouping, matchers, window = parse_tenant_query(query)
     assert parsed_aggregation == aggregation.value
     # The result is keyed by exactly the scope labels, whatever the tenant wrote.
     assert grouping == ["namespace", "service"]
     assert window == "30s"
-    assert matchers == [("__name__", "=", metric)] + [
+    scope = ("namespace", "=~", "|".join(sorted(namespaces)))
+    assert matchers == [("__name__", "=", metric), scope] + [
         (n, "=", v) for n, v in sorted(labels.items())
     ]
-    # No tenant value became a scope matcher, a regex or a negation.
-    assert not {"namespace", "service", "pod"} & {name for name, _, _ in matchers}
-    assert {op for _, op, _ in matchers} == {"="}
+    # No tenant value became a scope matcher, a regex or a negation; the one regex is the
+    # operator's alternation of whole namespace names, which holds no metacharacter.
+    tenant_matchers = matchers[2:]
+    assert not {"namespace", "service", "pod"} & {name for name, _, _ in tenant_matchers}
+    assert {op for _, op, _ in tenant_matchers} <= {"="}
+    assert re.fullmatch(r"[a-z0-9-]+(\|[a-z0-9-]+)*", scope[2])
+
+
+@pytest.mark.parametrize(
+    "namespaces",
+    [
+        [],
+        [""],
+        ["Team-A"],
+        ["a|b"],
+        ["a.*"],
+        [".*"],
+        ["-a"],
+        ["a-"],
+        ["a" * 64],
+        ['a"} or vector(1) #'],
+        ["team-a", "team-b\n"],
+    ],
+)
+def test_tenant_query_namespaces_must_be_namespace_names(namespaces: list[str]) -> None:
+    # The operator derives them from cached AIServices, whose names the API server checked;
+    # anything else is a bug, refused before it can widen the alternation.
+    with pytest.raises(ValueError, match="namespace"):
+        prometheus_metric_group_query("q", {}, Aggregation.SUM, namespaces)
+
+
+def test_the_namespace_label_is_a_setting() -> None:
+    query = prometheus_metric_group_query(
+        "q", {"k": "v"}, Aggregation.SUM, ["a"], namespace_label="tenant_namespace"
+    )
+    assert parse_tenant_query(query) == (
+        "sum",
+        ["tenant_namespace", "service"],
+        [("__name__", "=", "q"), ("tenant_namespace", "=~", "a"), ("k", "=", "v")],
+        "30s",
+    )
+    body = _vector(
+        ({"tenant_namespace": "a", "namespace": "b", "service": "chat"}, "5"),
+        ({"namespace": "a", "service": "embed"}, "7"),
+    )
+    assert parse_grouped_response(body, namespace_label="tenant_namespace") == {("a", "chat"): 5}
+
+
+@pytest.mark.parametrize(
+    "label",
+    ["", "exported_namespace", "exported_tenant", "__meta_kubernetes_namespace", "service",
+     "bad-name", "1x", 'namespace="a"', "x" * 201],
+)  # fmt: skip
+def test_namespace_labels_a_target_cannot_own_are_refused(label: str) -> None:
+    with pytest.raises(ValueError, match="namespace label"):
+        validate_tenant_namespace_label(label)
+    with pytest.raises(ValueError, match="namespace label"):
+        prometheus_metric_group_query("q", {}, Aggregation.SUM, ["a"], namespace_label=label)
+
+
+def test_a_series_that_claims_another_namespace_is_keyed_by_its_target() -> None:
+    """What a tenant's target publishes about another namespace arrives, when Prometheus
+    does not honour its labels, as exported_namespace beside the target's own namespace.
+    The parser reads the target's label alone, unlike the GPU parsers, which read
+    exported_* for the one exporter that the operator trusts."""
+    body = _vector(
+        ({"namespace": "attacker", "exported_namespace": "victim", "service": "chat"}, "100"),
+        ({"exported_namespace": "victim", "service": "chat"}, "100"),
+        ({"namespace": "victim", "exported_service": "chat", "service": "gateway"}, "3"),
+    )
+    assert parse_grouped_response(body) == {("attacker", "chat"): 100, ("victim", "gateway"): 3}
 
 
 _SCOPE_VALUES = st.one_of(_NAMESPACES, _HOSTILE_VALUES)
@@ -841,6 +919,7 @@ def test_queries_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
     gpu_operator_rogue = {**gpu_operator_real, "namespace": "team-x", "pod": "rogue"}
     gpu_operator_exporter = GpuExporter(tuple(sorted(operator_target.items())))
     scope = {"namespace": "team-a", "service": "chat"}
+    claim = {"namespace": "team-x", "exported_namespace": "team-a", "service": "chat"}
     # The near miss (the hostile value less its last character) matches nothing; the other
     # service and the other namespace get series of their own, never a share of team-a/chat.
     expected_tenant = [
@@ -871,6 +950,8 @@ def test_queries_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
                     series("queue", {**scope, "model": hostile[:-1]}, "7x8"),
                     series("queue", {**scope, "service": "other", "model": hostile}, "11x8"),
                     series("queue", {**scope, "namespace": "team-b", "model": hostile}, "13x8"),
+                    # A tenant's target in team-x, not honoured, claiming team-a/chat.
+                    series("queue", {**claim, "model": hostile}, "100x8"),
                 ],
                 "promql_expr_test": [
                     {
@@ -912,10 +993,21 @@ def test_queries_evaluate_as_intended_in_prometheus(tmp_path: Path) -> None:
                     },
                     {
                         "expr": prometheus_metric_group_query(
-                            "queue", {"model": hostile}, Aggregation.SUM
+                            "queue", {"model": hostile}, Aggregation.SUM, ["team-b", "team-a"]
                         ),
                         "eval_time": "1m",
                         "exp_samples": expected_tenant,
+                    },
+                    {
+                        # Where team-x declares the metric too, the claim is its own total.
+                        "expr": prometheus_metric_group_query(
+                            "queue", {"model": hostile}, Aggregation.SUM, ["team-a", "team-x"]
+                        ),
+                        "eval_time": "1m",
+                        "exp_samples": [
+                            *expected_tenant[:2],
+                            {"labels": '{namespace="team-x",service="chat"}', "value": 100},
+                        ],
                     },
                 ],
             }

@@ -128,6 +128,8 @@ then extraEnv.
 - name: GPUYARD_GPU_EXPORTER_MATCHERS
   value: {{ . | quote }}
 {{- end }}
+- name: GPUYARD_TENANT_NAMESPACE_LABEL
+  value: {{ .Values.operator.tenantNamespaceLabel | quote }}
 - name: GPUYARD_AUTOSCALE_INTERVAL
   value: {{ .Values.operator.autoscaleIntervalSeconds | quote }}
 - name: GPUYARD_RESYNC_SECONDS

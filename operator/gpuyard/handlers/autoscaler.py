@@ -38,6 +38,7 @@ from gpuyard.logic.autoscale import (
     share_pool_capacity,
 )
 from gpuyard.logic.promql import (
+    Aggregation,
     GpuSeries,
     PodKey,
     PrometheusResponseError,
@@ -250,26 +251,57 @@ async def _ask(
     ready pod, and each tenant metric's totals by service."""
     window = op.settings.metrics_window_seconds
     gpu = gpu_queries(window_seconds=window, exporter=op.settings.gpu_exporter_matchers)
-    # Each distinct tenant metric is sent once per tick, not per service; equal declarations
-    # give the same text, which is sent once too.
-    tenant: dict[MetricSpec, str] = {}
-    for _, spec in services:
-        for metric in spec.policy.prometheus_metrics:
-            if metric not in tenant and metric.prometheus is not None:
-                source = metric.prometheus
-                tenant[metric] = prometheus_metric_group_query(
-                    source.metric, source.label_map, source.aggregation, window_seconds=window
-                )
+    tenant = _tenant_queries(
+        services, window_seconds=window, namespace_label=op.settings.tenant_namespace_label
+    )
     texts = {text: text for text in tenant.values()}
     by_service = functools.partial(parse_vector_by_owner, owners=ready_pods.owners)
+    by_namespace = functools.partial(
+        parse_grouped_response, namespace_label=op.settings.tenant_namespace_label
+    )
     started = time.monotonic()
     gpu_answers, tenant_answers = await asyncio.gather(
-        _answers(op, gpu, by_service), _answers(op, texts, parse_grouped_response)
+        _answers(op, gpu, by_service), _answers(op, texts, by_namespace)
     )
     if op.prometheus is not None:
         op.metrics.prometheus_query_seconds.observe(time.monotonic() - started)
         op.metrics.prometheus_queries.inc(len(gpu) + len(texts))
     return gpu_answers, {metric: tenant_answers[text] for metric, text in tenant.items()}
+
+
+#: What makes two tenant metric declarations one query: name, matchers and aggregation (the
+#: target and activation value only matter to the decision).
+_Selector = tuple[str, tuple[tuple[str, str], ...], Aggregation]
+
+
+def _tenant_queries(
+    services: list[tuple[ServiceKey, ScalingSpec]], *, window_seconds: int, namespace_label: str
+) -> dict[MetricSpec, str]:
+    """Each tenant metric's query: one per distinct declaration, not per service, scoped to
+    the namespaces of the services that declare it (so it reads none of the shared
+    Prometheus's other namespaces)."""
+    namespaces: dict[_Selector, set[str]] = defaultdict(set)
+    selectors: dict[MetricSpec, _Selector] = {}
+    for (namespace, _), spec in services:
+        for metric in spec.policy.prometheus_metrics:
+            source = metric.prometheus
+            if source is None:
+                continue
+            selector = (source.metric, source.labels, source.aggregation)
+            selectors[metric] = selector
+            namespaces[selector].add(namespace)
+    texts: dict[_Selector, str] = {}
+    for selector, declared_in in namespaces.items():
+        metric_name, labels, aggregation = selector
+        texts[selector] = prometheus_metric_group_query(
+            metric_name,
+            dict(labels),
+            aggregation,
+            declared_in,
+            window_seconds=window_seconds,
+            namespace_label=namespace_label,
+        )
+    return {metric: texts[selector] for metric, selector in selectors.items()}
 
 
 async def _answers(

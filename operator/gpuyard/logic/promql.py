@@ -12,7 +12,7 @@ import json
 import math
 import re
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from gpuyard.api.names import RESERVED_PROMETHEUS_LABELS, ServiceKey
 
 __all__ = [
+    "DEFAULT_TENANT_NAMESPACE_LABEL",
     "DEFAULT_WINDOW_SECONDS",
     "MAX_EXPORTER_MATCHERS",
     "MAX_EXPORTER_VALUE_LENGTH",
@@ -40,6 +41,7 @@ __all__ = [
     "parse_vector_response",
     "prometheus_metric_group_query",
     "quote_label_value",
+    "validate_tenant_namespace_label",
     "validate_tenant_selector",
 ]
 
@@ -51,7 +53,14 @@ MAX_TENANT_LABELS = 8
 MAX_TENANT_LABEL_VALUE_LENGTH = 256
 
 # The names a label takes when Prometheus does not honour the exporter's (read per series).
-_EXPORTED_LABEL = {name: f"exported_{name}" for name in ("namespace", "pod", "service")}
+_EXPORTED_LABEL = {name: f"exported_{name}" for name in ("namespace", "pod")}
+
+#: Where a tenant metric's series carry their scrape target's namespace unless the operator
+#: is told otherwise: the label Kubernetes service discovery relabelling and the Prometheus
+#: Operator attach to a target.
+DEFAULT_TENANT_NAMESPACE_LABEL = "namespace"
+# A Kubernetes namespace name is a DNS label (RFC 1123).
+_NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
@@ -376,39 +385,129 @@ def validate_tenant_selector(metric: str, labels: Mapping[str, str]) -> None:
             raise ValueError(f"value of label {name!r} exceeds {MAX_TENANT_LABEL_VALUE_LENGTH}")
 
 
+def validate_tenant_namespace_label(name: str) -> str:
+    """Return ``name`` if it can be the label that carries a tenant metric's scrape target
+    namespace (the operator's setting), else raise ``ValueError``.
+
+    It must be a label that Prometheus attaches to the target, which is why the
+    ``exported_*`` names are refused: Prometheus gives them to the series' own labels when
+    they collide with the target's, so any target can fill them. Names starting with ``__``
+    never reach a stored series, and ``service`` is the other half of the key.
+    """
+    if not _LABEL_NAME.fullmatch(name) or len(name) > _MAX_METRIC_NAME_LENGTH:
+        raise ValueError(f"invalid tenant namespace label {name!r}")
+    if name.startswith("__"):
+        raise ValueError(f"tenant namespace label {name!r}: __ names never reach a series")
+    if name.startswith("exported_"):
+        raise ValueError(
+            f"tenant namespace label {name!r}: exported_* labels are the scraped series' own, "
+            "which any target can set; name the target label (namespace, or the Prometheus "
+            "Operator's enforcedNamespaceLabel)"
+        )
+    if name == "service":
+        raise ValueError("tenant namespace label 'service': that label names the service")
+    return name
+
+
+def _namespace_scope(label: str, namespaces: Iterable[str]) -> tuple[str, str, str]:
+    """The matcher that keeps a tenant metric query to ``namespaces``: ``(label, "=~", regex)``.
+
+    Each name is held to Kubernetes's rule for a namespace (a DNS label: lower-case letters,
+    digits and ``-``), so the alternation holds no regex metacharacter; PromQL anchors a
+    regex matcher at both ends, so ``a|b`` matches exactly ``a`` or ``b``.
+    """
+    names = sorted(set(namespaces))
+    if not names:
+        raise ValueError("a tenant metric query needs the namespaces that declare the metric")
+    for name in names:
+        if not _NAMESPACE_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not a Kubernetes namespace name")
+    return label, "=~", "|".join(names)
+
+
 def prometheus_metric_group_query(
     metric: str,
     labels: Mapping[str, str],
     aggregation: Aggregation,
+    namespaces: Iterable[str],
     *,
     window_seconds: int = DEFAULT_WINDOW_SECONDS,
+    namespace_label: str = DEFAULT_TENANT_NAMESPACE_LABEL,
 ) -> str:
     """One query for every service that declares the same tenant metric.
 
-    ``sum by (namespace, service) (avg_over_time({__name__="m",k="v"}[30s]))`` answers for
-    all of them at once, so a tick sends one query per distinct metric declaration, not one
-    per service. Scope comes from the grouping: a service reads only the series keyed by
-    its own namespace and name (see :func:`parse_grouped_response`), so one tenant's
-    matchers can never show it another namespace's values. The scope is namespace plus
-    service, never pod: a service at zero replicas has no pods, and a request-level metric
-    (from a gateway or a queue exporter that keeps running) is what wakes it.
+    ``sum by (namespace, service) (avg_over_time({__name__="m",namespace=~"a|b",k="v"}[30s]))``
+    answers for all of them at once, so a tick sends one query per distinct metric
+    declaration, not one per service. ``namespaces`` are those of the services that declare
+    it: the query reads that metric's series of those namespaces and no others, which bounds
+    its cost whatever else the shared Prometheus holds.
+
+    Scope comes from ``namespace_label``, the label Prometheus attaches to the *scrape
+    target* (see docs/autoscaling.md for the configuration that makes it the target's own
+    namespace), and ``service``: a service reads only the series keyed by its own namespace
+    and name (see :func:`parse_grouped_response`). Grouping by exactly these two drops every
+    other label, ``exported_namespace`` included, so a series' claim about another namespace
+    never reaches a key. The scope is namespace plus service, never pod: a service at zero
+    replicas has no pods, and a request-level metric (from a gateway or a queue exporter that
+    keeps running) is what wakes it.
 
     The metric name goes in a ``__name__`` matcher so that a name such as ``sum`` or ``inf``
-    cannot be read as a keyword. Tenant matchers follow in name order, so equal specs give
-    byte-equal queries that the caller de-duplicates by their text.
+    cannot be read as a keyword. The namespaces follow in name order, then the tenant
+    matchers in name order, so equal declarations give byte-equal queries that the caller
+    de-duplicates by their text. A tenant matcher can only narrow the selection: matchers
+    are ANDed, and the scope matcher is always there.
     """
     validate_tenant_selector(metric, labels)
-    pairs = [("__name__", metric), *sorted(labels.items())]
-    selector = _matchers(pairs) + _window(window_seconds)
-    return f"{Aggregation(aggregation).value} by (namespace, service) (avg_over_time({selector}))"
+    validate_tenant_namespace_label(namespace_label)
+    scope_label, operator, alternation = _namespace_scope(namespace_label, namespaces)
+    body = ",".join(
+        [
+            f"__name__={quote_label_value(metric)}",
+            f"{scope_label}{operator}{quote_label_value(alternation)}",
+            *(f"{name}={quote_label_value(value)}" for name, value in sorted(labels.items())),
+        ]
+    )
+    selector = "{" + body + "}" + _window(window_seconds)
+    return (
+        f"{Aggregation(aggregation).value} by ({namespace_label}, service) "
+        f"(avg_over_time({selector}))"
+    )
 
 
-def parse_grouped_response(body: str | bytes | Mapping[str, Any]) -> dict[ServiceKey, float]:
+def parse_grouped_response(
+    body: str | bytes | Mapping[str, Any],
+    *,
+    namespace_label: str = DEFAULT_TENANT_NAMESPACE_LABEL,
+) -> dict[ServiceKey, float]:
     """Map a :func:`prometheus_metric_group_query` result to ``{(namespace, service): value}``.
 
-    Series without both labels belong to no service and are skipped.
+    The namespace is read from ``namespace_label`` and nothing else: unlike the GPU parsers,
+    no ``exported_*`` label ever stands in for it, as that is the label a series claiming
+    another namespace arrives with. Series without both labels belong to no service and are
+    skipped; two series with one key mean the answer is not one of these queries'.
     """
-    return _keyed_vector(_load(body), "service")
+    data = _load(body)
+    if data.get("resultType") != "vector":
+        raise PrometheusResponseError(
+            "UnexpectedResultType", f"expected a vector, got {data.get('resultType')!r}"
+        )
+    result = data.get("result")
+    if not isinstance(result, list):
+        raise PrometheusResponseError("MalformedResponse", "the result is not a list")
+    totals: dict[ServiceKey, float] = {}
+    for item in result:
+        if not (isinstance(item, dict) and isinstance(labels := item.get("metric"), dict)):
+            raise PrometheusResponseError("MalformedResponse", f"bad series {item!r}")
+        value = _sample_value(item.get("value"))
+        namespace, service = labels.get(namespace_label), labels.get("service")
+        if not (isinstance(namespace, str) and namespace and isinstance(service, str) and service):
+            continue
+        if (namespace, service) in totals:
+            raise PrometheusResponseError(
+                "DuplicateSeries", f"two series for {(namespace, service)}"
+            )
+        totals[namespace, service] = value
+    return totals
 
 
 def _load(body: str | bytes | Mapping[str, Any]) -> Mapping[str, Any]:
