@@ -13,20 +13,17 @@ and the victim's own series still drives it.
 from __future__ import annotations
 
 import json
-import os
-import threading
 import urllib.parse
 from collections.abc import Iterator
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from conftest import OperatorProcess
-from gpuyard.logic.promql import quote_label_value
 from localcluster.cluster import ClusterState, tenant_targets_dir
 from localcluster.jsonhttp import http_json
+from scrape_support import ScrapeTarget, sample_line
 from support import Kubectl, wait_until
 
 IMAGE = "registry.example/llm:1"
@@ -42,52 +39,15 @@ METRICS_WINDOW_SECONDS = 5
 AUTOSCALE_INTERVAL = 1
 
 
-class ScrapeTarget:
-    """A scrape target of the test's own: a tiny HTTP server that serves ``exposition``,
-    registered in the local Prometheus's tenant job (file-based discovery, labels not
-    honoured) with ``labels`` as its target labels."""
+def tenant_target(cluster: ClusterState, name: str, labels: dict[str, str]) -> ScrapeTarget:
+    """A target of the local Prometheus's tenant job (file-based discovery, labels not
+    honoured), with ``labels`` as its target labels."""
+    return ScrapeTarget(tenant_targets_dir(cluster) / f"{name}.json", labels)
 
-    def __init__(self, cluster: ClusterState, name: str, labels: dict[str, str]) -> None:
-        self.labels = labels
-        self.exposition = ""
-        self.target_file = tenant_targets_dir(cluster) / f"{name}.json"
-        target = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = target.exposition.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # Prometheus scrapes every second
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def publish(self, value: float, **labels: str) -> None:
-        """Serve one gauge sample of METRIC with ``labels`` of the series' own."""
-        rendered = ",".join(f"{k}={quote_label_value(v)}" for k, v in labels.items())
-        selector = f"{{{rendered}}}" if rendered else ""
-        self.exposition = f"# TYPE {METRIC} gauge\n{METRIC}{selector} {value}\n"
-
-    def __enter__(self) -> ScrapeTarget:
-        self.thread.start()
-        host, port = self.server.server_address[:2]
-        groups = [{"targets": [f"{host!s}:{port}"], "labels": self.labels}]
-        # Written whole and renamed into place: discovery never reads half a file.
-        partial = self.target_file.with_suffix(".partial")
-        partial.write_text(json.dumps(groups))
-        os.replace(partial, self.target_file)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.target_file.unlink(missing_ok=True)
-        self.server.shutdown()
-        self.server.server_close()
+def publish(target: ScrapeTarget, value: float, **labels: str) -> None:
+    """Serve one gauge sample of METRIC with ``labels`` of the series' own."""
+    target.exposition = f"# TYPE {METRIC} gauge\n{sample_line(METRIC, labels, value)}\n"
 
 
 @pytest.fixture
@@ -159,10 +119,10 @@ def test_a_series_claiming_another_namespace_does_not_move_that_namespaces_servi
     running_operator: OperatorProcess,
 ) -> None:
     victim = namespace
-    own = ScrapeTarget(cluster, f"own-{victim}", {"namespace": victim, "service": SERVICE})
-    rogue = ScrapeTarget(cluster, f"rogue-{attacker}", {"namespace": attacker, "pod": "rogue"})
-    own.publish(OWN_QUEUE)
-    rogue.publish(CLAIMED_QUEUE, namespace=victim, service=SERVICE)
+    own = tenant_target(cluster, f"own-{victim}", {"namespace": victim, "service": SERVICE})
+    rogue = tenant_target(cluster, f"rogue-{attacker}", {"namespace": attacker, "pod": "rogue"})
+    publish(own, OWN_QUEUE)
+    publish(rogue, CLAIMED_QUEUE, namespace=victim, service=SERVICE)
     with own, rogue:
         # Both tenants declare the metric, so both namespaces are in the one query's scope:
         # only the key by the target's namespace keeps the claim out of the victim's total.
@@ -211,7 +171,7 @@ def test_a_series_claiming_another_namespace_does_not_move_that_namespaces_servi
         )
 
         # The victim's own series still drives it.
-        own.publish(2)
+        publish(own, 2)
         wait_until(
             lambda: (
                 desired_replicas(kubectl, victim) == 2 and recommended_value(kubectl, victim) == 2

@@ -13,13 +13,10 @@ drive both.
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
 from decimal import ROUND_HALF_EVEN, Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +25,11 @@ import pytest
 from conftest import Loads, OperatorProcess
 from gpuyard.io.ledger import read_ledger
 from gpuyard.logic.metering import UsageRecord
-from gpuyard.logic.promql import gpu_utilization_query, parse_vector_response, quote_label_value
+from gpuyard.logic.promql import gpu_utilization_query, parse_vector_response
 from localcluster.cluster import DCGM_EXPORTER_JOB, ClusterState
 from localcluster.jsonhttp import http_json
 from metering_support import Rig, open_rig
+from scrape_support import ScrapeTarget, sample_line
 from support import Kubectl, wait_until
 
 IMAGE = "registry.example/llm:1"
@@ -45,74 +43,32 @@ METRICS_WINDOW_SECONDS = 5
 AUTOSCALE_INTERVAL = 1
 
 
-class RogueExporter:
-    """A scrape target of the test's own: a tiny HTTP server serving forged DCGM series,
-    registered with the local Prometheus through its file-based service discovery
-    (``targets/*.json``, job ``local``) as a target in a tenant's namespace."""
+def rogue_exporter(cluster: ClusterState, tenant_namespace: str) -> ScrapeTarget:
+    """A target in a tenant's namespace of the local Prometheus's ``local`` job (file-based
+    discovery, ``targets/*.json``)."""
+    return ScrapeTarget(
+        Path(cluster.prometheus_targets_dir) / f"rogue-{tenant_namespace}.json",
+        {"namespace": tenant_namespace, "pod": "rogue-exporter"},
+    )
 
-    def __init__(self, cluster: ClusterState, tenant_namespace: str) -> None:
-        self.tenant_namespace = tenant_namespace
-        self.exposition = ""
-        self.target_file = Path(cluster.prometheus_targets_dir) / f"rogue-{tenant_namespace}.json"
-        rogue = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = rogue.exposition.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass  # Prometheus scrapes every second
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def forge(self, namespace: str, pod: str) -> None:
-        """Claim ``namespace/pod``'s GPU is 100 % busy, in both label spellings."""
-
-        def line(labels: dict[str, str]) -> str:
-            rendered = ",".join(f"{k}={quote_label_value(v)}" for k, v in labels.items())
-            return f"DCGM_FI_DEV_GPU_UTIL{{{rendered}}} {FORGED_PERCENT}"
-
-        self.exposition = "\n".join(
-            [
-                "# TYPE DCGM_FI_DEV_GPU_UTIL gauge",
-                line({"gpu": "0", "UUID": "GPU-rogue-0", "namespace": namespace, "pod": pod}),
-                line(
-                    {
-                        "gpu": "1",
-                        "UUID": "GPU-rogue-1",
-                        "exported_namespace": namespace,
-                        "exported_pod": pod,
-                    }
-                ),
-                "",
-            ]
-        )
-
-    def __enter__(self) -> RogueExporter:
-        self.thread.start()
-        host, port = self.server.server_address[:2]
-        targets = [
-            {
-                "targets": [f"{host!s}:{port}"],
-                "labels": {"namespace": self.tenant_namespace, "pod": "rogue-exporter"},
-            }
+def forge(rogue: ScrapeTarget, namespace: str, pod: str) -> None:
+    """Claim ``namespace/pod``'s GPU is 100 % busy, in both label spellings."""
+    plain = {"gpu": "0", "UUID": "GPU-rogue-0", "namespace": namespace, "pod": pod}
+    exported = {
+        "gpu": "1",
+        "UUID": "GPU-rogue-1",
+        "exported_namespace": namespace,
+        "exported_pod": pod,
+    }
+    rogue.exposition = "\n".join(
+        [
+            "# TYPE DCGM_FI_DEV_GPU_UTIL gauge",
+            sample_line("DCGM_FI_DEV_GPU_UTIL", plain, FORGED_PERCENT),
+            sample_line("DCGM_FI_DEV_GPU_UTIL", exported, FORGED_PERCENT),
+            "",
         ]
-        # Written whole and renamed into place: discovery never reads half a file.
-        partial = self.target_file.with_suffix(".partial")
-        partial.write_text(json.dumps(targets))
-        os.replace(partial, self.target_file)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.target_file.unlink(missing_ok=True)
-        self.server.shutdown()
-        self.server.server_close()
+    )
 
 
 @pytest.fixture
@@ -205,8 +161,8 @@ def test_a_rogue_exporter_moves_neither_replicas_nor_usage_of_another_tenant(
             what=f"the autoscaler to read {REAL_LOAD} %",
         )
 
-        with RogueExporter(cluster, tenant_namespace=f"{namespace}-tenant") as rogue:
-            rogue.forge(namespace, pod)
+        with rogue_exporter(cluster, tenant_namespace=f"{namespace}-tenant") as rogue:
+            forge(rogue, namespace, pod)
 
             # Both forgeries are in Prometheus, and read by plain labels from every job (as
             # a query that does not know the exporter would), the victim's pod looks busier.
