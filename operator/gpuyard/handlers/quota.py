@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuyard.api.names import ServiceKey
-from gpuyard.api.pool import GPUPool
 from gpuyard.handlers.context import Operator
 from gpuyard.logic.pool_accounting import PoolUsage
 from gpuyard.logic.quota import QuotaClaim, QuotaVerdict, quota_verdict
@@ -56,14 +55,14 @@ def namespace_on_pool(
     op: Operator,
     key: ServiceKey,
     *,
-    pool: GPUPool,
+    pool_name: str,
     usage: PoolUsage,
     gpus_per_replica: int,
 ) -> NamespaceOnPool:
     namespace = key[0]
     siblings = []
     minimum = 0
-    for sibling in op.caches.services_of_pool(pool.name):
+    for sibling in op.caches.services_of_pool(pool_name):
         body = op.caches.service(sibling)
         if sibling == key or sibling[0] != namespace or body is None:
             continue

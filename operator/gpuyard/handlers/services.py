@@ -103,7 +103,7 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
     tenant = None
     if pool is not None and usage is not None:
         gpus = service.spec.gpus_per_replica
-        tenant = namespace_on_pool(op, key, pool=pool, usage=usage, gpus_per_replica=gpus)
+        tenant = namespace_on_pool(op, key, pool_name=pool.name, usage=usage, gpus_per_replica=gpus)
     admission = check_service(
         service,
         pool,
@@ -152,11 +152,15 @@ async def _apply_children(op: Operator, it: _Accepted) -> _Applied:
         live=live_replicas,
     )
     # Whoever chose `wanted` (the autoscaler, `kubectl scale` in mode Off), the namespace's
-    # quota on the pool caps what is applied; the siblings' fair shares read `wanted`.
-    op.quota_wants[it.key] = wanted
+    # quota on the pool caps what is applied. The siblings' fair shares read the claim: what
+    # it would run without the quota (the autoscaler's count before its quota cut).
+    claim = wanted
+    if it.decision is not None and it.service.spec.autoscaling.mode == "Auto":
+        claim = max(wanted, it.decision.quota_wanted_replicas or 0)
+    op.quota_wants[it.key] = claim
     gpus = it.service.spec.gpus_per_replica
     quota = it.tenant.verdict(
-        it.pool.spec.max_gpus_per_namespace, gpus_per_replica=gpus, wanted_replicas=wanted
+        it.pool.spec.max_gpus_per_namespace, gpus_per_replica=gpus, wanted_replicas=claim
     )
     replicas = wanted
     if quota.max_replicas is not None and quota.max_replicas < wanted:
@@ -180,7 +184,7 @@ async def _apply_children(op: Operator, it: _Accepted) -> _Applied:
             await _apply(op, network, live_network)
     elif live_network is not None:
         await op.io(op.kube.delete, "v1", "Service", it.key[0], it.key[1])
-    return _Applied(replicas=replicas, wanted=wanted, quota=quota)
+    return _Applied(replicas=replicas, wanted=claim, quota=quota)
 
 
 async def _apply(op: Operator, desired: dict[str, Any], live: dict[str, Any] | None) -> None:
@@ -213,9 +217,9 @@ def _desired_status(op: Operator, it: _Accepted, applied: _Applied) -> dict[str,
         fitting_replicas=it.usage.replicas_that_fit(gpus),
     )
     decision = it.decision
-    if applied.quota.limited and decision is not None:
-        # The quota cut what the autoscaler (or spec.replicas) asked for: the recommendation
-        # says so, as for the other limits.
+    if decision is not None and replicas < decision.desired_replicas:
+        # The quota cut what the autoscaler (or spec.replicas) asked for here, not in the
+        # decision (a sibling's claim moved since, or mode Off): the recommendation says so.
         decision = replace(
             decision, desired_replicas=replicas, limiting_factor=LimitingFactor.QUOTA
         )
