@@ -25,7 +25,7 @@ from gpuyard.api.service import AIService
 from gpuyard.handlers.context import Operator
 from gpuyard.handlers.quota import NamespaceOnPool, namespace_on_pool
 from gpuyard.logic.admission import AdmissionResult, check_service
-from gpuyard.logic.autoscale import Decision
+from gpuyard.logic.autoscale import Decision, Mode
 from gpuyard.logic.children import build_deployment, build_service, owner_reference, selector_string
 from gpuyard.logic.conditions import (
     QUOTA_LIMITED,
@@ -77,6 +77,8 @@ class _Applied:
     replicas: int
     wanted: int
     quota: QuotaVerdict
+    #: Whether the quota cut the count applied here (below what spec or decision asked).
+    cut_by_quota: bool
 
 
 async def reconcile_service(op: Operator, key: ServiceKey) -> None:
@@ -184,7 +186,7 @@ async def _apply_children(op: Operator, it: _Accepted) -> _Applied:
             await _apply(op, network, live_network)
     elif live_network is not None:
         await op.io(op.kube.delete, "v1", "Service", it.key[0], it.key[1])
-    return _Applied(replicas=replicas, wanted=claim, quota=quota)
+    return _Applied(replicas=replicas, wanted=claim, quota=quota, cut_by_quota=replicas < wanted)
 
 
 async def _apply(op: Operator, desired: dict[str, Any], live: dict[str, Any] | None) -> None:
@@ -217,7 +219,12 @@ def _desired_status(op: Operator, it: _Accepted, applied: _Applied) -> dict[str,
         fitting_replicas=it.usage.replicas_that_fit(gpus),
     )
     decision = it.decision
-    if decision is not None and replicas < decision.desired_replicas:
+    if (
+        decision is not None
+        and applied.cut_by_quota
+        and decision.mode is not Mode.RECOMMEND  # a recommendation applies nothing
+        and replicas < decision.desired_replicas
+    ):
         # The quota cut what the autoscaler (or spec.replicas) asked for here, not in the
         # decision (a sibling's claim moved since, or mode Off): the recommendation says so.
         decision = replace(
