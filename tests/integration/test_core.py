@@ -803,11 +803,6 @@ def test_bad_input_is_not_accepted_and_creates_nothing_until_fixed(
     assert pod["spec"]["containers"][0]["resources"]["limits"][GPU] == str(gpus)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="admission checks the quota against minReplicas only; spec.replicas (mode Off) "
-    "or an autoscaler decision above it is applied in full",
-)
 def test_the_namespace_quota_holds_when_the_service_is_scaled(
     kubectl: Kubectl, namespace: str, gpu_pools: Pools
 ) -> None:
@@ -830,6 +825,9 @@ def test_the_namespace_quota_holds_when_the_service_is_scaled(
     service = wait_until(reconciled, what="the scaled service to be reconciled")
     deployment = kubectl.json("get", "deployment", "-n", namespace, "greedy")
     assert deployment["spec"]["replicas"] <= quota, service["status"]  # 1 GPU per replica
+    limited = condition(service, "QuotaLimited")
+    assert limited is not None, service["status"]
+    assert (limited["status"], limited["reason"]) == ("True", "QuotaCapsReplicas")
 
 
 def test_a_bad_service_does_not_stop_the_others(

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from gpuyard.api.names import ServiceKey
 from gpuyard.api.pool import GPUPool
-from gpuyard.api.reasons import Reason
+from gpuyard.api.reasons import LimitingFactor, Reason
 from gpuyard.api.service import AIService
 from gpuyard.config import Settings
 from gpuyard.handlers.autoscaler import Autoscaler, pool_is_no_limit
@@ -707,6 +707,53 @@ def test_free_gpus_are_shared_fairly_among_the_services_that_want_them() -> None
     assert not decisions[alone].capacity_limited
     assert decisions[steady].mode is Mode.RECOMMEND
     assert not decisions[steady].capacity_limited
+
+
+def test_replicas_a_namespace_quota_cuts_take_no_free_gpus_from_the_pool() -> None:
+    """Two 4-GPU nodes and a quota of 3 GPUs per namespace. `q` (namespace z) holds its 3;
+    `capped` (x) and `p` (y) hold 1 each and want 6, of which the quota lets each run 3.
+    The 3 free GPUs are shared over what the quota lets them run: `capped` gets 2 more
+    and is limited by the quota alone, `p` gets 1 more and lacks one GPU of the pool (not
+    the four that wanting 6 would claim)."""
+    world = World()
+    world.pool("l4", nodes=2, gpus_per_node=4)
+    world.pools["l4"]["spec"]["maxGpusPerNamespace"] = 3
+    ten = [{"type": "GPUUtilization", "targetPercent": 10}]
+    q = world.service("z", "q", pool="l4", replicas=3, utilisation=[10.0], metrics=ten)
+    capped = world.service("x", "capped", pool="l4", replicas=1, utilisation=[60.0], metrics=ten)
+    p = world.service("y", "p", pool="l4", replicas=1, utilisation=[60.0], metrics=ten)
+    harness = world.operator({UTIL_QUERY: world.gpu_answer()})
+    assert harness.op.pool_usage["l4"].available == 3
+
+    harness.ticks()
+
+    decisions = harness.decisions
+    assert decisions[q].desired_replicas == 3
+    assert not decisions[q].quota_limited
+    first, second = decisions[capped], decisions[p]
+    assert (first.desired_replicas, second.desired_replicas) == (3, 2)
+    assert first.limiting_factor is LimitingFactor.QUOTA
+    assert (first.quota_limited, first.quota_missing_gpus) == (True, 3)
+    assert not first.capacity_limited
+    assert second.limiting_factor is LimitingFactor.CAPACITY
+    assert (second.capacity_limited, second.missing_gpus) == (True, 1)
+    assert (second.quota_limited, second.quota_wanted_replicas) == (True, 6)
+
+
+def test_a_lowered_quota_cuts_below_the_current_count() -> None:
+    world = World()
+    world.pool("l4", nodes=1, gpus_per_node=8)
+    world.pools["l4"]["spec"]["maxGpusPerNamespace"] = 2
+    ten = [{"type": "GPUUtilization", "targetPercent": 10}]
+    big = world.service("x", "big", pool="l4", replicas=5, utilisation=[10.0], metrics=ten)
+    harness = world.operator({UTIL_QUERY: world.gpu_answer()})
+
+    harness.ticks()
+
+    decision = harness.decisions[big]
+    assert decision.desired_replicas == 2
+    assert decision.limiting_factor is LimitingFactor.QUOTA
+    assert decision.quota_missing_gpus == 3
 
 
 def test_the_share_counts_gpus_not_replicas() -> None:

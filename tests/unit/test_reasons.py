@@ -68,5 +68,5 @@ def test_the_old_examples_would_have_been_caught() -> None:
 
 
 def test_word_list_reads_as_prose() -> None:
-    assert word_list(LimitingFactor).endswith("Budget or Capacity")
+    assert word_list(LimitingFactor).endswith("Budget, Capacity or Quota")
     assert word_list(Reason).startswith("MetricAboveTarget, MetricBelowTarget, ")

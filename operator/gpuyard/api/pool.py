@@ -108,7 +108,9 @@ class GPUPoolSpec(ApiModel):
     namespace_selector: LabelSelector | None = None
     """Namespaces allowed to use the pool; absent means every namespace."""
     max_gpus_per_namespace: Annotated[int, Field(ge=0, le=MAX_GPU_COUNT)] | None = None
-    """Quota: most GPUs of this pool that one namespace may hold; absent means no quota."""
+    """Quota: most GPUs of this pool that one namespace may hold, at every replica change
+    (the namespace's services share it fairly; lowering it scales them down); absent means
+    no quota."""
     utilization_metric: Literal["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_PROF_GR_ENGINE_ACTIVE"] = (
         "DCGM_FI_DEV_GPU_UTIL"
     )

@@ -42,6 +42,7 @@ class LimitingFactor(StrEnum):
     MAX_REPLICAS = "MaxReplicas"
     BUDGET = "Budget"
     CAPACITY = "Capacity"
+    QUOTA = "Quota"
 
 
 def word_list(words: type[StrEnum]) -> str:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from gpuyard.api.names import ServiceKey
 from gpuyard.handlers.context import Operator
+from gpuyard.handlers.quota import namespace_on_pool
 from gpuyard.handlers.scaling import Read, ScalingSpec, Unavailable
 from gpuyard.io.prometheus import Prometheus, PrometheusUnavailableError
 from gpuyard.logic.autoscale import (
@@ -68,6 +69,8 @@ class _Candidate:
     state: ScalingState
     reads: dict[MetricSpec, Read]
     samples: dict[MetricSpec, MetricSample]
+    #: What its namespace's quota on the pool lets it run (None: no quota).
+    quota_max_replicas: int | None = None
 
 
 class Autoscaler:
@@ -124,9 +127,21 @@ class Autoscaler:
                 continue
             made += 1
             candidate = _Candidate(
-                key=key, spec=spec, state=state, reads=reads, samples=_samples(reads, now)
+                key=key,
+                spec=spec,
+                state=state,
+                reads=reads,
+                samples=_samples(reads, now),
+                quota_max_replicas=_quota_max_replicas(op, key, spec, state),
             )
-            wanted = decide(candidate.samples, state, spec.policy, None, now)
+            wanted = decide(
+                candidate.samples,
+                state,
+                spec.policy,
+                None,
+                now,
+                quota_max_replicas=candidate.quota_max_replicas,
+            )
             if wanted.desired_replicas > state.current_replicas:
                 growing.append((candidate, wanted))
             else:
@@ -139,7 +154,14 @@ class Autoscaler:
             decision = wanted
             if not pool_is_no_limit(wanted, share):
                 policy = candidate.spec.policy
-                decision = decide(candidate.samples, candidate.state, policy, share, now)
+                decision = decide(
+                    candidate.samples,
+                    candidate.state,
+                    policy,
+                    share,
+                    now,
+                    quota_max_replicas=candidate.quota_max_replicas,
+                )
             _settle(op, candidate, decision, shown)
         for reason, count in shown.items():
             op.metrics.autoscaler_decisions.labels(reason=reason).inc(count)
@@ -205,19 +227,39 @@ def _fair_shares(op: Operator, growing: list[tuple[_Candidate, Decision]]) -> di
     return shares
 
 
+def _quota_max_replicas(
+    op: Operator, key: ServiceKey, spec: ScalingSpec, state: ScalingState
+) -> int | None:
+    """What the namespace's quota on the pool lets the service run, whatever it wants: the
+    decision is capped by it (limiting factor Quota) before the pool's free GPUs are shared,
+    so replicas the quota cuts take no free GPUs from the services that can use them."""
+    quota = spec.namespace_quota
+    usage = op.pool_usage.get(spec.pool_name)
+    if quota is None or usage is None:
+        return None
+    gpus = spec.policy.gpus_per_replica
+    tenant = namespace_on_pool(
+        op, key, pool_name=spec.pool_name, usage=usage, gpus_per_replica=gpus
+    )
+    # Asking for the most it could want gives its whole share: a share below it is the
+    # same as the share of any smaller want, capped at that want.
+    most = max(spec.policy.max_replicas, spec.policy.manual_replicas or 0, state.current_replicas)
+    return tenant.verdict(quota, gpus_per_replica=gpus, wanted_replicas=most).max_replicas
+
+
 def pool_is_no_limit(wanted: Decision, share: int | None) -> bool:
     """Whether ``decide`` with this capacity share would return ``wanted`` unchanged.
 
     ``decide`` caps the count at ``max(share, current)`` after the budget. Without a budget
     cut, the count before the caps is ``wanted.desired_replicas``; a cap at or above it moves
-    nothing and flags nothing, so the second call can be skipped. With a budget cut the
-    count before the caps is unknown here: decide again.
+    nothing and flags nothing, so the second call can be skipped. With a budget or quota
+    cut the count before the caps is unknown here: decide again.
     """
     if share is None:
         return True
-    return not wanted.budget_limited and max(share, wanted.current_replicas) >= (
-        wanted.desired_replicas
-    )
+    if wanted.budget_limited or wanted.quota_limited:
+        return False
+    return max(share, wanted.current_replicas) >= (wanted.desired_replicas)
 
 
 def _services(op: Operator) -> list[tuple[ServiceKey, ScalingSpec]]:

@@ -153,6 +153,9 @@ class Operator:
         default_factory=dict
     )
     deployment_reads: dict[ServiceKey, tuple[Any, ...]] = field(default_factory=dict)
+    #: The replicas each service would run without its namespace's quota, as its last
+    #: reconcile computed them (0 while refused): its claim in its siblings' fair shares.
+    quota_wants: dict[ServiceKey, int] = field(default_factory=dict)
     #: Services refused at the last reconcile, with the reason (for logs and metrics).
     not_accepted: dict[ServiceKey, str] = field(default_factory=dict)
 
@@ -184,6 +187,7 @@ class Operator:
         self.service_reads.pop(key, None)
         self.deployment_reads.pop(key, None)
         self.usage_problems.pop(Account(*key), None)
+        self.quota_wants.pop(key, None)
         self.set_refused(key, None)
 
     def remember_reads(self, key: ServiceKey, body: Mapping[str, Any]) -> None:

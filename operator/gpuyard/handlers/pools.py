@@ -48,11 +48,16 @@ async def reconcile_pool(op: Operator, name: str) -> None:
         )
     if previous_usage is None or previous_usage.available != usage.available:
         # Freed or taken GPUs change only the services that wait for GPUs or hold a
-        # CapacityLimited verdict; every other service of the pool is unaffected.
+        # CapacityLimited or QuotaLimited verdict; every other service of the pool is unaffected.
         for key in op.caches.services_of_pool(name):
             service = op.caches.service(key)
             status = (service or {}).get("status") or {}
-            limited = find_condition(status.get("conditions"), "CapacityLimited")
+            conditions = status.get("conditions")
             waiting = (status.get("readyReplicas") or 0) < (status.get("desiredReplicas") or 0)
-            if waiting or (limited is not None and limited.get("status") == "True"):
+            # A service the namespace quota cuts may grow into GPUs its siblings just freed.
+            limited = any(
+                (find_condition(conditions, kind) or {}).get("status") == "True"
+                for kind in ("CapacityLimited", "QuotaLimited")
+            )
+            if waiting or limited:
                 op.service_queue.add(key)

@@ -55,6 +55,8 @@ class ScalingSpec:
     #: The pool's DCGM series for GPU utilisation (MIG slices report another one).
     utilization_series: GpuSeries
     policy: ScalingPolicy
+    #: The pool's maxGpusPerNamespace (None: no quota).
+    namespace_quota: int | None = None
 
 
 @dataclass(slots=True, kw_only=True)
@@ -237,6 +239,7 @@ class ScalingBook:
             pool_name=pool.name,
             utilization_series=GpuSeries(pool.spec.utilization_metric),
             policy=replace(policy, metrics=metrics),
+            namespace_quota=pool.spec.max_gpus_per_namespace,
         )
 
 
@@ -258,15 +261,18 @@ def _visible(decision: Decision) -> tuple[Any, ...]:
         decision.capacity_limited,
         decision.missing_gpus,
         decision.budget_limited,
+        decision.quota_limited,
+        decision.quota_missing_gpus,
         decision.metrics_available,
         decision.metrics_unavailable_reason,
         # The message is shown by the conditions that are not in their quiet state
-        # (MetricsAvailable not True, BudgetLimited or CapacityLimited True): there it
-        # must stay current, or a restart would find it stale and write it.
+        # (MetricsAvailable not True, BudgetLimited, CapacityLimited or QuotaLimited True):
+        # there it must stay current, or a restart would find it stale and write it.
         decision.message
         if decision.metrics_available is not True
         or decision.budget_limited
         or decision.capacity_limited
+        or decision.quota_limited
         else None,
     )
 

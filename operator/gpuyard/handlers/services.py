@@ -3,13 +3,15 @@
 Level-triggered: the same function runs for a create, an update, a hand edit of a child,
 a pool that changed, a restart. It reads everything from the caches, asks the pure core
 what should exist, and writes only differences. A service the pool refuses gets
-``Accepted=False`` and its children are neither created nor changed.
+``Accepted=False``: its children are not created, and a Deployment it already has is
+scaled to zero (nothing else of it changes), so a revoked admission stops its GPUs. The
+namespace's quota on the pool caps the replicas applied at every change (``handlers.quota``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,22 +20,28 @@ from pydantic import ValidationError
 from gpuyard import FIELD_MANAGER
 from gpuyard.api.names import ServiceKey
 from gpuyard.api.pool import GPUPool
+from gpuyard.api.reasons import LimitingFactor
 from gpuyard.api.service import AIService
 from gpuyard.handlers.context import Operator
+from gpuyard.handlers.quota import NamespaceOnPool, namespace_on_pool
 from gpuyard.logic.admission import AdmissionResult, check_service
-from gpuyard.logic.autoscale import Decision
+from gpuyard.logic.autoscale import Decision, Mode
 from gpuyard.logic.children import build_deployment, build_service, owner_reference, selector_string
 from gpuyard.logic.conditions import (
+    QUOTA_LIMITED,
     ConditionUpdate,
     accepted_condition,
     apply_conditions,
     capacity_condition,
+    find_condition,
+    quota_condition,
     ready_condition,
     usage_reported_condition,
 )
 from gpuyard.logic.drift import fields_taken_over, needs_apply, with_applied_hash
 from gpuyard.logic.metering import Account
 from gpuyard.logic.pool_accounting import PoolUsage, compute_pool_usage
+from gpuyard.logic.quota import QuotaVerdict
 from gpuyard.logic.replicas import target_replicas
 from gpuyard.logic.scaling_status import autoscaler_conditions, recommendation
 from gpuyard.logic.status import (
@@ -59,6 +67,18 @@ class _Accepted:
     decision: Decision | None
     live: dict[str, Any] | None
     now: datetime
+    tenant: NamespaceOnPool
+
+
+@dataclass(frozen=True)
+class _Applied:
+    """The replica count applied, and what the namespace's quota made of the wanted one."""
+
+    replicas: int
+    wanted: int
+    quota: QuotaVerdict
+    #: Whether the quota cut the count applied here (below what spec or decision asked).
+    cut_by_quota: bool
 
 
 async def reconcile_service(op: Operator, key: ServiceKey) -> None:
@@ -82,14 +102,20 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
         return
     pool = _pool(op, service.spec.pool)
     usage = _pool_usage(op, pool) if pool is not None else None
+    tenant = None
+    if pool is not None and usage is not None:
+        gpus = service.spec.gpus_per_replica
+        tenant = namespace_on_pool(op, key, pool_name=pool.name, usage=usage, gpus_per_replica=gpus)
     admission = check_service(
         service,
         pool,
         pool_usage_status(usage) if usage is not None else None,
         op.caches.namespace_labels(key[0]) or {},
-        usage.namespace_allocated(key[0], excluding_service=key[1]) if usage else 0,
+        # Siblings count with what they are sure to keep, not with all they hold: the
+        # quota is shared fairly, and they give back what is above their share.
+        tenant.admission_gpus if tenant is not None else 0,
     )
-    if not admission.accepted or pool is None or usage is None:
+    if not admission.accepted or pool is None or usage is None or tenant is None:
         await _refuse(op, key, body, admission, now)
         return
     if key in op.not_accepted:
@@ -97,8 +123,9 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
     live = op.caches.deployment(key)
     op.remember_deployment(key, live)
     decision = _decision(op, key, service=service, pool=pool, live=live, now=now)
-    accepted = _Accepted(key, body, service, pool, usage, admission, decision, live, now)
-    replicas = await _apply_children(op, accepted)
+    accepted = _Accepted(key, body, service, pool, usage, admission, decision, live, now, tenant)
+    applied = await _apply_children(op, accepted)
+    replicas = applied.replicas
     ready = int(((accepted.live or {}).get("status") or {}).get("readyReplicas") or 0)
     op.metrics.service_replicas.labels(key[0], key[1], "desired").set(replicas)
     op.metrics.service_replicas.labels(key[0], key[1], "ready").set(ready)
@@ -107,24 +134,50 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
         # watch event brings: it queues behind every service still waiting for its
         # Deployment (the work queue's urgent lane), and finds the Deployment cached.
         return
-    await _write_status(op, key, body, _desired_status(op, accepted, replicas))
+    was_limited = find_condition((body.get("status") or {}).get("conditions"), QUOTA_LIMITED)
+    desired = _desired_status(op, accepted, applied)
+    await _write_status(op, key, body, desired)
+    if applied.quota.limited and (was_limited or {}).get("status") != "True":
+        limited = find_condition(desired.get("conditions"), QUOTA_LIMITED) or {}
+        await op.io(
+            op.kube.post_event, body, QUOTA_LIMITED, limited.get("message", ""), now, "Warning"
+        )
 
 
-async def _apply_children(op: Operator, it: _Accepted) -> int:
+async def _apply_children(op: Operator, it: _Accepted) -> _Applied:
     """Apply the Deployment (and Service) where they differ; return the replica count."""
     live_replicas = it.live["spec"].get("replicas") if it.live else None
-    replicas = target_replicas(
+    wanted = target_replicas(
         it.service.spec,
         decided=it.decision.desired_replicas if it.decision is not None else None,
         persisted=(it.body.get("status") or {}).get("desiredReplicas"),
         live=live_replicas,
     )
+    # Whoever chose `wanted` (the autoscaler, `kubectl scale` in mode Off), the namespace's
+    # quota on the pool caps what is applied. The siblings' fair shares read the claim: what
+    # it would run without the quota (the autoscaler's count before its quota cut).
+    claim = wanted
+    if it.decision is not None and it.service.spec.autoscaling.mode == "Auto":
+        claim = max(wanted, it.decision.quota_wanted_replicas or 0)
+    op.quota_wants[it.key] = claim
+    gpus = it.service.spec.gpus_per_replica
+    quota = it.tenant.verdict(
+        it.pool.spec.max_gpus_per_namespace, gpus_per_replica=gpus, wanted_replicas=claim
+    )
+    replicas = wanted
+    if quota.max_replicas is not None and quota.max_replicas < wanted:
+        replicas = quota.max_replicas
+    if quota.waits_for_siblings:
+        # Siblings hold part of this one's fair share: their reconciles give it back.
+        for sibling in op.caches.services_of_pool(it.pool.name):
+            if sibling[0] == it.key[0] and sibling != it.key:
+                op.service_queue.add(sibling)
     owner = owner_reference(it.service)
     deployment = with_applied_hash(build_deployment(it.service, it.pool, replicas, owner))
     if needs_apply(deployment, it.live):
         await _apply(op, deployment, it.live)
         if live_replicas is not None and live_replicas != replicas:
-            await _announce_scale(op, it, live_replicas, replicas)
+            await _announce_scale(op, it, live_replicas, replicas, quota)
     network = build_service(it.service, it.pool, owner)
     live_network = op.caches.network_service(it.key)
     if network is not None:
@@ -133,7 +186,7 @@ async def _apply_children(op: Operator, it: _Accepted) -> int:
             await _apply(op, network, live_network)
     elif live_network is not None:
         await op.io(op.kube.delete, "v1", "Service", it.key[0], it.key[1])
-    return replicas
+    return _Applied(replicas=replicas, wanted=claim, quota=quota, cut_by_quota=replicas < wanted)
 
 
 async def _apply(op: Operator, desired: dict[str, Any], live: dict[str, Any] | None) -> None:
@@ -149,7 +202,8 @@ async def _apply(op: Operator, desired: dict[str, Any], live: dict[str, Any] | N
     await op.io(op.kube.apply, desired)
 
 
-def _desired_status(op: Operator, it: _Accepted, replicas: int) -> dict[str, Any]:
+def _desired_status(op: Operator, it: _Accepted, applied: _Applied) -> dict[str, Any]:
+    replicas = applied.replicas
     current_status: dict[str, Any] = it.body.get("status") or {}
     live_status = (it.live or {}).get("status") or {}
     current_replicas = int(live_status.get("replicas") or 0)
@@ -164,7 +218,27 @@ def _desired_status(op: Operator, it: _Accepted, replicas: int) -> dict[str, Any
         resource_name=it.pool.spec.resource_name,
         fitting_replicas=it.usage.replicas_that_fit(gpus),
     )
-    scaling = autoscaler_conditions(it.decision)
+    decision = it.decision
+    if (
+        decision is not None
+        and applied.cut_by_quota
+        and decision.mode is not Mode.RECOMMEND  # a recommendation applies nothing
+        and replicas < decision.desired_replicas
+    ):
+        # The quota cut what the autoscaler (or spec.replicas) asked for here, not in the
+        # decision (a sibling's claim moved since, or mode Off): the recommendation says so.
+        decision = replace(
+            decision, desired_replicas=replicas, limiting_factor=LimitingFactor.QUOTA
+        )
+    quota = quota_condition(
+        applied.quota,
+        quota=it.pool.spec.max_gpus_per_namespace,
+        wanted_replicas=applied.wanted,
+        namespace=it.key[0],
+        pool_name=it.pool.name,
+        resource_name=it.pool.spec.resource_name,
+    )
+    scaling = autoscaler_conditions(decision)
     # The autoscaler's verdict on capacity (the pool cut what it wanted) outranks the
     # placement check, which only sees replicas already asked for.
     capacity = next((c for c in scaling if c.type == placement.type), placement)
@@ -180,6 +254,7 @@ def _desired_status(op: Operator, it: _Accepted, replicas: int) -> dict[str, Any
     conditions = apply_conditions(
         current_status.get("conditions"),
         [accepted_condition(it.admission), ready, capacity]
+        + ([quota] if quota is not None else [])
         + [c for c in scaling if c.type != capacity.type]
         + _usage_conditions(op, it.key),
         generation,
@@ -192,7 +267,7 @@ def _desired_status(op: Operator, it: _Accepted, replicas: int) -> dict[str, Any
         desired_replicas=replicas,
         selector=selector_string(it.service),
         gpu_type=it.pool.spec.gpu_type,
-        recommendation=recommendation(it.decision, current_status.get("recommendation"), it.now),
+        recommendation=recommendation(decision, current_status.get("recommendation"), it.now),
         last_scale_time=it.decision.state.last_scale_time if it.decision else None,
         conditions=conditions,
     )
@@ -201,13 +276,22 @@ def _desired_status(op: Operator, it: _Accepted, replicas: int) -> dict[str, Any
 async def _refuse(
     op: Operator, key: ServiceKey, body: dict[str, Any], admission: AdmissionResult, now: datetime
 ) -> None:
-    """Say why in the status; create and change nothing else."""
+    """Say why in the status, and scale a Deployment the service already has to zero (a
+    revoked admission stops its GPUs); create, delete and change nothing else, so that a
+    re-grant brings it back as its spec and load ask."""
     op.remember_deployment(key, None)  # not read: each of its events reconciles
+    op.quota_wants[key] = 0
     if op.not_accepted.get(key) != admission.reason:
         logger.warning(
             "AIService %s/%s not accepted: %s: %s", *key, admission.reason, admission.message
         )
     op.set_refused(key, admission.reason)
+    live = op.caches.deployment(key)
+    running = int(((live or {}).get("spec") or {}).get("replicas") or 0)
+    if live is not None and running > 0:
+        await op.io(op.kube.scale_deployment, key[0], key[1], 0)
+        message = f"{running} -> 0 replicas: not accepted: {admission.message}"
+        await op.io(op.kube.post_event, body, admission.reason, message, now, "Warning")
     current_status: dict[str, Any] = body.get("status") or {}
     generation = body["metadata"].get("generation")
     conditions = apply_conditions(
@@ -312,9 +396,13 @@ def _explain(error: ValidationError) -> str:
     return "spec is invalid: " + "; ".join(parts)
 
 
-async def _announce_scale(op: Operator, it: _Accepted, before: int, after: int) -> None:
+async def _announce_scale(
+    op: Operator, it: _Accepted, before: int, after: int, quota: QuotaVerdict
+) -> None:
     """A Kubernetes Event on the AIService for each scale, saying why."""
     why = it.decision.message if it.decision is not None else "spec changed"
+    if quota.limited:
+        why = f'the namespace quota of GPUPool "{it.pool.name}" allows {quota.max_replicas}'
     reason = "ScaledUp" if after > before else "ScaledDown"
     message = f"{before} -> {after} replicas: {why}"
     await op.io(op.kube.post_event, it.body, reason, message, it.now)

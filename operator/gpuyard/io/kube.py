@@ -163,6 +163,21 @@ class Kube:
             query=[("fieldManager", FIELD_MANAGER)],
         )  # fmt: skip
 
+    def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
+        """Set a Deployment's spec.replicas and nothing else (a merge patch: an apply of
+        the replica count alone would drop every other field gpuyard applied)."""
+        self._writes.labels(verb="patch", resource="Deployment").inc()
+        try:
+            self._call(
+                "PATCH", f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}",
+                body={"spec": {"replicas": replicas}},
+                content_type="application/merge-patch+json",
+                query=[("fieldManager", FIELD_MANAGER)],
+            )  # fmt: skip
+        except ApiException as error:
+            if error.status != 404:  # deleted meanwhile: nothing left to scale
+                raise
+
     def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         self._writes.labels(verb="delete", resource=kind).inc()
         path = _object_path(

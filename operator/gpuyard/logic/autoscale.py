@@ -366,6 +366,11 @@ class Decision:
     why: str | None
     readings: tuple[MetricReading, ...]
     state: ScalingState
+    #: Whether the namespace's quota on the pool cut the count, and the GPUs it lacks.
+    quota_limited: bool = False
+    quota_missing_gpus: int = 0
+    #: The count before the quota cut: the service's claim in its namespace's fair shares.
+    quota_wanted_replicas: int | None = None
 
     @property
     def apply(self) -> bool:
@@ -385,6 +390,8 @@ class Decision:
             parts.append(f"the pool lacks {self.missing_gpus} GPU(s)")
         if self.budget_limited:
             parts.append("the budget caps the replicas")
+        if self.quota_limited:
+            parts.append(f"the namespace quota lacks {self.quota_missing_gpus} GPU(s)")
         desired, current = self.desired_replicas, self.current_replicas
         verb = "keep" if desired == current else f"scale from {current} to"
         return f"{'; '.join(parts)}: {verb} {desired} replica(s)"
@@ -630,23 +637,44 @@ class _Caps:
     capacity_limited: bool
     missing_gpus: int
     budget_limited: bool
+    quota_limited: bool = False
+    quota_missing_gpus: int = 0
+    quota_wanted_replicas: int | None = None
 
 
 _UNCAPPED = _Caps(capacity_limited=False, missing_gpus=0, budget_limited=False)
 
 
 def _apply_caps(
-    outcome: _Outcome, current: int, policy: ScalingPolicy, capacity_max_replicas: int | None
+    outcome: _Outcome,
+    current: int,
+    policy: ScalingPolicy,
+    capacity_max_replicas: int | None,
+    quota_max_replicas: int | None = None,
 ) -> _Caps:
-    if capacity_max_replicas is None and policy.max_cost_per_hour is None:
+    if (
+        capacity_max_replicas is None
+        and policy.max_cost_per_hour is None
+        and quota_max_replicas is None
+    ):
         return _UNCAPPED
-    wanted = outcome.value
+    wanted = before_quota = outcome.value
+    # The namespace quota, like the budget, is a promise: it may cut below the current
+    # count and minReplicas. What it cuts is no shortage of the pool.
+    quota_cap = quota_max_replicas
+    quota_missing = 0
+    if quota_cap is not None:
+        quota_missing = max(0, wanted - quota_cap) * policy.gpus_per_replica
+        wanted = min(wanted, quota_cap)  # the budget and the pool judge what the quota lets
     budget_cap = budget_max_replicas(policy)
     # The budget is a promise about spend: it may cut below current replicas and below
     # minReplicas. Capacity only stops growth: replicas already running keep their GPUs.
     capacity_cap = None if capacity_max_replicas is None else max(capacity_max_replicas, current)
     if budget_cap is not None:
         outcome.stage(min(outcome.value, budget_cap), LimitingFactor.BUDGET)
+    if quota_cap is not None:
+        # After the budget: it becomes the limiting factor only when strictly tighter.
+        outcome.stage(min(outcome.value, quota_cap), LimitingFactor.QUOTA)
     if capacity_cap is not None:
         # Applied after the budget, so it becomes the limiting factor only when strictly
         # tighter; a tie reports Budget, the limit the owner chose.
@@ -657,6 +685,9 @@ def _apply_caps(
         capacity_limited=capacity_limited,
         missing_gpus=max(0, missing),
         budget_limited=budget_cap is not None and wanted > budget_cap,
+        quota_limited=quota_missing > 0,
+        quota_missing_gpus=quota_missing,
+        quota_wanted_replicas=before_quota if quota_cap is not None else None,
     )
 
 
@@ -740,6 +771,9 @@ def _finish(
         capacity_limited=caps.capacity_limited,
         missing_gpus=caps.missing_gpus,
         budget_limited=caps.budget_limited,
+        quota_limited=caps.quota_limited,
+        quota_missing_gpus=caps.quota_missing_gpus,
+        quota_wanted_replicas=caps.quota_wanted_replicas,
         metrics_available=metrics_available,
         metrics_unavailable_reason=unavailable_reason,
         why=why,
@@ -749,7 +783,11 @@ def _finish(
 
 
 def _decide_manual(
-    state: ScalingState, policy: ScalingPolicy, capacity_max_replicas: int | None, now: datetime
+    state: ScalingState,
+    policy: ScalingPolicy,
+    capacity_max_replicas: int | None,
+    quota_max_replicas: int | None,
+    now: datetime,
 ) -> Decision:
     # Mode Off: spec.replicas as `kubectl scale`, an HPA or KEDA set it, not clamped to
     # min/max (those bound the autoscaler, and maxReplicas defaults to 1). Budget and pool
@@ -757,7 +795,7 @@ def _decide_manual(
     current = state.current_replicas
     target = current if policy.manual_replicas is None else policy.manual_replicas
     outcome = _Outcome(target, factor=None)
-    caps = _apply_caps(outcome, current, policy, capacity_max_replicas)
+    caps = _apply_caps(outcome, current, policy, capacity_max_replicas, quota_max_replicas)
     return _finish(
         policy=policy,
         state=state,
@@ -945,13 +983,16 @@ def decide(
     now: datetime,
     *,
     max_sample_age: timedelta = DEFAULT_MAX_SAMPLE_AGE,
+    quota_max_replicas: int | None = None,
 ) -> Decision:
     """Decide one service's replica count for this tick.
 
     ``samples`` maps each of ``policy.metrics`` to its sample (a missing entry reads as
     unavailable, except a GPU metric at zero replicas, which has nothing to read).
     ``capacity_max_replicas`` is this service's share of the pool from
-    :func:`share_pool_capacity`, or None when unknown. ``now`` must be timezone-aware.
+    :func:`share_pool_capacity`, or None when unknown. ``quota_max_replicas`` is what the
+    namespace's quota on the pool lets it run (``logic.quota``), or None without a quota.
+    ``now`` must be timezone-aware.
 
     Pods without a GPU value (``ready_replicas < current_replicas``, or a scrape gap) are
     handled as the HPA handles missing pods: assumed at target when the others ask to scale
@@ -962,6 +1003,8 @@ def decide(
         raise ValueError("now must be timezone-aware")
     if capacity_max_replicas is not None and capacity_max_replicas < 0:
         raise ValueError("capacity_max_replicas cannot be negative")
+    if quota_max_replicas is not None and quota_max_replicas < 0:
+        raise ValueError("quota_max_replicas cannot be negative")
     if not policy.metric_set.issuperset(samples):
         unknown = [spec.name for spec in samples if spec not in policy.metric_set]
         raise ValueError(f"samples for metrics the policy does not list: {unknown}")
@@ -969,7 +1012,7 @@ def decide(
     state = _prune(state, policy, now)
     current = state.current_replicas
     if policy.mode is Mode.OFF:
-        return _decide_manual(state, policy, capacity_max_replicas, now)
+        return _decide_manual(state, policy, capacity_max_replicas, quota_max_replicas, now)
 
     tolerance = policy.tolerance_percent / 100
     readings = tuple([
@@ -995,7 +1038,7 @@ def decide(
         # count, so that losing the history cannot skip a scale-down window.
         history = (Recommendation(time=now, replicas=current),)
     outcome = _limit(proposal, state, history, policy, now)
-    caps = _apply_caps(outcome, current, policy, capacity_max_replicas)
+    caps = _apply_caps(outcome, current, policy, capacity_max_replicas, quota_max_replicas)
     # Only what the metrics said goes into the window history: a hold, a fallback or a
     # pod-less guess is no observation of load.
     if deciding is not None and not unavailable:

@@ -18,11 +18,13 @@ from gpuyard.api.common import Condition
 from gpuyard.api.formats import format_time
 from gpuyard.logic.admission import AdmissionResult
 from gpuyard.logic.pool_accounting import PoolUsage
+from gpuyard.logic.quota import QuotaVerdict
 
 READY = "Ready"
 ACCEPTED = "Accepted"
 CAPACITY_LIMITED = "CapacityLimited"
 BUDGET_LIMITED = "BudgetLimited"
+QUOTA_LIMITED = "QuotaLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 USAGE_REPORTED = "UsageReported"
 
@@ -169,6 +171,44 @@ def capacity_condition(
         )
         reason = "FragmentedGPUs"
     return ConditionUpdate(type=CAPACITY_LIMITED, status="True", reason=reason, message=message)
+
+
+def quota_condition(
+    verdict: QuotaVerdict,
+    *,
+    quota: int | None,
+    wanted_replicas: int,
+    namespace: str,
+    pool_name: str,
+    resource_name: str,
+) -> ConditionUpdate | None:
+    """`QuotaLimited`: whether the namespace's quota on the pool cuts the replicas the
+    service wants; None when the pool sets no quota (the condition is then not shown)."""
+    if quota is None or verdict.max_replicas is None:
+        return None
+    if not verdict.limited:
+        return ConditionUpdate(
+            QUOTA_LIMITED,
+            "False",
+            "WithinQuota",
+            f'namespace "{namespace}" may hold {quota} {resource_name} of GPUPool '
+            f'"{pool_name}", enough for every wanted replica',
+        )
+    shared = (
+        ""
+        if verdict.fair_replicas is None or verdict.fair_replicas <= verdict.max_replicas
+        else f" (its fair share is {verdict.fair_replicas}, free once the namespace's other "
+        "services are down to theirs)"
+    )
+    return ConditionUpdate(
+        QUOTA_LIMITED,
+        "True",
+        "QuotaCapsReplicas",
+        f"{_plural(wanted_replicas, 'replica')} wanted, {verdict.max_replicas} allowed{shared}: "
+        f'namespace "{namespace}" may hold {quota} {resource_name} of GPUPool "{pool_name}" '
+        f"and lacks {verdict.missing_gpus} for the rest; raise maxGpusPerNamespace or lower "
+        "the replicas",
+    )
 
 
 def ready_condition(
