@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, PlainSerializer, PlainValidator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from gpuyard.logic.leadership import LeaseTimings
 from gpuyard.logic.promql import (
     DEFAULT_TENANT_NAMESPACE_LABEL,
     UNIDENTIFIED_EXPORTER,
@@ -156,8 +157,48 @@ class Settings(BaseSettings):
     usage_http_max_connections: int = Field(
         default=8, ge=1, le=64, description="POSTs the HTTP sink makes at the same time"
     )
+    leader_election: bool = Field(
+        default=True,
+        description="run as one of several replicas: only the holder of the Lease writes",
+    )
+    lease_name: str = Field(default="gpuyard", min_length=1, max_length=253)
+    lease_namespace: str | None = Field(
+        default=None,
+        description="namespace of the Lease; default: the pod's own (POD_NAMESPACE or the "
+        "ServiceAccount's), else default",
+    )
+    lease_duration_seconds: int = Field(
+        default=15, ge=2, le=300, description="a Lease not renewed this long may be taken"
+    )
+    lease_renew_deadline_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        le=300,
+        description="a leader that has not renewed this long stops writing",
+    )
+    lease_retry_period_seconds: float = Field(
+        default=2.0, gt=0, le=60, description="seconds between renewals and attempts"
+    )
+    instance_id: str | None = Field(
+        default=None,
+        max_length=128,
+        description="this replica's identity in the Lease and the user agent; default: "
+        "POD_NAME (else the host name) and a random suffix",
+    )
     log_format: Literal["plain", "json"] = "plain"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _check_lease_timings(self) -> Settings:
+        self.lease_timings()  # raises with the reason when they do not fit together
+        return self
+
+    def lease_timings(self) -> LeaseTimings:
+        return LeaseTimings(
+            duration_seconds=self.lease_duration_seconds,
+            renew_deadline_seconds=self.lease_renew_deadline_seconds,
+            retry_period_seconds=self.lease_retry_period_seconds,
+        )
 
     @model_validator(mode="after")
     def _check_usage_http(self) -> Settings:

@@ -12,7 +12,11 @@ import asyncio
 import gc
 import logging
 import os
+import secrets
+import socket
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,11 +29,13 @@ from gpuyard.api.names import SERVICE_LABEL, ServiceKey
 from gpuyard.config import Settings
 from gpuyard.handlers.autoscaler import autoscale_forever
 from gpuyard.handlers.context import Caches, Operator
+from gpuyard.handlers.leadership import Elector
 from gpuyard.handlers.meter import meter_forever, slim_pod
 from gpuyard.handlers.pools import reconcile_pool
 from gpuyard.handlers.services import reconcile_service
 from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube, connection_info, make_api_client
+from gpuyard.io.lease import LeaseClient
 from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import (
@@ -58,6 +64,10 @@ CACHE_IDS = (
     "replicasets",
     "deployment_owners",
 )
+#: How long a standby keeps the last state of a deleted pod for its own first meter tick
+#: as leader: a pod the leader had not billed yet when it died is billed from this.
+STANDBY_GONE_POD_HORIZON_SECONDS = 3600
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
 def holds_extended_resource(spec: Any, **_: Any) -> bool:
@@ -169,11 +179,19 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) ->
     settings.networking.request_timeout = 60
     metrics = OperatorMetrics()
     kubeconfig = str(config.kubeconfig) if config.kubeconfig else None
-    client = make_api_client(kubeconfig, pool_size=config.workers * 2)
+    identity: str = memo["identity"]
+    client = make_api_client(kubeconfig, pool_size=config.workers * 2, identity=identity)
     caches = Caches(**{name: indices[name] for name in CACHE_IDS})
+    elector: Elector | None = None
+    if config.leader_election:
+        # A client of its own: renewals must not wait behind a burst of reconciles.
+        lease_client = make_api_client(kubeconfig, pool_size=2, identity=identity)
+        lease = LeaseClient(lease_client, lease_namespace(config), config.lease_name)
+        elector = Elector(lease, identity, config.lease_timings(), metrics)
+    memo["elector"] = elector
     operator = Operator(
         settings=config,
-        kube=Kube(client, metrics),
+        kube=Kube(client, metrics, elector.may_write if elector else lambda: True),
         metrics=metrics,
         caches=caches,
         prometheus=Prometheus(config.prometheus_url) if config.prometheus_url else None,
@@ -190,10 +208,30 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) ->
 
 
 async def cleanup(memo: Any, **_: Any) -> None:
+    """Stop writing, then give the Lease up: the standby may lead at once."""
     operator: Operator | None = memo.get("operator")
-    if operator is not None:
-        for task in operator.tasks:
-            task.cancel()
+    elector: Elector | None = memo.get("elector")
+    if operator is None:
+        return
+    if elector is not None:
+        elector.fence.close()
+    campaign = memo["lifecycle"].campaign
+    tasks = [*operator.tasks, *operator.deliveries.values(), *([campaign] if campaign else [])]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    deadline = time.monotonic() + WRITES_DRAIN_SECONDS
+    while operator.kube.writes_in_flight() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if elector is not None:
+        await elector.release()
+    # Kopf waits on the stop flag in a task of its own, and gives such a task 5 s to end
+    # before it cancels it: raising the flag lets the process exit now.
+    memo["lifecycle"].stop.set()
+
+
+#: How long a stepping-down leader waits for its writes in flight before it releases.
+WRITES_DRAIN_SECONDS = 5.0
 
 
 def keep_caches_out_of_gc() -> None:
@@ -206,24 +244,89 @@ def keep_caches_out_of_gc() -> None:
     gc.set_threshold(50_000, 20, 20)
 
 
+@dataclass
+class Lifecycle:
+    """What every handler of the process shares about its run.
+
+    Kopf gives each object's handlers a shallow copy of the memo: a key set in one
+    handler is not seen by the next, so shared state lives in this one object.
+    """
+
+    #: Kopf's stop flag. An asyncio.Event, bound to Kopf's loop on first use: Kopf waits
+    #: for a threading.Event in a worker thread, which would then hold up the exit.
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The election's task once the caches are complete (None without an election).
+    campaign: asyncio.Task[None] | None = None
+    caches_complete: bool = False
+    lost_leadership: bool = False
+
+
 def started(memo: Any) -> Operator:
-    """The operator, its queues running.
+    """The operator, once its caches are complete.
 
     Kopf delivers no event before every index is filled, so the first event is the moment
-    the caches are complete and reconciles may start.
+    the caches are complete: the replica may then lead (at once without an election, else
+    once it holds the Lease).
     """
     operator: Operator = memo["operator"]
-    if not operator.tasks:
+    lifecycle: Lifecycle = memo["lifecycle"]
+    if not lifecycle.caches_complete:
+        lifecycle.caches_complete = True
         keep_caches_out_of_gc()
-        workers = operator.settings.workers
-        operator.tasks = [
-            asyncio.create_task(operator.pool_queue.run(max(2, workers // 4))),
-            asyncio.create_task(operator.service_queue.run(workers)),
-            asyncio.create_task(_resync(operator)),
-            asyncio.create_task(autoscale_forever(operator)),
-            asyncio.create_task(meter_forever(operator)),
-        ]
+        elector: Elector | None = memo["elector"]
+        if elector is None:
+            lead(operator)
+        else:
+            lifecycle.campaign = asyncio.create_task(_campaign(lifecycle, elector, operator))
     return operator
+
+
+def lead(operator: Operator) -> None:
+    """Start the work only the leader does, from everything the caches hold."""
+    workers = operator.settings.workers
+    operator.tasks = [
+        asyncio.create_task(operator.pool_queue.run(max(2, workers // 4))),
+        asyncio.create_task(operator.service_queue.run(workers)),
+        asyncio.create_task(_resync(operator)),
+        asyncio.create_task(autoscale_forever(operator)),
+        asyncio.create_task(meter_forever(operator)),
+    ]
+    _enqueue_everything(operator)
+
+
+async def _campaign(lifecycle: Lifecycle, elector: Elector, operator: Operator) -> None:
+    """Lead when elected; on losing the Lease, stop the whole process.
+
+    A deposed leader's queues, scaling history and marks in memory are of a time when it
+    led: rather than carry them into a second term, it exits (as controller-runtime's
+    managers do) and comes back, through its restart policy, as a fresh standby.
+    """
+    await elector.run(on_lead=lambda: lead(operator))
+    for task in operator.tasks:
+        task.cancel()
+    lifecycle.lost_leadership = True
+    lifecycle.stop.set()
+
+
+def lease_namespace(config: Settings) -> str:
+    if config.lease_namespace:
+        return config.lease_namespace
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE) as file:
+            return file.read().strip()
+    except OSError:
+        return "default"
+
+
+def instance_identity(config: Settings) -> str:
+    """Unique per process: a replica that restarts is a new candidate, never mistaken
+    for the holder its previous life was."""
+    if config.instance_id:
+        return config.instance_id
+    base = os.environ.get("POD_NAME") or socket.gethostname()
+    return f"{base}_{secrets.token_hex(4)}"
 
 
 # -- events only enqueue keys (level-triggered reconciles do the work) -------------------
@@ -276,7 +379,21 @@ async def on_metered_pod_event(type: str, uid: str, body: Any, memo: Any, **_: A
     """Keep a deleted pod until its last seconds are billed (a finalizer usually keeps it
     in the cache; a pod without one, or force-deleted, still has its last state here)."""
     if type == "DELETED":
-        started(memo).gone_pods[uid] = (slim_pod(body), datetime.now(UTC))
+        operator = started(memo)
+        now = datetime.now(UTC)
+        operator.gone_pods[uid] = (slim_pod(body), now)
+        if not operator.tasks:
+            _forget_long_gone(operator.gone_pods, now)
+
+
+def _forget_long_gone(gone: dict[str, tuple[dict[str, Any], datetime]], now: datetime) -> None:
+    """On a standby, which bills nothing: keep only the recent (the dict is in order of
+    deletion, so the old ones are at its start)."""
+    while gone:
+        uid, (_, gone_at) = next(iter(gone.items()))
+        if (now - gone_at).total_seconds() < STANDBY_GONE_POD_HORIZON_SECONDS:
+            return
+        del gone[uid]
 
 
 async def on_namespace_event(name: str, memo: Any, **_: Any) -> None:
@@ -292,14 +409,26 @@ def queue_depths(memo: Any, **_: Any) -> dict[str, int]:
     return {"pools": len(operator.pool_queue), "services": len(operator.service_queue)}
 
 
+def leadership(memo: Any, **_: Any) -> dict[str, Any]:
+    """Who leads, in the /healthz body (Kopf refreshes it at most every 10 s)."""
+    elector: Elector | None = memo.get("elector")
+    if elector is None:
+        return {"leader": True, "election": False, "identity": memo.get("identity")}
+    return {"leader": elector.leading, "identity": elector.identity, "holder": elector.holder}
+
+
 async def _resync(operator: Operator) -> None:
     """Reconcile everything now and then, so a lost event costs minutes, not forever."""
     while True:
         await asyncio.sleep(operator.settings.resync_seconds)
-        for pool in operator.caches.pool_names():
-            operator.pool_queue.add(pool)
-        for key in operator.caches.service_keys():
-            operator.service_queue.add(key)
+        _enqueue_everything(operator)
+
+
+def _enqueue_everything(operator: Operator) -> None:
+    for pool in operator.caches.pool_names():
+        operator.pool_queue.add(pool)
+    for key in operator.caches.service_keys():
+        operator.service_queue.add(key)
 
 
 def build_registry() -> kopf.OperatorRegistry:
@@ -332,6 +461,7 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.on.startup(registry=r)(startup)
     kopf.on.cleanup(registry=r)(cleanup)
     kopf.on.probe(id="queues", registry=r)(queue_depths)
+    kopf.on.probe(id="leadership", registry=r)(leadership)
 
     kopf.on.event(API_GROUP, API_VERSION, "aiservices", registry=r)(on_service_event)
     kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=r)(on_deployment_event)
@@ -400,17 +530,25 @@ def configure_logging(settings: Settings) -> None:
 def run_operator(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT: watch, reconcile, serve /healthz and /metrics."""
     configure_logging(settings)
-    logger.info("gpuyard starting (cluster id %s)", settings.cluster_id)
+    identity = instance_identity(settings)
+    logger.info("gpuyard starting (cluster id %s, identity %s)", settings.cluster_id, identity)
     liveness = (
         f"http://{settings.health_address}:{settings.health_port}/healthz"
         if settings.health_port
         else None
     )
     http_sink = build_http_sink(settings)
+    lifecycle = Lifecycle()
+    memo = kopf.Memo(config=settings, http_sink=http_sink, identity=identity, lifecycle=lifecycle)
     kopf.run(
         registry=build_registry(),
         clusterwide=True,
+        # No Kopf peering: it would pause every replica of equal priority. The Lease
+        # decides who writes (handlers/leadership.py).
         standalone=True,
         liveness_endpoint=liveness,
-        memo=kopf.Memo(config=settings, http_sink=http_sink),
+        memo=memo,
+        stop_flag=lifecycle.stop,
     )
+    if lifecycle.lost_leadership:
+        raise SystemExit("gpuyard: lost leadership; exiting to come back as a standby")

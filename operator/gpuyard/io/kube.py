@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -26,8 +27,14 @@ USER_AGENT = f"gpuyard/{__version__}"
 REQUEST_TIMEOUT = 30
 
 
-def make_api_client(kubeconfig: str | None, pool_size: int) -> ApiClient:
-    """A client from a kubeconfig, else from the in-cluster ServiceAccount."""
+def make_api_client(
+    kubeconfig: str | None, pool_size: int, identity: str | None = None
+) -> ApiClient:
+    """A client from a kubeconfig, else from the in-cluster ServiceAccount.
+
+    ``identity`` (the election's) goes into the user agent, so that the API server's audit
+    log tells which replica made each request.
+    """
     configuration = kubernetes.client.Configuration()
     if kubeconfig:
         kubernetes.config.load_kube_config(
@@ -41,7 +48,7 @@ def make_api_client(kubeconfig: str | None, pool_size: int) -> ApiClient:
     # One connection per concurrent reconcile, or the workers queue behind each other.
     configuration.connection_pool_maxsize = max(pool_size, 4)
     client = ApiClient(configuration)
-    client.user_agent = USER_AGENT
+    client.user_agent = f"{USER_AGENT} ({identity})" if identity else USER_AGENT
     return client
 
 
@@ -72,6 +79,7 @@ def request_json(
     body: Any = None,
     content_type: str | None = None,
     query: list[tuple[str, str]] | None = None,
+    timeout: float = REQUEST_TIMEOUT,
 ) -> Any:
     """One request as plain JSON; raises ApiException on a status outside 2xx.
 
@@ -91,7 +99,7 @@ def request_json(
         auth_settings=["BearerToken"],
     )
     response = client.call_api(
-        method, url, header_params=headers, body=payload, _request_timeout=REQUEST_TIMEOUT
+        method, url, header_params=headers, body=payload, _request_timeout=timeout
     )
     data = response.read()
     if not 200 <= response.status < 300:
@@ -99,12 +107,32 @@ def request_json(
     return json.loads(data) if data else None
 
 
-class Kube:
-    """The handful of calls gpuyard makes, each with a clear name."""
+class NotLeaderError(Exception):
+    """A write was refused before it was sent: this replica does not lead (or no longer
+    knows that it does)."""
 
-    def __init__(self, client: ApiClient, metrics: OperatorMetrics) -> None:
+
+class Kube:
+    """The handful of calls gpuyard makes, each with a clear name.
+
+    ``may_write`` is the leader election's fence: every write asks it just before it is
+    sent, and a replica that is not (or no longer surely) the leader sends none.
+    """
+
+    def __init__(
+        self,
+        client: ApiClient,
+        metrics: OperatorMetrics,
+        may_write: Callable[[], bool] = lambda: True,
+    ) -> None:
         self.client = client
+        self.may_write = may_write
         self._writes = metrics.kubernetes_writes
+        self._fenced = metrics.fenced_writes
+        # Writes sent and not yet answered: a leader that steps down waits for them before
+        # it releases the Lease (a worker thread's request cannot be cancelled).
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.core = kubernetes.client.CoreV1Api(client)
 
@@ -116,9 +144,26 @@ class Kube:
         content_type: str | None = None,
         query: list[tuple[str, str]] | None = None,
     ) -> Any:
-        return request_json(
-            self.client, method, path, body=body, content_type=content_type, query=query
-        )
+        if method == "GET":
+            return request_json(self.client, method, path, query=query)
+        with self._in_flight_lock:
+            # Asked under the lock, so that once writes_in_flight() reads 0 after the
+            # fence closed, no write can still be on its way.
+            if not self.may_write():
+                self._fenced.inc()
+                raise NotLeaderError(f"{method} {path}: this replica does not lead")
+            self._in_flight += 1
+        try:
+            return request_json(
+                self.client, method, path, body=body, content_type=content_type, query=query
+            )
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def writes_in_flight(self) -> int:
+        with self._in_flight_lock:
+            return self._in_flight
 
     def apply(self, obj: Mapping[str, Any]) -> Any:
         """Server-side apply ``obj`` as field manager ``gpuyard`` (forcing our own fields)."""

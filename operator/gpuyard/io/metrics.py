@@ -29,6 +29,22 @@ class OperatorMetrics:
             ["verb", "resource"],
             registry=self.registry,
         )
+        self.fenced_writes = Counter(
+            "gpuyard_fenced_writes_total",
+            "Writes refused before they were sent because this replica did not lead.",
+            registry=self.registry,
+        )
+        self.leader = Gauge(
+            "gpuyard_leader",
+            "1 on the replica that holds the leader election's Lease, 0 on a standby.",
+            registry=self.registry,
+        )
+        self.leader_transitions = Counter(
+            "gpuyard_leader_transitions_total",
+            "Times this replica started or stopped leading.",
+            ["to"],
+            registry=self.registry,
+        )
         self.queue_depth = Gauge(
             "gpuyard_workqueue_depth",
             "Keys waiting for a reconcile, by queue.",
