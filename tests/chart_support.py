@@ -120,13 +120,15 @@ def kinds_and_names(objects: list[dict[str, Any]]) -> set[tuple[str, str]]:
 
 
 def rbac_manifest(helm: Helm, namespace: str, release: str = "gpuyard") -> str:
-    """The chart's ServiceAccount, ClusterRole and ClusterRoleBinding for `namespace`: what a
-    test applies to run the operator with exactly the chart's permissions."""
+    """The chart's ServiceAccount, ClusterRole, ClusterRoleBinding and the Lease's Role for
+    `namespace`: what a test applies to run the operator with exactly the chart's
+    permissions."""
     return helm.template_text(
         None,
         "--show-only", "templates/serviceaccount.yaml",
         "--show-only", "templates/clusterrole.yaml",
         "--show-only", "templates/clusterrolebinding.yaml",
+        "--show-only", "templates/role.yaml",
         release=release,
         namespace=namespace,
     ).stdout  # fmt: skip

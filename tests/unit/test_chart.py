@@ -80,6 +80,8 @@ ALL_FEATURES: dict[str, Any] = {
         },
         "ledger": {"enabled": True},
     },
+    # A ledger file takes one operator pod.
+    "replicaCount": 1,
 }
 
 
@@ -134,6 +136,9 @@ def test_default_render_has_exactly_the_operators_objects(
         ("ClusterRoleBinding", "gpuyard"),
         ("Service", "gpuyard-metrics"),
         ("Deployment", "gpuyard"),
+        ("Role", "gpuyard-leader-election"),
+        ("RoleBinding", "gpuyard-leader-election"),
+        ("PodDisruptionBudget", "gpuyard"),
         ("Pod", "gpuyard-test-metrics"),
         *POLICIES_OF_RELEASE_GPUYARD,
         *OPERATOR_POLICIES_OF_RELEASE_GPUYARD,
@@ -171,14 +176,23 @@ def test_chart_metadata() -> None:
     assert chart["appVersion"] == __version__
 
 
-def test_deployment_runs_one_hardened_replica(default_objects: list[dict[str, Any]]) -> None:
+def test_deployment_runs_two_hardened_replicas(default_objects: list[dict[str, Any]]) -> None:
     deployment = one(default_objects, "Deployment")
     spec = deployment["spec"]
     pod = spec["template"]["spec"]
     container = operator_container(default_objects)
 
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    # Two replicas under a Lease: a new pod is up before an old one goes, and they prefer
+    # different nodes.
+    assert spec["replicas"] == 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    [term] = spec["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert pod["serviceAccountName"] == "gpuyard"
     assert pod["enableServiceLinks"] is False
     assert container["image"] == "ghcr.io/gpuyard/gpuyard:0.1.0"
@@ -228,7 +242,7 @@ def test_operator_settings_come_from_values_and_parse(
     }
     objects = helm.template(values)
     container = operator_container(objects)
-    env = {item["name"]: item["value"] for item in container["env"]}
+    env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
 
     assert env.pop("EXTRA") == "1"
     # Every variable names a setting: a typo would be ignored by the operator, not refused.
@@ -436,7 +450,11 @@ LEDGER_FILE = "/var/lib/gpuyard/usage.jsonl"
 
 
 def operator_env(objects: list[dict[str, Any]]) -> dict[str, str]:
-    return {item["name"]: item["value"] for item in operator_container(objects)["env"]}
+    return {
+        item["name"]: item["value"]
+        for item in operator_container(objects)["env"]
+        if "value" in item
+    }
 
 
 def pod_volumes(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -581,9 +599,10 @@ def test_ledger_on_a_kept_persistent_volume_claim(
     helm: Helm, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     values = {
+        "replicaCount": 1,
         "usage": {
             "ledger": {"enabled": True, "persistence": {"size": "50Gi", "storageClassName": "ssd"}}
-        }
+        },
     }
     objects = helm.template(values)
 
@@ -603,13 +622,17 @@ def test_ledger_on_a_kept_persistent_volume_claim(
     assert settings_from(operator_env(objects), monkeypatch).usage_ledger == Path(LEDGER_FILE)
     # No class given: the field is left out, so the cluster's default StorageClass binds.
     default_class = one(
-        helm.template({"usage": {"ledger": {"enabled": True}}}), "PersistentVolumeClaim"
+        helm.template({"replicaCount": 1, "usage": {"ledger": {"enabled": True}}}),
+        "PersistentVolumeClaim",
     )
     assert "storageClassName" not in default_class["spec"]
 
 
 def test_ledger_on_an_existing_claim(helm: Helm) -> None:
-    values = {"usage": {"ledger": {"enabled": True, "persistence": {"existingClaim": "billing"}}}}
+    values = {
+        "replicaCount": 1,
+        "usage": {"ledger": {"enabled": True, "persistence": {"existingClaim": "billing"}}},
+    }
     objects = helm.template(values)
 
     assert not of_kind(objects, "PersistentVolumeClaim")
@@ -910,7 +933,15 @@ def test_operator_policies_match_every_write_the_clusterrole_allows_on_shared_ki
     ("values", "message"),
     [
         ({"replicaCount": "two"}, "at '/replicaCount': got string, want integer"),
-        ({"replicaCount": 2}, "at '/replicaCount': maximum: got 2, want 1"),
+        ({"replicaCount": -1}, "at '/replicaCount': minimum: got -1, want 0"),
+        (
+            {"leaderElection": {"renewDeadlineSeconds": 20}},
+            "renewDeadlineSeconds must be shorter than leaseDurationSeconds",
+        ),
+        (
+            {"usage": {"ledger": {"enabled": True}}},
+            "usage.ledger (a file on a ReadWriteOnce claim) takes one operator pod",
+        ),
         ({"replicaCas": 1}, "additional properties 'replicaCas' not allowed"),
         ({"operator": {"logLevel": "debug"}}, "at '/operator/logLevel': value must be one of"),
         ({"operator": {"workers": 0}}, "at '/operator/workers': minimum: got 0, want 1"),
@@ -1171,6 +1202,7 @@ def test_alert_rules_pass_promtool_check(helm: Helm, promtool: str, tmp_path: Pa
     alerts = {rule["alert"] for rule in _rule_groups(helm)["groups"][0]["rules"]}
     assert alerts == {
         "GpuyardOperatorDown",
+        "GpuyardNoLeader",
         "GpuyardAutoscalerStale",
         "GpuyardMeteringLag",
         "GpuyardPoolNearlyFull",

@@ -120,6 +120,23 @@ then extraEnv.
 {{- define "gpuyard.env" -}}
 - name: GPUYARD_CLUSTER_ID
   value: {{ .Values.operator.clusterId | quote }}
+# The pod's name (with a random suffix) is its identity in the Lease and its user agent.
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: GPUYARD_LEASE_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: GPUYARD_LEASE_NAME
+  value: {{ include "gpuyard.fullname" . | quote }}
+- name: GPUYARD_LEASE_DURATION_SECONDS
+  value: {{ .Values.leaderElection.leaseDurationSeconds | quote }}
+- name: GPUYARD_LEASE_RENEW_DEADLINE_SECONDS
+  value: {{ .Values.leaderElection.renewDeadlineSeconds | quote }}
+- name: GPUYARD_LEASE_RETRY_PERIOD_SECONDS
+  value: {{ .Values.leaderElection.retryPeriodSeconds | quote }}
 {{- with .Values.operator.prometheusUrl }}
 - name: GPUYARD_PROMETHEUS_URL
   value: {{ . | quote }}
@@ -216,6 +233,16 @@ The ledger's PersistentVolumeClaim: the user's, or the one the chart creates.
 Usage values that the schema cannot relate to each other, refused with what to change.
 */}}
 {{- define "gpuyard.checkUsage" -}}
+{{- if and .Values.usage.ledger.enabled (gt (int .Values.replicaCount) 1) }}
+{{- fail "usage.ledger (a file on a ReadWriteOnce claim) takes one operator pod: set replicaCount=1, or keep the ledger in PostgreSQL" }}
+{{- end }}
+{{- $lease := .Values.leaderElection }}
+{{- if not (lt (float64 $lease.renewDeadlineSeconds) (float64 $lease.leaseDurationSeconds)) }}
+{{- fail "leaderElection.renewDeadlineSeconds must be shorter than leaseDurationSeconds: a leader must stop writing before its Lease can expire" }}
+{{- end }}
+{{- if not (lt (float64 $lease.retryPeriodSeconds) (float64 $lease.renewDeadlineSeconds)) }}
+{{- fail "leaderElection.retryPeriodSeconds must be shorter than renewDeadlineSeconds" }}
+{{- end }}
 {{- $http := .Values.usage.http }}
 {{- if and (hasPrefix "http://" $http.url) (not $http.allowInsecure) }}
 {{- fail "usage.http.url is http://, so usage records and headers would cross the network unencrypted: use https://, or set usage.http.allowInsecure=true" }}
