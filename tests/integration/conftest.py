@@ -53,16 +53,21 @@ class OperatorProcess:
         log_dir: Path,
         extra_env: dict[str, str],
         kubeconfig: str | None = None,
+        name: str = "operator",
     ) -> None:
         self.cluster = cluster
         self.kubeconfig = kubeconfig or cluster.kubeconfig
-        self.log_path = log_dir / "operator.log"
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
         self.extra_env = extra_env
         self.process: subprocess.Popen[bytes] | None = None
+        self.identity = ""
         self.metrics_port = 0
         self.health_port = 0
 
-    def start(self) -> None:
+    def start(self, *, lead: bool = True) -> None:
+        """Start the process; with ``lead``, return once it leads (a replica that starts
+        while another leads stands by)."""
         self.metrics_port, self.health_port = free_port(), free_port()
         env = {
             **os.environ,
@@ -81,6 +86,14 @@ class OperatorProcess:
             # A deleted pod goes once its last usage window is billed: keep windows short.
             "GPUYARD_USAGE_WINDOW_SECONDS": "5",
             "GPUYARD_METER_INTERVAL": "1",
+            # The chart's Lease, named after its release, where its Role lets it be. Short
+            # timings: a test that kills the operator gets a leader back in seconds.
+            "GPUYARD_LEASE_NAMESPACE": OPERATOR_NAMESPACE,
+            "GPUYARD_LEASE_NAME": TEST_RELEASE,
+            "GPUYARD_LEASE_DURATION_SECONDS": "6",
+            "GPUYARD_LEASE_RENEW_DEADLINE_SECONDS": "4",
+            "GPUYARD_LEASE_RETRY_PERIOD_SECONDS": "1",
+            "GPUYARD_INSTANCE_ID": f"{self.name}-{time.monotonic_ns()}",
             **self.extra_env,
         }
         with self.log_path.open("ab") as log:
@@ -91,7 +104,14 @@ class OperatorProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+        self.identity = env["GPUYARD_INSTANCE_ID"]
         wait_until(self.healthy, timeout=60, what="the operator's /healthz")
+        if lead:
+            wait_until(self.leads, timeout=60, what=f"{self.name} to lead")
+
+    def leads(self) -> bool:
+        """Whether this replica holds the Lease (its gpuyard_leader gauge)."""
+        return any(line == "gpuyard_leader 1.0" for line in self.metrics().splitlines())
 
     def healthy(self) -> bool:
         if self.process is None or self.process.poll() is not None:

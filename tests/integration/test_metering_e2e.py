@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -28,9 +27,9 @@ from gpuyard.logic.metering import epoch_floor
 from localcluster.cluster import ClusterState
 from metering_support import (
     PodTruth,
-    PodWatch,
     Receiver,
     Rig,
+    Scenario,
     aiservice,
     compare,
     ledger_copies,
@@ -42,8 +41,6 @@ from metering_support import (
 )
 from support import Kubectl, wait_until
 
-#: The l4 pool has 8 GPUs on the local cluster; more replicas than that stay Pending.
-L4_GPUS = 8
 #: Set to replay the crash test's kill moments (the seed is printed either way).
 SEED_ENV = "GPUYARD_METER_CRASH_SEED"
 
@@ -52,92 +49,6 @@ SEED_ENV = "GPUYARD_METER_CRASH_SEED"
 def rig(cluster: ClusterState, operator: OperatorProcess, tmp_path: Path) -> Iterator[Rig]:
     with open_rig(cluster, operator, tmp_path) as found:
         yield found
-
-
-# --- the scenario: pods come and go ------------------------------------------------------------
-
-
-@dataclass
-class Scenario:
-    """Scale up, scale down, delete a pod, delete and recreate a service, ask for more GPUs
-    than the pool has, and scale to zero: two services, ``steps`` calls ``between`` after
-    each change has settled (the e2e test holds the GPUs a while, the crash test kills)."""
-
-    kubectl: Kubectl
-    namespace: str
-    pods: PodWatch
-    between: Callable[[str], None]
-    steps: list[str] = field(default_factory=list)
-
-    def apply(self, *services: dict[str, Any]) -> None:
-        items = {"apiVersion": "v1", "kind": "List", "items": list(services)}
-        self.kubectl.apply(json.dumps(items), self.namespace)
-
-    def scale(self, service: str, replicas: int) -> None:
-        self.kubectl("scale", "-n", self.namespace, f"ais/{service}", f"--replicas={replicas}")
-
-    def settled(self, service: str, replicas: int) -> None:
-        """Wait until the service runs `replicas` pods: each bound one Running, the rest
-        Pending without a node (no GPU left for them)."""
-
-        def check() -> bool:
-            deployment = self.kubectl.run(
-                "get", "deployment", "-n", self.namespace, service, "-o", "json", check=False
-            )
-            if deployment.returncode != 0:
-                return False
-            if json.loads(deployment.stdout)["spec"]["replicas"] != replicas:
-                return False
-            pods = self.pods.live(service)
-            return len(pods) == replicas and all(
-                pod["status"].get("phase") == "Running" or not pod["spec"].get("nodeName")
-                for pod in pods
-            )
-
-        wait_until(check, timeout=90, what=f"{service} to run {replicas} replicas")
-
-    def step(self, name: str, *settled: tuple[str, int]) -> None:
-        for service, replicas in settled:
-            self.settled(service, replicas)
-        self.steps.append(name)
-        self.between(name)
-
-    def run(self) -> None:
-        self.apply(aiservice("chat", "l4", 1, 2), aiservice("train", "a100", 2, 1))
-        self.step("created", ("chat", 2), ("train", 1))
-        self.scale("chat", 4)
-        self.step("chat scaled up to 4", ("chat", 4))
-        self.scale("chat", 1)
-        self.step("chat scaled down to 1", ("chat", 1))
-        [pod] = self.pods.live("chat")
-        self.kubectl("delete", "pod", "-n", self.namespace, pod["metadata"]["name"], "--wait=false")
-        uid = pod["metadata"]["uid"]
-        wait_until(
-            lambda: all(p["metadata"]["uid"] != uid for p in self.pods.live("chat")),
-            what="the pod to be deleted",
-        )
-        self.step("chat's pod deleted and replaced", ("chat", 1))
-        self.scale("train", 3)
-        self.step("train scaled up to 3", ("train", 3))
-        self.kubectl("delete", "ais", "-n", self.namespace, "train")
-        wait_until(
-            lambda: (
-                self.kubectl.run(
-                    "get", "deployment", "-n", self.namespace, "train", check=False
-                ).returncode
-                != 0
-            ),
-            what="train's Deployment to be collected",
-        )
-        self.apply(aiservice("train", "a100", 2, 2))
-        self.step("train deleted and recreated", ("train", 2))
-        self.scale("chat", L4_GPUS + 2)
-        self.step("chat asks for more GPUs than l4 has", ("chat", L4_GPUS + 2))
-        self.scale("chat", 2)
-        self.step("chat scaled down to 2", ("chat", 2))
-        self.scale("chat", 0)
-        self.scale("train", 0)
-        self.step("both scaled to zero", ("chat", 0), ("train", 0))
 
 
 def ledger_totals(path: Path, namespace: str) -> dict[str, tuple[int, Decimal]]:
