@@ -69,7 +69,23 @@ class OperatorProcess:
         """Start the process; with ``lead``, return once it leads (a replica that starts
         while another leads stands by)."""
         self.metrics_port, self.health_port = free_port(), free_port()
-        env = {
+        env = self.environment()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gpuyard.cli", "run"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.identity = env.get("GPUYARD_INSTANCE_ID") or env["POD_NAME"]
+        wait_until(self.healthy, timeout=60, what="the operator's /healthz")
+        if lead:
+            wait_until(self.leads, timeout=60, what=f"{self.name} to lead")
+
+    def environment(self) -> dict[str, str]:
+        """The process's environment, once its ports are chosen."""
+        return {
             **os.environ,
             "GPUYARD_KUBECONFIG": self.kubeconfig,
             "GPUYARD_METRICS_PORT": str(self.metrics_port),
@@ -96,18 +112,6 @@ class OperatorProcess:
             "GPUYARD_INSTANCE_ID": f"{self.name}-{time.monotonic_ns()}",
             **self.extra_env,
         }
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "gpuyard.cli", "run"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        self.identity = env["GPUYARD_INSTANCE_ID"]
-        wait_until(self.healthy, timeout=60, what="the operator's /healthz")
-        if lead:
-            wait_until(self.leads, timeout=60, what=f"{self.name} to lead")
 
     def leads(self) -> bool:
         """Whether this replica holds the Lease (its gpuyard_leader gauge)."""

@@ -457,7 +457,7 @@ def test_helm_uninstall_leaves_no_pod_or_pool_held(
         f"GPUPool {pool}, pod {namespace}/ended"
     ), run.stdout
     assert lines[2].startswith(
-        f"stop: deployment {namespace}/{fullname} scaled from 1 to 0; no pod of it is left"
+        f"stop: deployment {namespace}/{fullname} scaled from 2 to 0; no pod of it is left"
     ), run.stdout
     assert lines[-1] == f"check: no pod and no GPUPool carries {METERING} any more"
 
@@ -527,7 +527,7 @@ def test_the_documented_plain_manifest_uninstall_keeps_the_crds_and_no_finalizer
                 assert command[1] == "release-finalizers", command
                 result = release_finalizers(cluster, *command[2:])
                 assert result.returncode == 0, result.stdout + result.stderr
-                assert "stop: deployment gpuyard-system/gpuyard scaled from 1 to 0" in result.stdout
+                assert "stop: deployment gpuyard-system/gpuyard scaled from 2 to 0" in result.stdout
             else:
                 kubectl(*command[1:], "--timeout=120s")
     finally:
