@@ -27,7 +27,7 @@ import urllib.parse
 import urllib.request
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -64,6 +64,7 @@ from localcluster.demo_story import (
     ServiceView,
     Snapshot,
     Story,
+    Verdict,
     phases,
 )
 from localcluster.demo_view import LiveView, Marks, PlainLog, summary_lines
@@ -72,6 +73,23 @@ CLUSTER_NAME: Final = "demo"
 OPERATOR: Final = "gpuyard-operator"
 EXAMPLES: Final = REPO_ROOT / "examples"
 TICK_SECONDS: Final = 1.0
+#: Two replicas under one Lease, as the chart runs them.
+REPLICAS: Final = ("replica-a", "replica-b")
+#: Second-scale Lease timings, like the rest of the demo: a killed leader's Lease expires
+#: in 6 s (the chart's default is 15 s).
+LEASE_DURATION_SECONDS: Final = 6
+LEASE_SETTINGS: Final = {
+    "GPUYARD_LEASE_NAMESPACE": "default",
+    "GPUYARD_LEASE_NAME": "gpuyard-demo",
+    "GPUYARD_LEASE_DURATION_SECONDS": str(LEASE_DURATION_SECONDS),
+    "GPUYARD_LEASE_RENEW_DEADLINE_SECONDS": "4",
+    "GPUYARD_LEASE_RETRY_PERIOD_SECONDS": "1",
+}
+#: The leader is killed this many seconds into the spike, while chat scales up.
+KILL_INTO_SPIKE: Final = 5.0
+#: What the story expects of the failover: the issue's bound, the Lease duration plus 2 s,
+#: plus the 1 s between two looks of the demo's loop.
+FAILOVER_DEADLINE: Final = LEASE_DURATION_SECONDS + 2 + TICK_SECONDS
 #: The operator's settings: decisions every second over 5 s of metrics, usage cut in 5 s
 #: windows and billed every second, so that minutes of story show what hours would.
 OPERATOR_SETTINGS: Final = {
@@ -82,6 +100,7 @@ OPERATOR_SETTINGS: Final = {
     "GPUYARD_USAGE_STDOUT": "false",
     "GPUYARD_CLUSTER_ID": "demo",
     "GPUYARD_LOG_LEVEL": "INFO",
+    **LEASE_SETTINGS,
 }
 API_GROUP_PATH: Final = "/apis/gpuyard.io/v1alpha1"
 #: With --keep-cluster the operator goes on writing its ledger; the report reads this copy.
@@ -236,8 +255,10 @@ def _name(item: Mapping[str, Any]) -> str:
 
 @dataclass
 class OperatorProcess:
+    name: str
     process: subprocess.Popen[bytes]
     health_url: str
+    metrics_url: str
     log_path: Path
 
     def healthy(self) -> bool:
@@ -247,13 +268,21 @@ class OperatorProcess:
         except OSError:
             return False
 
+    def leads(self) -> bool:
+        """Whether this replica holds the Lease, by its own gpuyard_leader gauge."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as response:  # noqa: S310
+                return "gpuyard_leader 1.0" in response.read().decode().splitlines()
+        except OSError:
+            return False
+
     def exited(self) -> int | None:
         return self.process.poll()
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process.poll() is None:
             # Its own session (see start_operator): the signal reaches it and nothing else.
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, sig)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -266,9 +295,10 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def start_operator(state: ClusterState, out: Path, ledger: Path) -> OperatorProcess:
+def start_operator(state: ClusterState, out: Path, ledger: Path, name: str) -> OperatorProcess:
     """``gpuyard run`` as a process, recorded in the cluster's state so that bringing the
-    cluster down stops it too (which is how ``--keep-cluster`` leaves it running)."""
+    cluster down stops it too (which is how ``--keep-cluster`` leaves it running). It
+    returns once the process answers its health check, leader or standby."""
     health_port, metrics_port = free_port(), free_port()
     # Settings from the caller's shell (a `make cluster-env` export, say) stay out: the
     # operator runs against this cluster with exactly the demo's settings.
@@ -276,6 +306,8 @@ def start_operator(state: ClusterState, out: Path, ledger: Path) -> OperatorProc
     env = {
         **inherited,
         **OPERATOR_SETTINGS,
+        # As in a pod, the name is the replica's identity in the Lease and its user agent.
+        "POD_NAME": name,
         "GPUYARD_KUBECONFIG": state.kubeconfig,
         "GPUYARD_PROMETHEUS_URL": state.prometheus_url,
         "GPUYARD_GPU_EXPORTER_MATCHERS": GPU_EXPORTER_MATCHERS,
@@ -286,25 +318,86 @@ def start_operator(state: ClusterState, out: Path, ledger: Path) -> OperatorProc
         "GPUYARD_HEALTH_PORT": str(health_port),
     }
     command = [sys.executable, "-m", "gpuyard.cli", "run"]
-    log_path = out / "operator.log"
-    with log_path.open("wb") as log:
+    log_path = out / f"operator-{name}.log"
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, cwd=REPO_ROOT,
         )  # fmt: skip
     recorded = ClusterState.load(Path(state.state_dir))
-    recorded.pids[OPERATOR] = process.pid
-    recorded.commands[OPERATOR] = command
+    recorded.pids[f"{OPERATOR}-{name}"] = process.pid
+    recorded.commands[f"{OPERATOR}-{name}"] = command
     recorded.save()
-    operator = OperatorProcess(process, f"http://127.0.0.1:{health_port}/healthz", log_path)
+    operator = OperatorProcess(
+        name,
+        process,
+        f"http://127.0.0.1:{health_port}/healthz",
+        f"http://127.0.0.1:{metrics_port}/metrics",
+        log_path,
+    )
     deadline = time.monotonic() + 90
     while not operator.healthy():
         if operator.exited() is not None:
-            raise RuntimeError(f"the operator exited; log tail:\n{operator.log_tail()}")
+            raise RuntimeError(f"{name} exited; log tail:\n{operator.log_tail()}")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the operator is not healthy after 90 s; see {log_path}")
+            raise RuntimeError(f"{name} is not healthy after 90 s; see {log_path}")
         time.sleep(0.3)
     return operator
+
+
+@dataclass
+class Failover:
+    """The leader's death in the middle of the story, and who led after it."""
+
+    killed: str
+    killed_monotonic: float
+    verdict: Verdict
+    successor: str = ""
+    took: float | None = None
+
+
+class Replicas:
+    """The operator's replicas under one Lease, as a Deployment of two would run them."""
+
+    def __init__(self, state: ClusterState, out: Path, ledger: Path) -> None:
+        self.state, self.out, self.ledger = state, out, ledger
+        self.members = {name: start_operator(state, out, ledger, name) for name in REPLICAS}
+        self.failover: Failover | None = None
+
+    def leader(self) -> str:
+        return next((name for name, member in self.members.items() if member.leads()), "")
+
+    def wait_for_leader(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while not (leader := self.leader()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no replica leads after {timeout:.0f} s")
+            time.sleep(0.3)
+        return leader
+
+    def kill_leader(self, phase: str) -> Failover:
+        """SIGKILL the leader (no chance to release its Lease) and start it again, as the
+        kubelet restarts a container: it comes back as the standby."""
+        name = self.leader()
+        if not name:
+            raise RuntimeError("no replica leads, so none can be killed")
+        self.members[name].stop(signal.SIGKILL)
+        title = f"the leader {name} is killed; a replica leads within {FAILOVER_DEADLINE:.0f} s"
+        self.failover = Failover(name, time.monotonic(), Verdict(phase, title))
+        self.members[name] = start_operator(self.state, self.out, self.ledger, name)
+        return self.failover
+
+    def exited(self) -> str | None:
+        """A replica that stopped without being told to, and its exit status."""
+        for name, member in self.members.items():
+            code = member.exited()
+            if code is not None:
+                return f"{name} exited with {code}; see {member.log_path}"
+        return None
+
+    def stop(self) -> None:
+        for member in self.members.values():
+            member.stop()
 
 
 # --------------------------------------------------------------------------- the run
@@ -336,7 +429,8 @@ class Paths:
         self.out.mkdir(parents=True, exist_ok=True)
         for path in (
             self.ledger, self.png, self.html, self.usage, self.usage_json, self.summary,
-            self.out / "operator.log", self.out / SNAPSHOT_LEDGER,
+            *(self.out / f"operator-{name}.log" for name in REPLICAS),
+            self.out / SNAPSHOT_LEDGER,
         ):  # fmt: skip
             path.unlink(missing_ok=True)
 
@@ -379,7 +473,7 @@ def install(state: ClusterState) -> None:
 
 
 def run_story(
-    run: Run, state: ClusterState, operator: OperatorProcess
+    run: Run, state: ClusterState, replicas: Replicas
 ) -> tuple[Story, datetime, datetime]:
     """Drive the load script until the story ends; return it with its start and end."""
     api, sim = Api(state), Simulator(state.dcgm_sim_url)
@@ -397,18 +491,45 @@ def run_story(
         while not story.done:
             tick = time.monotonic()
             snap, _ = observe(api, state, sim.loads, tick - started)
+            snap = replace(snap, leader=replicas.leader(), replicas=tuple(replicas.members))
             run.snapshots.append(snap)
             for service, load in story.step(snap).items():
                 sim.set_load(service, load)
+            follow_failover(story, replicas, snap)
             view.show(snap, story)
-            code = operator.exited()
-            if code is not None:
-                run.problems.append(f"the operator exited with {code}; see {operator.log_path}")
+            exited = replicas.exited()
+            if exited is not None:
+                run.problems.append(exited)
                 break
             time.sleep(max(0.0, TICK_SECONDS - (time.monotonic() - tick)))
     finally:
         view.close()
     return story, started_at, datetime.now(UTC)
+
+
+def follow_failover(story: Story, replicas: Replicas, snap: Snapshot) -> None:
+    """Kill the leader once, a few seconds into the spike; then judge how soon a replica
+    led again (an event in the story's list, failed past the deadline). Any replica that
+    leads after the kill is a successor: the killed process is gone, and the one started
+    in its place is a new candidate."""
+    failover = replicas.failover
+    phase = story.phase
+    if failover is None:
+        in_spike = phase is not None and phase.name == "spike"
+        if in_spike and story.phase_elapsed(snap.t) >= KILL_INTO_SPIKE:
+            failover = replicas.kill_leader("spike")
+            story.record(failover.verdict)
+        return
+    if failover.verdict.met is not None:
+        return
+    took = time.monotonic() - failover.killed_monotonic
+    if snap.leader:
+        failover.successor, failover.took = snap.leader, took
+        failover.verdict.met, failover.verdict.at = took <= FAILOVER_DEADLINE, snap.t
+        failover.verdict.detail = f"{snap.leader} leads {took:.1f} s after the kill"
+    elif took > FAILOVER_DEADLINE:
+        failover.verdict.met, failover.verdict.at = False, snap.t
+        failover.verdict.detail = f"no replica leads {took:.0f} s after the kill"
 
 
 def wait_for_meter(api: Api, through: datetime) -> dict[str, Any]:
@@ -488,7 +609,7 @@ def write_report(
         ("chart (PNG)", paths.png.name),
         ("usage table", paths.usage.name),
         ("usage ledger", paths.report_ledger.name),
-        ("operator log", "operator.log"),
+        *((f"operator log ({name})", f"operator-{name}.log") for name in REPLICAS),
         ("summary (JSON)", paths.summary.name),
     ]
     paths.html.write_text(
@@ -525,7 +646,7 @@ def write_report(
 def bill_and_report(
     run: Run,
     state: ClusterState,
-    operator: OperatorProcess,
+    replicas: Replicas,
     story: Story,
     span: tuple[datetime, datetime],
 ) -> BillingCheck:
@@ -536,7 +657,7 @@ def bill_and_report(
     items = wait_for_meter(api, story_end)
     if not run.keep_cluster:
         # Stopped first, so that the ledger and status.usage hold still while compared.
-        operator.stop()
+        replicas.stop()
         items = {
             i["metadata"]["name"]: i
             for i in api.get(f"{API_GROUP_PATH}/namespaces/{NAMESPACE}/aiservices")["items"]
@@ -589,7 +710,7 @@ def execute(run: Run) -> int:
     """The whole run; returns the exit status."""
     begun = time.monotonic()
     cluster = LocalCluster(run.state_dir, name=CLUSTER_NAME)
-    operator: OperatorProcess | None = None
+    replicas: Replicas | None = None
     up = False
     billing: BillingCheck | None = None
     ctrl_c = False
@@ -600,24 +721,26 @@ def execute(run: Run) -> int:
         run.timings.cluster_up = time.monotonic() - begun
         install(state)
         mark = time.monotonic()
-        operator = start_operator(state, run.paths.out, run.paths.ledger)
+        replicas = Replicas(state, run.paths.out, run.paths.ledger)
+        leader = replicas.wait_for_leader(timeout=60)
         run.timings.operator_ready = time.monotonic() - mark
         say(
-            f"cluster up in {run.timings.cluster_up:.0f} s, operator ready in "
-            f"{run.timings.operator_ready:.0f} s; the story begins ({run.profile} profile)"
+            f"cluster up in {run.timings.cluster_up:.0f} s, {len(REPLICAS)} operator replicas "
+            f"ready in {run.timings.operator_ready:.0f} s ({leader} leads); the story begins "
+            f"({run.profile} profile)"
         )
         mark = time.monotonic()
-        story, story_start, story_end = run_story(run, state, operator)
+        story, story_start, story_end = run_story(run, state, replicas)
         run.timings.story = time.monotonic() - mark
-        billing = bill_and_report(run, state, operator, story, (story_start, story_end))
+        billing = bill_and_report(run, state, replicas, story, (story_start, story_end))
     except (StopRequestedError, KeyboardInterrupt) as stop:
         run.problems.append("interrupted")
         ctrl_c = isinstance(stop, KeyboardInterrupt)
     except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as error:
         run.problems.append(f"{type(error).__name__}: {error}")
     finally:
-        if operator is not None and not run.keep_cluster:
-            operator.stop()
+        if replicas is not None and not run.keep_cluster:
+            replicas.stop()
         if up and not run.keep_cluster:
             cluster.down()
     run.timings.total = time.monotonic() - begun

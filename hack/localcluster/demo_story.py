@@ -77,6 +77,10 @@ class Snapshot:
     t: float
     services: dict[str, ServiceView]
     pools: dict[str, PoolView]
+    #: The operator replica that holds the Lease ("" while none does).
+    leader: str = ""
+    #: Every replica that runs, the leader among them.
+    replicas: tuple[str, ...] = ()
 
     def service(self, name: str) -> ServiceView:
         return self.services.get(name) or ServiceView(name)
@@ -468,6 +472,10 @@ class Story:
             else:
                 verdict.met, verdict.at, verdict.detail = outcome.met, snap.t, outcome.detail
         running.pending = still
+
+    def record(self, verdict: Verdict) -> None:
+        """An event the story did not script (the demo's failover), judged by its caller."""
+        self.verdicts.append(verdict)
 
     @property
     def failures(self) -> list[Verdict]:

@@ -101,7 +101,7 @@ def render_frame(
             title += f" (deadline {clock(deadline)})"
     elif story.done:
         title += "  story finished"
-    lines = [title, _fit(phase.caption, width) if phase else "", ""]
+    lines = [title, _fit(phase.caption, width) if phase else "", operator_line(snap), ""]
     lines.append(f"{'POOL':<6} {'GPU TYPE':<10} {'GPUS':>5} {'ALLOCATED':>9} {'FREE':>5}  PRICE")
     for pool in snap.pools.values():
         price = f"{pool.price} {pool.currency}/GPU-h" if pool.price else ""
@@ -140,6 +140,12 @@ def render_frame(
     lines.append("EXPECTED  (ready/desired replicas; load in GPU-% of demand; cost so far)")
     lines.extend(events)
     return [_fit(line, width) for line in lines[:height]]
+
+
+def operator_line(snap: Snapshot) -> str:
+    standbys = [name for name in snap.replicas if name != snap.leader]
+    leads = f"{snap.leader} leads" if snap.leader else "no replica leads"
+    return f"operator: {leads}; standing by: {', '.join(standbys) or 'none'}"
 
 
 def changes(previous: Snapshot | None, snap: Snapshot) -> list[str]:
@@ -215,6 +221,8 @@ class PlainLog:
         if phase is not None and phase.name != self.phase:
             self.phase = phase.name
             self._line(snap.t, f"phase {phase.name}: {phase.caption}")
+        if self.previous is None or self.previous.leader != snap.leader:
+            self._line(snap.t, operator_line(snap))
         for line in changes(self.previous, snap):
             self._line(snap.t, line)
         for index, verdict in enumerate(story.verdicts):

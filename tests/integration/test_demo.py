@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -101,6 +102,14 @@ def test_the_short_demo_tells_the_whole_story(tmp_path: Path) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is True
     assert all(v["met"] for v in summary["verdicts"])
+    # Two replicas: the leader was killed in the spike, and the other one took over.
+    [failover] = [v for v in summary["verdicts"] if "is killed" in v["title"]]
+    assert failover["phase"] == "spike"
+    killed = failover["title"].split()[2]
+    successor = failover["detail"].split()[0]
+    assert {killed, successor} == {"replica-a", "replica-b"}, failover
+    assert f"operator: {killed} leads; standing by: {successor}" in result.stdout, log
+    assert f"operator: {successor} leads; standing by: {killed}" in result.stdout, log
     # The report's paths are the last lines.
     last = result.stdout.strip().splitlines()[-4:]
     assert [line.split(":")[0] for line in last] == ["report", "chart", "usage", "ledger"]
@@ -171,6 +180,15 @@ def test_an_expectation_not_met_by_its_deadline_fails_and_the_story_goes_on() ->
     # Every phase ran, each with its loads.
     assert [name for _, name in story.starts] == ["setup", "ramp", "spike", "quiet", "wake", "fill"]
     assert story.loads["finetune"] == 800
+
+
+def test_the_live_view_names_the_leader_and_the_standbys() -> None:
+    story = Story(phases(PROFILES["short"]))
+    snap = Snapshot(1.0, {}, {}, leader="replica-b", replicas=("replica-a", "replica-b"))
+    lines = render_frame(snap, story, profile="short")
+    assert "operator: replica-b leads; standing by: replica-a" in lines
+    leaderless = render_frame(replace(snap, leader=""), story, profile="short")
+    assert "operator: no replica leads; standing by: replica-a, replica-b" in leaderless
 
 
 def test_the_live_view_fits_an_80x24_terminal() -> None:
