@@ -60,10 +60,19 @@ def leads(replica: OperatorProcess) -> bool:
     return "gpuyard_leader 1.0" in replica.metrics().splitlines()
 
 
-def lease_left(state: ClusterState, lease: str) -> float:
-    """Seconds until the Lease expires unless it is renewed, by its own record."""
+def lease_spec(state: ClusterState, lease: str) -> dict[str, Any]:
     body = kubectl(state, "get", "lease", lease, "-n", LEASE_NAMESPACE, "-o", "json")
     spec: dict[str, Any] = json.loads(body)["spec"]
+    return spec
+
+
+def renew_time(state: ClusterState, lease: str) -> datetime:
+    return datetime.fromisoformat(lease_spec(state, lease)["renewTime"].replace("Z", "+00:00"))
+
+
+def lease_left(state: ClusterState, lease: str) -> float:
+    """Seconds until the Lease expires unless it is renewed, by its own record."""
+    spec = lease_spec(state, lease)
     renewed = datetime.fromisoformat(spec["renewTime"].replace("Z", "+00:00"))
     expires = renewed.timestamp() + float(spec["leaseDurationSeconds"])
     return expires - datetime.now(UTC).timestamp()
@@ -78,6 +87,8 @@ class Pair:
             "GPUYARD_LEASE_DURATION_SECONDS": str(DURATION),
             "GPUYARD_LEASE_RENEW_DEADLINE_SECONDS": str(RENEW_DEADLINE),
             "GPUYARD_LEASE_RETRY_PERIOD_SECONDS": str(RETRY_PERIOD),
+            # For the "standing by" line (see ready_standby).
+            "GPUYARD_LOG_LEVEL": "INFO",
         }
         self.replicas = [self._start(name) for name in ("a", "b")]
         self.wait_for_one_leader()
@@ -90,11 +101,21 @@ class Pair:
     def wait_for_one_leader(self) -> None:
         wait_for(lambda: sum(leads(r) for r in self.replicas) == 1, "single leader")
 
+    def ready_standby(self, standby: OperatorProcess, lease: str) -> None:
+        """Until the standby has seen the leader renew. A standby counts the holder's time
+        from its own sight of the last renewal; killing the leader before its standby
+        (restarted by the previous round) has seen one would add the standby's start-up to
+        the failover: two failures at once, not the one measured here."""
+        wait_for(lambda: "standing by: Lease" in standby.log_path.read_text(), "standby")
+        seen = datetime.now(UTC)
+        wait_for(lambda: renew_time(self.state, lease) > seen, "renewal", timeout=DURATION)
+
     def fail_over(self, sig: signal.Signals, lease: str) -> tuple[float, float]:
         """Stop the leader with ``sig``; (seconds to the standby's first reconcile, what
         was left of the Lease at the signal)."""
         [leader] = [r for r in self.replicas if leads(r)]
         [standby] = [r for r in self.replicas if r is not leader]
+        self.ready_standby(standby, lease)
         before = reconciles(standby)
         # A released Lease is free at once; a killed leader's runs out.
         floor = lease_left(self.state, lease) if sig == signal.SIGKILL else 0.0
