@@ -942,6 +942,23 @@ def test_operator_policies_match_every_write_the_clusterrole_allows_on_shared_ki
             {"usage": {"ledger": {"enabled": True}}},
             "usage.ledger (a file on a ReadWriteOnce claim) takes one operator pod",
         ),
+        (
+            {"usage": {"postgres": {"enabled": True}}},
+            "usage.postgres.enabled needs exactly one of usage.postgres.dsnSecret.name and",
+        ),
+        (
+            {
+                "usage": {
+                    "postgres": {"enabled": True, "envSecret": "pg", "dsnSecret": {"name": "d"}}
+                }
+            },
+            "usage.postgres.enabled needs exactly one of usage.postgres.dsnSecret.name and",
+        ),
+        (
+            {"usage": {"postgres": {"envSecret": "pg"}}},
+            "take effect only with usage.postgres.enabled=true",
+        ),
+        ({"usage": {"postgres": {"envSecret": "Not_A_Name"}}}, "at '/usage/postgres/envSecret'"),
         ({"replicaCas": 1}, "additional properties 'replicaCas' not allowed"),
         ({"operator": {"logLevel": "debug"}}, "at '/operator/logLevel': value must be one of"),
         ({"operator": {"workers": 0}}, "at '/operator/workers': minimum: got 0, want 1"),
@@ -1205,6 +1222,7 @@ def test_alert_rules_pass_promtool_check(helm: Helm, promtool: str, tmp_path: Pa
         "GpuyardNoLeader",
         "GpuyardAutoscalerStale",
         "GpuyardMeteringLag",
+        "GpuyardUsageSinkFailing",
         "GpuyardPoolNearlyFull",
         "GpuyardReconcileErrors",
     }
@@ -1245,6 +1263,10 @@ def test_alerts_fire_on_the_series_the_operator_exports(
                     series("gpuyard_autoscaler_last_tick_timestamp_seconds", "", "0+60x5 300x35"),
                     # Metering lags 30 s, then 20 minutes from minute 11 on.
                     series("gpuyard_metering_lag_seconds", "", "30x10 1200x30"),
+                    # A sink fails for 2 minutes from minute 5, then all the time from 20 on.
+                    series("gpuyard_meter_errors_total", ', stage="sink"', "0x5 0+3x2 6x13 6+3x20"),
+                    # Other stages are not the sinks' alert.
+                    series("gpuyard_meter_errors_total", ', stage="mark"', "0+1x40"),
                     # A third of the AIService reconciles fail; GPUPool ones never do.
                     series(
                         "gpuyard_reconciles_total",
@@ -1276,6 +1298,14 @@ def test_alerts_fire_on_the_series_the_operator_exports(
                     {
                         "eval_time": "25m",
                         "alertname": "GpuyardMeteringLag",
+                        "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
+                    },
+                    # The 2-minute outage: the errors stop before the alert's 5 minutes.
+                    {"eval_time": "9m", "alertname": "GpuyardUsageSinkFailing", "exp_alerts": []},
+                    {"eval_time": "17m", "alertname": "GpuyardUsageSinkFailing", "exp_alerts": []},
+                    {
+                        "eval_time": "30m",
+                        "alertname": "GpuyardUsageSinkFailing",
                         "exp_alerts": [{"exp_labels": {"severity": "warning"}}],
                     },
                     {"eval_time": "10m", "alertname": "GpuyardPoolNearlyFull", "exp_alerts": []},

@@ -195,6 +195,19 @@ then extraEnv.
 - name: GPUYARD_USAGE_LEDGER
   value: {{ include "gpuyard.ledgerFile" . | quote }}
 {{- end }}
+{{- with .Values.usage.postgres }}
+{{- if .enabled }}
+{{- if .dsnSecret.name }}
+- name: GPUYARD_USAGE_LEDGER_DSN_FILE
+  value: {{ include "gpuyard.postgresDsnFile" $ | quote }}
+{{- else }}
+- name: GPUYARD_USAGE_LEDGER_POSTGRES_ENV
+  value: "true"
+{{- end }}
+- name: GPUYARD_USAGE_LEDGER_MIGRATE
+  value: {{ .migrate | quote }}
+{{- end }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -205,6 +218,9 @@ Where the usage sinks' files are mounted. Whole volumes, never subPath: the kube
 updates a Secret or ConfigMap volume by swapping a symlink, which a subPath mount never
 sees, and the operator reads a rotated headers file or CA bundle without a restart.
 */}}
+{{- define "gpuyard.postgresDsnFile" -}}
+/etc/gpuyard/usage-postgres/dsn
+{{- end }}
 {{- define "gpuyard.usageHttpHeadersFile" -}}
 /etc/gpuyard/usage-http-headers/headers
 {{- end }}
@@ -242,6 +258,13 @@ Usage values that the schema cannot relate to each other, refused with what to c
 {{- end }}
 {{- if not (lt (float64 $lease.retryPeriodSeconds) (float64 $lease.renewDeadlineSeconds)) }}
 {{- fail "leaderElection.retryPeriodSeconds must be shorter than renewDeadlineSeconds" }}
+{{- end }}
+{{- $pg := .Values.usage.postgres }}
+{{- if and $pg.enabled (eq (empty $pg.dsnSecret.name) (empty $pg.envSecret)) }}
+{{- fail "usage.postgres.enabled needs exactly one of usage.postgres.dsnSecret.name and usage.postgres.envSecret" }}
+{{- end }}
+{{- if and (not $pg.enabled) (or $pg.dsnSecret.name $pg.envSecret) }}
+{{- fail "usage.postgres.dsnSecret and envSecret take effect only with usage.postgres.enabled=true" }}
 {{- end }}
 {{- $http := .Values.usage.http }}
 {{- if and (hasPrefix "http://" $http.url) (not $http.allowInsecure) }}
