@@ -155,13 +155,15 @@ def test_install_upgrade_and_uninstall_in_a_restricted_namespace(
         )  # fmt: skip
         installed = True
 
-        # The API server admitted the pod under "restricted"; kwok runs it on the CPU node.
-        [pod] = wait_until(
-            lambda: running_operator_pods(kubectl, restricted, release),
-            timeout=60,
-            what="the operator pod to run",
-        )
-        assert pod["spec"]["nodeName"] == "cpu-0"
+        # The API server admitted both replicas' pods under "restricted"; kwok runs them on
+        # the CPU node (the anti-affinity across nodes is preferred, not required).
+        def both_running() -> list[dict[str, Any]] | None:
+            found = running_operator_pods(kubectl, restricted, release)
+            return found if len(found) == 2 else None
+
+        pods = wait_until(both_running, timeout=60, what="the two operator pods to run")
+        assert {pod["spec"]["nodeName"] for pod in pods} == {"cpu-0"}
+        assert exists(kubectl, "poddisruptionbudget", fullname, restricted)
         for kind in POLICY_KINDS:
             for policy in POLICIES:
                 assert exists(kubectl, kind, f"{fullname}-{policy}"), (kind, policy)
@@ -188,7 +190,12 @@ def test_install_upgrade_and_uninstall_in_a_restricted_namespace(
         account = f"system:serviceaccount:{restricted}:{fullname}"
         granted = rules_of(kubectl, account, restricted)
         baseline = rules_of(kubectl, f"system:serviceaccount:{restricted}:nobody", restricted)
-        assert granted - baseline == snapshot_rules()
+        # In the release namespace, the Role adds its Lease and nothing else.
+        lease_rules = {
+            ("coordination.k8s.io", "leases", verb)
+            for verb in ("create", "get", "list", "watch", "update")
+        }
+        assert granted - baseline == snapshot_rules() | lease_rules
         for group, resource, verb in granted:
             assert "*" not in (group, resource, verb)
             assert resource != "secrets"
@@ -223,7 +230,8 @@ def test_install_upgrade_and_uninstall_in_a_restricted_namespace(
             )
         )
 
-        # Upgrade to changed values: Recreate replaces the pod with one that has them.
+        # Upgrade to changed values: the rolling update replaces both pods with ones that
+        # have them.
         values = helm.values_file(
             {
                 "operator": {"clusterId": "integration", "logLevel": "DEBUG"},
@@ -235,17 +243,20 @@ def test_install_upgrade_and_uninstall_in_a_restricted_namespace(
             "--wait", "--timeout", "120s",
         )  # fmt: skip
 
-        def upgraded_pod() -> dict[str, Any] | None:
-            pods = running_operator_pods(kubectl, restricted, release)
-            env = {
-                item["name"]: item.get("value")
-                for item in (pods[0]["spec"]["containers"][0]["env"] if len(pods) == 1 else [])
-            }
-            return pods[0] if env.get("GPUYARD_LOG_LEVEL") == "DEBUG" else None
+        def upgraded_pods() -> list[dict[str, Any]] | None:
+            found = running_operator_pods(kubectl, restricted, release)
+            levels = [
+                {item["name"]: item.get("value") for item in pod["spec"]["containers"][0]["env"]}
+                .get("GPUYARD_LOG_LEVEL")
+                for pod in found
+            ]  # fmt: skip
+            return found if len(found) == 2 and set(levels) == {"DEBUG"} else None
 
-        new_pod = wait_until(upgraded_pod, timeout=60, what="the upgraded operator pod")
-        assert new_pod["metadata"]["name"] != pod["metadata"]["name"]
-        assert new_pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "768Mi"
+        new_pods = wait_until(upgraded_pods, timeout=90, what="the upgraded operator pods")
+        old_names = {pod["metadata"]["name"] for pod in pods}
+        assert not old_names & {pod["metadata"]["name"] for pod in new_pods}
+        for new_pod in new_pods:
+            assert new_pod["spec"]["containers"][0]["resources"]["limits"]["memory"] == "768Mi"
         history = json.loads(helm.run("history", release, "-n", restricted, "-o", "json").stdout)
         assert [entry["status"] for entry in history] == ["superseded", "deployed"]
 
@@ -260,6 +271,9 @@ def test_install_upgrade_and_uninstall_in_a_restricted_namespace(
             ("serviceaccount", fullname, restricted),
             ("clusterrole", fullname, None),
             ("clusterrolebinding", fullname, None),
+            ("role", f"{fullname}-leader-election", restricted),
+            ("rolebinding", f"{fullname}-leader-election", restricted),
+            ("poddisruptionbudget", fullname, restricted),
             *((kind, f"{fullname}-{policy}", None) for kind in POLICY_KINDS for policy in POLICIES),
         ):
             assert not exists(kubectl, kind, name, ns), (kind, name)
@@ -331,6 +345,8 @@ def test_a_token_of_the_charts_service_account_has_the_charts_permissions(
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "Role",
+        "RoleBinding",
     }
     kubectl.apply(manifest)
     try:
@@ -349,5 +365,11 @@ def test_a_token_of_the_charts_service_account_has_the_charts_permissions(
         assert can("get", "secrets", "-n", namespace) == "no"
         assert can("patch", "aiservices.gpuyard.io", "-n", "default") == "no"
         assert can("delete", "pods", "-n", namespace) == "no"
+        # The Lease: its own, in the release namespace, and no other anywhere.
+        lease = f"leases.coordination.k8s.io/{release}-gpuyard"
+        assert can("update", lease, "-n", namespace) == "yes"
+        assert can("create", "leases.coordination.k8s.io", "-n", namespace) == "yes"
+        assert can("update", "leases.coordination.k8s.io/other", "-n", namespace) == "no"
+        assert can("get", lease, "-n", "default") == "no"
     finally:
         kubectl.run("delete", "-f", "-", "--ignore-not-found", stdin=manifest, check=False)

@@ -485,7 +485,13 @@ def test_helm_uninstall_leaves_no_pod_or_pool_held(
 # --- plain manifests -------------------------------------------------------------------
 
 
-DIST_POLICIES = ("gpuyard-pods", "gpuyard-workloads", "gpuyard-deployment-scale")
+DIST_POLICIES = (
+    "gpuyard-pods",
+    "gpuyard-workloads",
+    "gpuyard-deployment-scale",
+    "gpuyard-operator-children",
+    "gpuyard-operator-finalizers",
+)
 
 
 def documented_plain_manifest_commands() -> list[list[str]]:
@@ -503,7 +509,7 @@ def test_the_documented_plain_manifest_uninstall_keeps_the_crds_and_no_finalizer
     if kubectl.run("get", "namespace", DIST_NAMESPACE, check=False).returncode == 0:
         pytest.skip(f"namespace {DIST_NAMESPACE} is in use on this cluster")
     commands = documented_plain_manifest_commands()
-    assert [command[0] for command in commands] == ["kubectl", "gpuyard", *["kubectl"] * 3]
+    assert [command[0] for command in commands] == ["kubectl", "gpuyard", *["kubectl"] * 4]
     pool = f"plain-{secrets.token_hex(3)}"
     try:
         # Held before the install: its admission policies let no one but its operator put
@@ -541,6 +547,10 @@ def test_the_documented_plain_manifest_uninstall_keeps_the_crds_and_no_finalizer
 
     assert holders(kubectl) == []
     kubectl("delete", "pod", "held", "-n", namespace, "--wait=true", "--timeout=60s")
+    # Nothing of the file is left behind but the CRDs: no admission policy, no binding.
+    for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
+        left = kubectl("get", kind, *DIST_POLICIES, "--ignore-not-found", "-o", "name")
+        assert left.strip() == "", left
     # The CRDs stay, and with them the users' pools.
     for crd in ("aiservices.gpuyard.io", "gpupools.gpuyard.io"):
         assert kubectl.run("get", "crd", crd, check=False).returncode == 0, crd
