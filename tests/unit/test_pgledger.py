@@ -257,6 +257,10 @@ def test_an_unreachable_database_is_unavailable_and_its_password_stays_out(
 
     assert "s3cret-pw" not in str(failure.value)
     assert redact_dsn(dsn) == f"postgresql://gpuyard:***@127.0.0.1:{pg_server.port}/gpuyard"
+    assert redact_dsn("host=db password='a b' user=x") == "host=db password=*** user=x"
+    assert redact_dsn("postgresql://db/x?password=pw&sslmode=require") == (
+        "postgresql://db/x?password=***&sslmode=require"
+    )
 
 
 def test_the_dsn_file_is_read_again_at_each_connect(
@@ -519,6 +523,24 @@ def test_usage_from_postgres_draws_the_same_chart(
     assert usage_command(["--ledger", str(path), "--chart", str(tmp_path / "file.html")]) == 0
     assert usage_command(["--from", dsn, "--chart", str(tmp_path / "db.html")]) == 0
     assert (tmp_path / "db.html").read_text() == (tmp_path / "file.html").read_text()
+
+
+def test_usage_from_a_bare_scheme_uses_the_libpq_environment(
+    both_ledgers: tuple[Path, str],
+    pg_server: postgres.PostgresServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path, dsn = both_ledgers
+    assert usage_command(["--ledger", str(path), "--format", "csv"]) == 0
+    from_file = capsys.readouterr().out
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv("PGPORT", str(pg_server.port))
+    monkeypatch.setenv("PGUSER", postgres.SUPERUSER)
+    monkeypatch.setenv("PGDATABASE", dsn.rsplit("/", 1)[1])
+
+    assert usage_command(["--from", "postgresql://", "--format", "csv"]) == 0
+    assert capsys.readouterr().out == from_file
 
 
 def test_usage_filters_run_in_the_database(both_ledgers: tuple[Path, str]) -> None:

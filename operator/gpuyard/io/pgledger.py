@@ -167,8 +167,11 @@ def is_dsn(text: str) -> bool:
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN without its password, for logs and errors."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+    """The DSN without its password, for logs and errors (URI and key=value forms)."""
+    if is_dsn(dsn):
+        dsn = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+        return re.sub(r"([?&]password=)[^&]*", r"\1***", dsn)
+    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
 
 
 def read_dsn_file(path: Path) -> str:
