@@ -8,7 +8,7 @@ time of that emit (it returns once the records are durable):
 - ``PostgresSink`` with new ids: COPY into a temporary table, one INSERT ... ON CONFLICT
   DO NOTHING, COMMIT (synchronous_commit on: the WAL is flushed before COMMIT returns);
 - ``PostgresSink`` with ids already stored, the re-emit after a restart: the insert finds
-  every id, and every stored copy is read back and compared.
+  every id, and the stored copies are compared with the new ones in SQL.
 
 Each emit also gets its CPU time in this process (``time.process_time()``), to separate
 what the client spends encoding from what it waits for the server. PostgreSQL is a real

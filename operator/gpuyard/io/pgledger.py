@@ -135,12 +135,25 @@ _INSERT = """
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 """
-_INSERT_CONFLICTS = """
-    INSERT INTO gpuyard_usage_conflicts (id, record, digest)
-    SELECT i, r, md5(r::text) FROM unnest(%s::text[], %s::jsonb[]) AS c(i, r)
-    ON CONFLICT DO NOTHING
+# The copies whose id is stored with other billed fields (UsageRecord.billing_fields),
+# compared in the database: set aside, never written over the stored record. Every such
+# copy is returned, a repeat of one set aside before too, so that each one is counted.
+_SET_ASIDE_CONFLICTS = """
+    WITH differing AS (
+        SELECT i.id, i.record
+        FROM gpuyard_incoming i JOIN gpuyard_usage_records r ON r.id = i.id
+        WHERE (i.namespace, i.service, i.pool, i.pod_uid, i.gpus, i.window_start,
+               i.window_end, i.gpu_seconds, i.unit_price, i.cost, i.currency)
+              IS DISTINCT FROM
+              (r.namespace, r.service, r.pool, r.pod_uid, r.gpus, r.window_start,
+               r.window_end, r.gpu_seconds, r.unit_price, r.cost, r.currency)
+    ), set_aside AS (
+        INSERT INTO gpuyard_usage_conflicts (id, record, digest)
+        SELECT id, record, md5(record::text) FROM differing
+        ON CONFLICT DO NOTHING
+    )
+    SELECT id FROM differing
 """
-_SELECT_STORED = "SELECT id, record FROM gpuyard_usage_records WHERE id = ANY(%s)"
 _CREATE_VERSION_TABLE = """
     CREATE TABLE IF NOT EXISTS gpuyard_schema_version (
         version integer PRIMARY KEY,
@@ -314,7 +327,7 @@ class PostgresSink:
     `gpuyard db migrate` runs.
 
     One connection, opened on first use and again after it is lost; emits take turns on
-    it (each is a single multi-row statement plus, for re-emitted ids, one read). When a
+    it (a COPY and one INSERT, plus for re-emitted ids one comparison in SQL). When a
     connection that had worked fails, the emit is tried once more on a new one at once: a
     server restart then costs no meter tick. A commit whose answer was lost may have
     happened; the retry then finds duplicates, which are no-ops.
@@ -419,38 +432,16 @@ class PostgresSink:
             cursor = await conn.execute(_INSERT)
             inserted = {row[0] for row in await cursor.fetchall()}
             outcome.inserted = len(inserted)
-            # Every copy after the first of an id, in the batch or from an earlier emit.
-            first_of: dict[str, UsageRecord] = {}
-            again: list[UsageRecord] = []
-            for record in records:
-                if record.id in inserted and record.id not in first_of:
-                    first_of[record.id] = record
-                else:
-                    again.append(record)
-            if again:
-                cursor = await conn.execute(_SELECT_STORED, ([r.id for r in again],))
-                stored = {row[0]: record_from_json(row[1]) for row in await cursor.fetchall()}
-                set_aside: list[UsageRecord] = []
-                for record in again:
-                    if stored[record.id].billing_fields() == record.billing_fields():
-                        outcome.duplicates += 1
-                    else:
-                        set_aside.append(record)
-                        outcome.conflicts.append(record.id)
-                if set_aside:
-                    await conn.execute(_INSERT_CONFLICTS, _conflict_columns(set_aside))
+            if outcome.inserted < len(records):
+                # Ids stored before, or twice in this batch: duplicates unless they differ.
+                cursor = await conn.execute(_SET_ASIDE_CONFLICTS)
+                outcome.conflicts = [str(row[0]) for row in await cursor.fetchall()]
+                outcome.duplicates = len(records) - outcome.inserted - len(outcome.conflicts)
         return outcome
 
     async def aclose(self) -> None:
         async with self._lock:
             await self._drop()
-
-
-def _conflict_columns(records: Sequence[UsageRecord]) -> list[list[str]]:
-    return [
-        [r.id for r in records],
-        [json.dumps(record_to_json(r), separators=(",", ":")) for r in records],
-    ]
 
 
 # --------------------------------------------------------------------------- reading
