@@ -4,8 +4,9 @@ The processes are the real ones, built by ``hack/build-binaries.sh``: etcd,
 kube-apiserver (RBAC authorization, service-account keys and client-certificate
 authentication, as controller-runtime's envtest configures it), kube-controller-manager
 (so Deployments become ReplicaSets and Pods, and garbage collection works),
-kube-scheduler, kwok (fake GPU nodes, pods marked Running), Prometheus (Debian's package)
-and the DCGM exporter simulator. Every port is a free loopback port.
+kube-scheduler, kwok (fake GPU nodes, pods marked Running), Prometheus (Debian's package),
+the DCGM exporter simulator and PostgreSQL (Debian's package; the usage ledger's
+database, ``GPUYARD_TEST_POSTGRES_DSN``). Every port is a free loopback port.
 
 A cluster lives in one state directory: certificates, data, logs, ``kubeconfig`` and
 ``state.json`` (the PIDs and addresses). ``down`` stops every PID it recorded and removes
@@ -35,6 +36,7 @@ from typing import Any, Final
 
 import yaml
 
+from localcluster import postgres
 from localcluster.topology import DEFAULT_TOPOLOGY, node_manifests, parse_topology
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -96,6 +98,11 @@ class ClusterState:
     # takes Prometheus away, say) by any process that reads this state.
     commands: dict[str, list[str]] = field(default_factory=dict)
     environments: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The PostgreSQL usage ledger's server (hack/localcluster/postgres.py): started and
+    # stopped with pg_ctl, which daemonises it, so it has no entry in `pids`. Empty in the
+    # state of a cluster started before it existed.
+    postgres_dsn: str = ""
+    postgres_dir: str = ""
 
     def save(self) -> None:
         path = Path(self.state_dir) / STATE_FILE
@@ -115,6 +122,7 @@ class ClusterState:
             "GPUYARD_PROMETHEUS_URL": self.prometheus_url,
             "GPUYARD_GPU_EXPORTER_MATCHERS": GPU_EXPORTER_MATCHERS,
             "GPUYARD_DCGM_SIM_URL": self.dcgm_sim_url,
+            **({"GPUYARD_TEST_POSTGRES_DSN": self.postgres_dsn} if self.postgres_dsn else {}),
         }
 
 
@@ -559,6 +567,21 @@ class LocalCluster:
             logs / "prometheus.log",
         )  # fmt: skip
 
+        try:
+            server = postgres.init(self.state_dir)
+        except postgres.PostgresMissingError as missing:
+            # The cluster is whole without it; only the PostgreSQL ledger's tests need it.
+            log(f"no postgresql ({missing}); GPUYARD_TEST_POSTGRES_DSN stays unset")
+            return
+        # Recorded before it starts, so that `down` stops it after a failed start too.
+        state.postgres_dir = server.base_dir
+        state.save()
+        postgres.start(server)
+        postgres.create_database(server)
+        state.postgres_dsn = server.dsn
+        state.save()
+        log(f"postgresql on {server.dsn}")
+
     @staticmethod
     def kubectl(bins: Path, kubeconfig: Path, *args: str, stdin: str | None = None) -> str:
         result = subprocess.run(
@@ -587,6 +610,11 @@ class LocalCluster:
                 log(f"no cluster runs from {self.state_dir}")
             return []
         state = ClusterState.load(self.state_dir)
+        if state.postgres_dir:
+            try:
+                postgres.stop(postgres.PostgresServer.load(Path(state.postgres_dir)))
+            except (OSError, RuntimeError) as error:
+                log(f"postgresql did not stop cleanly: {error}")
         # Stop in reverse start order so that clients go before the servers they call.
         pids = list(state.pids.items())[::-1]
         for name, pid in pids:

@@ -1,5 +1,5 @@
 """The ``gpuyard`` command: ``run`` the operator, print or write the ``crds``, report ``usage``,
-``release-finalizers`` before an uninstall."""
+``release-finalizers`` before an uninstall, ``db migrate`` the PostgreSQL ledger."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from gpuyard import __version__
 from gpuyard.api.crd import crd_files, render_crds_yaml
 from gpuyard.api.reference import render_reference
 from gpuyard.config import Settings
+from gpuyard.db_cli import add_db_parser
 from gpuyard.handlers.runtime import run_operator
 from gpuyard.release_cli import add_release_parser
 from gpuyard.usage_cli import add_usage_parser
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     crds.set_defaults(func=_crds)
     add_usage_parser(commands)
     add_release_parser(commands)
+    add_db_parser(commands)
     return parser
 
 

@@ -131,6 +131,30 @@ class Settings(BaseSettings):
     usage_ledger: Path | None = Field(
         default=None, description="append usage records to this file (fsync'ed)"
     )
+    usage_ledger_dsn_file: Path | None = Field(
+        default=None,
+        description=(
+            "write usage records to PostgreSQL, connecting with the connection string in "
+            "this file (mount it from a Secret); read again at every reconnect, so a "
+            "rotated password takes effect without a restart"
+        ),
+    )
+    usage_ledger_postgres_env: bool = Field(
+        default=False,
+        description=(
+            "write usage records to PostgreSQL, connecting with libpq's environment "
+            "variables alone (PGHOST, PGPORT, PGDATABASE, PGUSER, PGPASSWORD or PGPASSFILE, "
+            "PGSSLMODE, ...); not together with GPUYARD_USAGE_LEDGER_DSN_FILE"
+        ),
+    )
+    usage_ledger_migrate: bool = Field(
+        default=True,
+        description=(
+            "create or upgrade the PostgreSQL ledger's tables at start-up and on each "
+            "connect; off: run `gpuyard db migrate` yourself, and the operator only "
+            "checks the schema version"
+        ),
+    )
     usage_http_url: str | None = Field(
         default=None, description="POST usage records as CloudEvents batches to this URL"
     )
@@ -199,6 +223,21 @@ class Settings(BaseSettings):
             renew_deadline_seconds=self.lease_renew_deadline_seconds,
             retry_period_seconds=self.lease_retry_period_seconds,
         )
+
+    @model_validator(mode="after")
+    def _check_usage_postgres(self) -> Settings:
+        # Both a file ledger and PostgreSQL may be on (two sinks, each idempotent by id);
+        # two ways to reach the one database may not, since only one would be used.
+        if self.usage_ledger_dsn_file is not None and self.usage_ledger_postgres_env:
+            raise ValueError(
+                "set GPUYARD_USAGE_LEDGER_DSN_FILE or GPUYARD_USAGE_LEDGER_POSTGRES_ENV, "
+                "not both: they are two ways to reach the same PostgreSQL ledger"
+            )
+        return self
+
+    @property
+    def usage_postgres_enabled(self) -> bool:
+        return self.usage_ledger_dsn_file is not None or self.usage_ledger_postgres_env
 
     @model_validator(mode="after")
     def _check_usage_http(self) -> Settings:

@@ -1,4 +1,8 @@
-"""`gpuyard usage`: report GPU usage and cost from a ledger file.
+"""`gpuyard usage`: report GPU usage and cost from a ledger file or the PostgreSQL ledger.
+
+`--ledger FILE` reads a JSON-lines ledger; `--from` takes a file too, or a
+`postgresql://` (or `postgres://`) connection URI, whose filters run in the database.
+`--from postgresql://` alone connects with libpq's PG* environment variables.
 
 Plug into the main CLI with `add_usage_parser(subparsers)` (it sets `func=run_usage`),
 or run standalone through `usage_command(argv)`.
@@ -14,8 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from gpuyard.api.formats import parse_time
 from gpuyard.io.ledger import LedgerCorruptError, read_ledger
+from gpuyard.io.pgledger import ConnectionSource, SchemaError, is_dsn, read_usage
 from gpuyard.logic.metering import MeteringError, UsageRecord
 from gpuyard.logic.usage_report import (
     DEFAULT_GROUP_BY,
@@ -52,7 +59,15 @@ def _group_by_arg(text: str) -> tuple[str, ...]:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--ledger", required=True, type=Path, help="ledger file (JSON lines)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ledger", type=Path, help="ledger file (JSON lines)")
+    source.add_argument(
+        "--from",
+        dest="source",
+        metavar="FILE|DSN",
+        help="a ledger file, or the PostgreSQL ledger as postgresql://[user@]host[:port]/db "
+        "(a password is better kept in PGPASSWORD or ~/.pgpass than on a command line)",
+    )
     parser.add_argument("--namespace", help="only this namespace")
     parser.add_argument("--service", help="only this AIService")
     parser.add_argument("--pool", help="only this GPUPool")
@@ -114,27 +129,52 @@ def write_chart(path: Path, records: Sequence[UsageRecord]) -> None:
         path.write_text(usage.render_html(records), encoding="utf-8")
 
 
+def _read_file(path: Path, flt: ReportFilter) -> list[UsageRecord] | None:
+    try:
+        ledger = read_ledger(path)
+    except (OSError, LedgerCorruptError) as exc:
+        print(f"gpuyard usage: {exc}", file=sys.stderr)
+        return None
+    if ledger.torn_tail:
+        print("gpuyard usage: ignored an incomplete last line (crash mid-write)", file=sys.stderr)
+    _warn_conflicts(ledger.conflicts)
+    return filter_records(ledger.records, flt)
+
+
+def _read_database(dsn: str, flt: ReportFilter) -> list[UsageRecord] | None:
+    try:
+        stored = read_usage(ConnectionSource(dsn=dsn), flt)
+    except (psycopg.Error, SchemaError) as exc:
+        # psycopg's messages name the host and the user, never the password.
+        print(f"gpuyard usage: PostgreSQL ledger: {exc}".rstrip(), file=sys.stderr)
+        return None
+    _warn_conflicts(stored.conflicts)
+    return list(stored.records)
+
+
+def _warn_conflicts(conflicts: Sequence[str]) -> None:
+    if conflicts:
+        print(
+            f"gpuyard usage: {len(conflicts)} id(s) appear with different amounts; "
+            f"the first copy was used: {', '.join(conflicts[:5])}",
+            file=sys.stderr,
+        )
+
+
 def run_usage(args: argparse.Namespace) -> int:
     """Exit status 0 on success, 1 when the ledger cannot be read, 2 when a chart is asked
     for without the report extra."""
     if args.chart is not None and (missing := _chart_library_missing()) is not None:
         print(missing, file=sys.stderr)
         return MISSING_EXTRA
-    try:
-        ledger = read_ledger(args.ledger)
-    except (OSError, LedgerCorruptError) as exc:
-        print(f"gpuyard usage: {exc}", file=sys.stderr)
-        return 1
-    if ledger.torn_tail:
-        print("gpuyard usage: ignored an incomplete last line (crash mid-write)", file=sys.stderr)
-    if ledger.conflicts:
-        print(
-            f"gpuyard usage: {len(ledger.conflicts)} id(s) appear with different amounts; "
-            f"the first copy was used: {', '.join(ledger.conflicts[:5])}",
-            file=sys.stderr,
-        )
     flt = ReportFilter(args.namespace, args.service, args.pool, args.since, args.until)
-    records = filter_records(ledger.records, flt)
+    source: str | None = getattr(args, "source", None)
+    if source is not None and is_dsn(source):
+        records = _read_database(source, flt)
+    else:
+        records = _read_file(Path(source) if source is not None else args.ledger, flt)
+    if records is None:
+        return 1
     sys.stdout.write(_RENDERERS[args.format](summarize(records, args.group_by)))
     if args.chart is not None:
         write_chart(args.chart, records)

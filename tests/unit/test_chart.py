@@ -641,6 +641,49 @@ def test_ledger_on_an_existing_claim(helm: Helm) -> None:
     }
 
 
+def test_postgres_ledger_values_become_the_operators_settings(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    values = {
+        "usage": {
+            "postgres": {
+                "enabled": True,
+                "dsnSecret": {"name": "billing-db", "key": "uri"},
+                "migrate": False,
+            }
+        }
+    }
+    objects = helm.template(values)
+
+    settings = settings_from(operator_env(objects), monkeypatch)
+    dsn_file = "/etc/gpuyard/usage-postgres/dsn"
+    assert settings.usage_ledger_dsn_file == Path(dsn_file)
+    assert settings.usage_ledger_postgres_env is False
+    assert settings.usage_ledger_migrate is False
+    assert pod_volumes(objects)["usage-postgres-dsn"]["secret"] == {
+        "secretName": "billing-db",
+        "defaultMode": 0o440,
+        "items": [{"key": "uri", "path": "dsn"}],
+    }
+    # A whole directory, never subPath: a rotated Secret reaches the file the sink re-reads.
+    assert container_mounts(objects)["usage-postgres-dsn"] == {
+        "mountPath": str(Path(dsn_file).parent),
+        "readOnly": True,
+    }
+
+
+def test_postgres_ledger_from_libpq_variables_in_a_secret(
+    helm: Helm, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = helm.template({"usage": {"postgres": {"enabled": True, "envSecret": "pg"}}})
+
+    settings = settings_from(operator_env(objects), monkeypatch)
+    assert settings.usage_ledger_postgres_env is True
+    assert settings.usage_ledger_dsn_file is None
+    assert settings.usage_ledger_migrate is True
+    assert operator_container(objects)["envFrom"] == [{"secretRef": {"name": "pg"}}]
+
+
 def test_usage_sinks_need_no_new_permissions(helm: Helm) -> None:
     rules = named(helm.template(ALL_FEATURES), "ClusterRole", "gpuyard")["rules"]
 

@@ -178,7 +178,7 @@ def test_gpuyard_run_help_as_uid_65532(image_venv: Path) -> None:
 @pytest.mark.slow
 def test_the_operators_imports_and_settings_load_as_uid_65532(image_venv: Path) -> None:
     script = (
-        "import kopf, kubernetes, prometheus_client, pythonjsonlogger.json, yaml\n"
+        "import kopf, kubernetes, prometheus_client, psycopg, pythonjsonlogger.json, yaml\n"
         "from gpuyard.config import Settings\n"
         "from gpuyard.io.kube import Kube\n"
         "from gpuyard.io.metrics import OperatorMetrics\n"
@@ -234,9 +234,15 @@ def test_image_venv_holds_pinned_runtime_dependencies_only(image_venv: Path) -> 
 
     assert installed.pop("gpuyard") == "0.1.0"
     assert {name: pins.get(name) for name in installed} == installed
-    assert {"kopf", "kubernetes", "pydantic", "pydantic-settings", "prometheus-client"} <= set(
-        installed
-    )
+    assert {
+        "kopf",
+        "kubernetes",
+        "pydantic",
+        "pydantic-settings",
+        "prometheus-client",
+        "psycopg",
+        "psycopg-binary",
+    } <= set(installed)
     # No installer and none of the developer tools ship in the image.
     assert not {"pip", "setuptools", "pytest", "ruff", "mypy", "hypothesis", "lupa"} & set(
         installed

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+import psycopg
 from prometheus_client import start_http_server
 from pythonjsonlogger.json import JsonFormatter
 
@@ -37,12 +38,14 @@ from gpuyard.handlers.workqueue import WorkQueue
 from gpuyard.io.kube import Kube, connection_info, make_api_client
 from gpuyard.io.lease import LeaseClient
 from gpuyard.io.metrics import OperatorMetrics
+from gpuyard.io.pgledger import ConnectionSource, PostgresSink, SchemaError, migrate_database
 from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import (
     HttpCloudEventsSink,
     LedgerFileSink,
     MultiSink,
     PrometheusSink,
+    SinkConfigError,
     StdoutSink,
     UsageSink,
 )
@@ -196,6 +199,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **indices: Any) ->
         caches=caches,
         prometheus=Prometheus(config.prometheus_url) if config.prometheus_url else None,
     )
+    await migrate_at_start(config)
     operator.sinks = build_sinks(config, metrics, memo.get("http_sink"))
     operator.pool_queue = WorkQueue("pool", lambda key: reconcile_pool(operator, key))
     operator.service_queue = WorkQueue("service", lambda key: reconcile_service(operator, key))
@@ -483,9 +487,46 @@ def build_sinks(
         sinks["stdout"] = StdoutSink()
     if config.usage_ledger is not None:
         sinks["ledger"] = LedgerFileSink(config.usage_ledger)
+    if (source := postgres_source(config)) is not None:
+        sinks["postgres"] = PostgresSink(
+            source,
+            migrate=config.usage_ledger_migrate,
+            duplicates=metrics.ledger_duplicates,
+            conflicts=metrics.ledger_conflicts,
+        )
     if http is not None:
         sinks["http"] = http
     return MultiSink(sinks)
+
+
+def postgres_source(config: Settings) -> ConnectionSource | None:
+    """How to reach the PostgreSQL ledger, or None when it is off."""
+    if config.usage_ledger_dsn_file is not None:
+        return ConnectionSource(dsn_file=config.usage_ledger_dsn_file)
+    if config.usage_ledger_postgres_env:
+        return ConnectionSource()
+    return None
+
+
+async def migrate_at_start(config: Settings) -> None:
+    """Bring the PostgreSQL ledger's schema up to date before the meter starts.
+
+    Not fatal: an unreachable database must not stop scaling and quota work. The sink
+    migrates again when it connects (with the same setting), so the schema is current
+    before its first insert either way; until then the marks hold the records.
+    """
+    source = postgres_source(config)
+    if source is None or not config.usage_ledger_migrate:
+        return
+    try:
+        result = await migrate_database(source)
+    except (psycopg.Error, OSError, SchemaError, SinkConfigError) as exc:
+        logger.error("usage ledger migration at start-up failed (%s): %s", source.describe(), exc)
+        return
+    if result.applied:
+        logger.info("usage ledger schema migrated to version %d", result.after)
+    else:
+        logger.info("usage ledger schema at version %d", result.after)
 
 
 def build_http_sink(config: Settings) -> HttpCloudEventsSink | None:

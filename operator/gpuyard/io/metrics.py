@@ -116,6 +116,18 @@ class OperatorMetrics:
             ["stage"],
             registry=self.registry,
         )
+        self.ledger_duplicates = Counter(
+            "gpuyard_ledger_duplicates_total",
+            "Records the PostgreSQL ledger already held with the same billed fields "
+            "(re-emitted after a restart or a retry): nothing written.",
+            registry=self.registry,
+        )
+        self.ledger_conflicts = Counter(
+            "gpuyard_ledger_conflicts_total",
+            "Records whose id the PostgreSQL ledger held with different billed fields: the "
+            "stored copy kept, the new one set aside in gpuyard_usage_conflicts.",
+            registry=self.registry,
+        )
         self.metering_lag = Gauge(
             "gpuyard_metering_lag_seconds",
             "How far a service's reported usage trails the present (alert when it grows).",
