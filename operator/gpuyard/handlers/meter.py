@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes.client import ApiException
@@ -607,13 +607,21 @@ async def _deliver(
         op.metrics.meter_errors.labels(stage=_failure_stage(error)).inc()
         logger.warning("usage of %s not reported, will retry: %s", batch.key, error)
         await _report(op, batch.key, (reason, _describe(error)), now)
+        # The lag grows while the sinks are away: reported usage still ends at the mark
+        # that holds (or, before a first mark, where the unreported records begin).
+        held = mark.reported_through if mark else min((r.start for r in batch.records), default=now)
+        _set_lag(op, batch.key, now - held)
         return
     await _report(op, batch.key, None, now)
-    if not batch.key.unmanaged:
-        op.metrics.metering_lag.labels(
-            namespace=batch.key.namespace, service=batch.key.service
-        ).set((now - new_mark.reported_through).total_seconds())
+    _set_lag(op, batch.key, now - new_mark.reported_through)
     await _release_reported(op, pods, batch.key, new_mark)
+
+
+def _set_lag(op: Operator, key: Account, lag: timedelta) -> None:
+    if not key.unmanaged:
+        op.metrics.metering_lag.labels(namespace=key.namespace, service=key.service).set(
+            lag.total_seconds()
+        )
 
 
 def _failure_stage(error: Exception) -> str:
