@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from kubernetes import client, config, watch
 from kubernetes.client import ApiException
 
@@ -399,6 +400,18 @@ class Rig:
     def ledger(self) -> Path:
         return self.directory / "usage.jsonl"
 
+    @property
+    def postgres_dsn(self) -> str:
+        """The local cluster's PostgreSQL; every test shares its table, by namespace."""
+        return self.cluster.postgres_dsn
+
+    def postgres_env(self) -> dict[str, str]:
+        """Settings that add the PostgreSQL ledger, its DSN in a file as a Secret gives it."""
+        path = self.directory / "postgres.dsn"
+        path.write_text(self.postgres_dsn + "\n")
+        path.chmod(0o600)
+        return {"GPUYARD_USAGE_LEDGER_DSN_FILE": str(path)}
+
     def pods(self, namespace: str) -> PodWatch:
         return PodWatch(self.cluster.kubeconfig, namespace)
 
@@ -650,6 +663,26 @@ def compare(truth: Mapping[str, PodTruth], copies: list[UsageRecord], namespace:
 def ledger_copies(path: Path) -> list[UsageRecord]:
     """Every line of the ledger, duplicates included (a torn last line is skipped)."""
     return [record_from_json(data) for data in ledger_lines(path)]
+
+
+def postgres_copies(dsn: str, namespace: str) -> list[UsageRecord]:
+    """The PostgreSQL ledger's records of ``namespace``: one per id (the table's key)."""
+    with psycopg.connect(dsn) as connection:
+        rows = connection.execute(
+            "SELECT record FROM gpuyard_usage_records WHERE namespace = %s ORDER BY seq",
+            (namespace,),
+        ).fetchall()
+    return [record_from_json(row[0]) for row in rows]
+
+
+def postgres_conflicts(dsn: str, namespace: str) -> list[str]:
+    """Ids of ``namespace`` that arrived a second time with other billed fields."""
+    with psycopg.connect(dsn) as connection:
+        rows = connection.execute(
+            "SELECT id FROM gpuyard_usage_conflicts WHERE record->>'namespace' = %s",
+            (namespace,),
+        ).fetchall()
+    return [str(row[0]) for row in rows]
 
 
 def ledger_lines(path: Path) -> list[dict[str, Any]]:
