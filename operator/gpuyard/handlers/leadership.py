@@ -39,6 +39,9 @@ from gpuyard.logic.leadership import (
 
 logger = logging.getLogger("gpuyard.leadership")
 
+#: Tries to release the Lease on shutdown, each after reading it again on a conflict.
+RELEASE_ATTEMPTS = 3
+
 
 class Elector:
     """One replica's part in the election."""
@@ -99,17 +102,30 @@ class Elector:
         if not self._holds or self._record is None:
             return
         self._holds = False
-        try:
-            await asyncio.to_thread(
-                self.lease.update,
-                released(self._record, datetime.now(UTC)),
-                self._version,
-                self.timings.retry_period_seconds,
-            )
-        except Exception as error:  # noqa: BLE001 - the Lease then expires on its own
-            logger.warning("could not release Lease %s: %r", self.lease.name, error)
+        # A renewal sent just before the shutdown may land after it was cancelled (its
+        # thread runs on), leaving the version read here behind: a conflict then means
+        # "read again", and the Lease is released if it still names this replica.
+        for _ in range(RELEASE_ATTEMPTS):
+            try:
+                await asyncio.to_thread(
+                    self.lease.update,
+                    released(self._record, datetime.now(UTC)),
+                    self._version,
+                    self.timings.retry_period_seconds,
+                )
+            except LeaseConflictError:
+                try:
+                    if await self._still_mine():
+                        continue
+                except Exception as error:  # noqa: BLE001 - the Lease then expires on its own
+                    logger.warning("could not release Lease %s: %r", self.lease.name, error)
+                return  # another replica holds it already: nothing to give up
+            except Exception as error:  # noqa: BLE001 - the Lease then expires on its own
+                logger.warning("could not release Lease %s: %r", self.lease.name, error)
+                return
+            logger.info("released Lease %s/%s", self.lease.namespace, self.lease.name)
             return
-        logger.info("released Lease %s/%s", self.lease.namespace, self.lease.name)
+        logger.warning("could not release Lease %s: it kept changing", self.lease.name)
 
     async def _acquire(self) -> None:
         observation: Observation | None = None
