@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -33,9 +32,12 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+import psycopg
+
 from gpuyard.api.formats import format_decimal, parse_time
-from gpuyard.io.ledger import read_ledger
-from gpuyard.logic.metering import UsageRecord
+from gpuyard.io.pgledger import ConnectionSource, SchemaError, read_usage
+from gpuyard.logic.metering import UsageRecord, record_to_line
+from gpuyard.logic.usage_report import ReportFilter
 from gpuyard.report.figures import png_bytes
 from localcluster.cluster import (
     GPU_EXPORTER_MATCHERS,
@@ -103,8 +105,6 @@ OPERATOR_SETTINGS: Final = {
     **LEASE_SETTINGS,
 }
 API_GROUP_PATH: Final = "/apis/gpuyard.io/v1alpha1"
-#: With --keep-cluster the operator goes on writing its ledger; the report reads this copy.
-SNAPSHOT_LEDGER: Final = "ledger-at-report.jsonl"
 #: Seconds to wait for the meter to bill the story's last seconds (5 s windows, 5 s settle).
 METER_CATCH_UP: Final = 40.0
 
@@ -295,7 +295,7 @@ class OperatorProcess:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def start_operator(state: ClusterState, out: Path, ledger: Path, name: str) -> OperatorProcess:
+def start_operator(state: ClusterState, out: Path, dsn_file: Path, name: str) -> OperatorProcess:
     """``gpuyard run`` as a process, recorded in the cluster's state so that bringing the
     cluster down stops it too (which is how ``--keep-cluster`` leaves it running). It
     returns once the process answers its health check, leader or standby."""
@@ -311,7 +311,8 @@ def start_operator(state: ClusterState, out: Path, ledger: Path, name: str) -> O
         "GPUYARD_KUBECONFIG": state.kubeconfig,
         "GPUYARD_PROMETHEUS_URL": state.prometheus_url,
         "GPUYARD_GPU_EXPORTER_MATCHERS": GPU_EXPORTER_MATCHERS,
-        "GPUYARD_USAGE_LEDGER": str(ledger),
+        # The usage ledger is the cluster's PostgreSQL, shared by the replicas.
+        "GPUYARD_USAGE_LEDGER_DSN_FILE": str(dsn_file),
         "GPUYARD_METRICS_ADDRESS": "127.0.0.1",
         "GPUYARD_METRICS_PORT": str(metrics_port),
         "GPUYARD_HEALTH_ADDRESS": "127.0.0.1",
@@ -359,9 +360,9 @@ class Failover:
 class Replicas:
     """The operator's replicas under one Lease, as a Deployment of two would run them."""
 
-    def __init__(self, state: ClusterState, out: Path, ledger: Path) -> None:
-        self.state, self.out, self.ledger = state, out, ledger
-        self.members = {name: start_operator(state, out, ledger, name) for name in REPLICAS}
+    def __init__(self, state: ClusterState, out: Path, dsn_file: Path) -> None:
+        self.state, self.out, self.dsn_file = state, out, dsn_file
+        self.members = {name: start_operator(state, out, dsn_file, name) for name in REPLICAS}
         self.failover: Failover | None = None
 
     def leader(self) -> str:
@@ -384,7 +385,7 @@ class Replicas:
         self.members[name].stop(signal.SIGKILL)
         title = f"the leader {name} is killed; a replica leads within {FAILOVER_DEADLINE:.0f} s"
         self.failover = Failover(name, time.monotonic(), Verdict(phase, title))
-        self.members[name] = start_operator(self.state, self.out, self.ledger, name)
+        self.members[name] = start_operator(self.state, self.out, self.dsn_file, name)
         return self.failover
 
     def exited(self) -> str | None:
@@ -406,18 +407,20 @@ class Replicas:
 @dataclass
 class Paths:
     out: Path
+    #: The PostgreSQL ledger's records, exported as JSON lines once the story is billed
+    #: (the database goes with the cluster).
     ledger: Path = field(init=False)
+    #: The connection string of the cluster's PostgreSQL, as a Secret would mount it.
+    dsn_file: Path = field(init=False)
     png: Path = field(init=False)
     html: Path = field(init=False)
     usage: Path = field(init=False)
     usage_json: Path = field(init=False)
     summary: Path = field(init=False)
-    #: The ledger the report reads: the operator's own once it has stopped, else a copy.
-    report_ledger: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.ledger = self.out / "ledger.jsonl"
-        self.report_ledger = self.ledger
+        self.dsn_file = self.out / "postgres.dsn"
         self.png = self.out / "demo-report.png"
         self.html = self.out / "demo-report.html"
         self.usage = self.out / "usage.txt"
@@ -428,9 +431,9 @@ class Paths:
         """An empty output directory for this run: an old ledger would mix two runs."""
         self.out.mkdir(parents=True, exist_ok=True)
         for path in (
-            self.ledger, self.png, self.html, self.usage, self.usage_json, self.summary,
+            self.ledger, self.dsn_file, self.png, self.html, self.usage, self.usage_json,
+            self.summary,
             *(self.out / f"operator-{name}.log" for name in REPLICAS),
-            self.out / SNAPSHOT_LEDGER,
         ):  # fmt: skip
             path.unlink(missing_ok=True)
 
@@ -545,11 +548,11 @@ def wait_for_meter(api: Api, through: datetime) -> dict[str, Any]:
         time.sleep(1.0)
 
 
-def usage_report(paths: Paths) -> Decimal | None:
-    """``gpuyard usage`` on the ledger, as a person would run it: the table into
-    usage.txt; its TOTAL cost (from the JSON form) is returned."""
-    ledger = str(paths.report_ledger)
-    base = [sys.executable, "-m", "gpuyard.cli", "usage", "--ledger", ledger]
+def usage_report(paths: Paths, source: list[str]) -> Decimal | None:
+    """``gpuyard usage`` on the ledger (``source``: its ``--from`` or ``--ledger``), as a
+    person would run it: the table into usage.txt; its TOTAL cost (from the JSON form) is
+    returned."""
+    base = [sys.executable, "-m", "gpuyard.cli", "usage", *source]
     table = subprocess.run(
         [*base, "--format", "table"], capture_output=True, text=True, check=False, cwd=REPO_ROOT
     )
@@ -608,7 +611,7 @@ def write_report(
     files = [
         ("chart (PNG)", paths.png.name),
         ("usage table", paths.usage.name),
-        ("usage ledger", paths.report_ledger.name),
+        ("usage ledger (exported from PostgreSQL)", paths.ledger.name),
         *((f"operator log ({name})", f"operator-{name}.log") for name in REPLICAS),
         ("summary (JSON)", paths.summary.name),
     ]
@@ -662,15 +665,19 @@ def bill_and_report(
             i["metadata"]["name"]: i
             for i in api.get(f"{API_GROUP_PATH}/namespaces/{NAMESPACE}/aiservices")["items"]
         }
-    elif run.paths.ledger.exists():
-        # Still running: the marks were read first, and the meter writes a record before
-        # it moves a mark, so this copy holds at least everything the marks count.
-        run.paths.report_ledger = run.paths.out / SNAPSHOT_LEDGER
-        shutil.copyfile(run.paths.ledger, run.paths.report_ledger)
-    records: list[UsageRecord] = []
-    if run.paths.report_ledger.exists():
-        records = list(read_ledger(run.paths.report_ledger).records)
-    report_total = usage_report(run.paths)
+    # The marks were read first, and the meter moves a mark only once the records before
+    # it are committed, so this read holds at least everything the marks count.
+    try:
+        records = list(read_usage(ConnectionSource(dsn=state.postgres_dsn), ReportFilter()).records)
+    except (psycopg.Error, SchemaError) as error:
+        raise RuntimeError(f"the PostgreSQL ledger cannot be read: {error}") from error
+    run.paths.ledger.write_text("".join(f"{record_to_line(r)}\n" for r in records))
+    # The report reads the database as a person would; with --keep-cluster the replicas
+    # go on writing to it, so the report reads the export, which holds still.
+    source = (
+        ["--ledger", str(run.paths.ledger)] if run.keep_cluster else ["--from", state.postgres_dsn]
+    )
+    report_total = usage_report(run.paths, source)
     billing = check_billing(records, report_total, status_usage(items))
     run.timings.billing = time.monotonic() - started
     write_report(run, story, story_start, records, billing)
@@ -721,7 +728,13 @@ def execute(run: Run) -> int:
         run.timings.cluster_up = time.monotonic() - begun
         install(state)
         mark = time.monotonic()
-        replicas = Replicas(state, run.paths.out, run.paths.ledger)
+        if not state.postgres_dsn:
+            raise RuntimeError(
+                "the local cluster has no PostgreSQL for the usage ledger: install Debian's "
+                "postgresql package (bash hack/install-system-deps.sh)"
+            )
+        run.paths.dsn_file.write_text(state.postgres_dsn + "\n")
+        replicas = Replicas(state, run.paths.out, run.paths.dsn_file)
         leader = replicas.wait_for_leader(timeout=60)
         run.timings.operator_ready = time.monotonic() - mark
         say(
@@ -786,7 +799,7 @@ def finish(run: Run, story: Story | None, billing: BillingCheck | None, *, keep:
             ("report", run.paths.html),
             ("chart", run.paths.png),
             ("usage", run.paths.usage),
-            ("ledger", run.paths.report_ledger),
+            ("ledger", run.paths.ledger),
         ):
             print(f"{label + ':':<8}{_shown(path)}", file=out)
     out.flush()
