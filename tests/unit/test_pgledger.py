@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -35,39 +35,11 @@ from gpuyard.io.pgledger import (
     stored_ids,
 )
 from gpuyard.io.sinks import LedgerFileSink, SinkUnavailableError
-from gpuyard.logic.metering import PodLifetime, PricePoint, UsageRecord, cut_records
+from gpuyard.logic.metering import UsageRecord
 from gpuyard.logic.usage_report import ReportFilter
 from gpuyard.usage_cli import usage_command
 from localcluster import postgres
-
-T0 = datetime(2024, 5, 1, 23, 0, tzinfo=UTC)
-
-
-def pod_records(
-    *,
-    uid: str,
-    namespace: str = "team-a",
-    service: str = "llm",
-    pool: str = "a100",
-    gpus: int = 1,
-    price: str = "2.40",
-    minutes: int = 120,
-) -> list[UsageRecord]:
-    life = PodLifetime(
-        cluster_id="c1",
-        pod_uid=uid,
-        pod_name=f"{service}-{uid}",
-        namespace=namespace,
-        service=service,
-        pool=pool,
-        gpu_type=f"{pool}-gpu",
-        gpus=gpus,
-        bound_at=T0,
-        ended_at=T0 + timedelta(minutes=minutes),
-        prices=(PricePoint(T0, Decimal(price)),),
-        currency="USD",
-    )
-    return cut_records(life, None, T0 + timedelta(days=2))
+from record_support import T0, pod_records
 
 
 def mixed_records() -> list[UsageRecord]:

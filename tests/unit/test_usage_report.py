@@ -19,10 +19,7 @@ import pytest
 from matplotlib.dates import num2date
 
 from gpuyard.logic.metering import (
-    PodLifetime,
-    PricePoint,
     UsageRecord,
-    cut_records,
     record_to_line,
     with_utilization,
 )
@@ -41,37 +38,7 @@ from gpuyard.report.figures import png_bytes, svg_text
 from gpuyard.report.usage import render_html, usage_figure
 from gpuyard.usage_cli import usage_command
 from localcluster import sample_report
-
-T0 = datetime(2024, 5, 1, 23, 0, tzinfo=UTC)
-
-
-def pod_records(
-    *,
-    uid: str,
-    namespace: str = "team-a",
-    service: str = "llm",
-    pool: str = "a100",
-    gpus: int = 1,
-    price: str = "2.40",
-    currency: str = "USD",
-    minutes: int = 120,
-    start_minute: int = 0,
-) -> list[UsageRecord]:
-    life = PodLifetime(
-        cluster_id="c1",
-        pod_uid=uid,
-        pod_name=f"{service}-{uid}",
-        namespace=namespace,
-        service=service,
-        pool=pool,
-        gpu_type=f"{pool}-gpu",
-        gpus=gpus,
-        bound_at=T0 + timedelta(minutes=start_minute),
-        ended_at=T0 + timedelta(minutes=start_minute + minutes),
-        prices=(PricePoint(T0, Decimal(price)),),
-        currency=currency,
-    )
-    return cut_records(life, None, T0 + timedelta(days=2))
+from record_support import T0, pod_records
 
 
 @pytest.fixture
