@@ -71,6 +71,8 @@ CACHE_IDS = (
 #: as leader: a pod the leader had not billed yet when it died is billed from this.
 STANDBY_GONE_POD_HORIZON_SECONDS = 3600
 SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+#: How long a stepping-down leader waits for its writes in flight before it releases.
+WRITES_DRAIN_SECONDS = 5.0
 
 
 def holds_extended_resource(spec: Any, **_: Any) -> bool:
@@ -232,10 +234,6 @@ async def cleanup(memo: Any, **_: Any) -> None:
     # Kopf waits on the stop flag in a task of its own, and gives such a task 5 s to end
     # before it cancels it: raising the flag lets the process exit now.
     memo["lifecycle"].stop.set()
-
-
-#: How long a stepping-down leader waits for its writes in flight before it releases.
-WRITES_DRAIN_SECONDS = 5.0
 
 
 def keep_caches_out_of_gc() -> None:
