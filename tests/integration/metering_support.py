@@ -28,12 +28,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from kubernetes import client, config, watch
 from kubernetes.client import ApiException
 
 from conftest import OperatorProcess
 from gpuyard.api.formats import parse_time
+from gpuyard.io.pgledger import ConnectionSource, read_usage
 from gpuyard.logic.metering import (
     MeteringError,
     PricePoint,
@@ -42,6 +42,7 @@ from gpuyard.logic.metering import (
     record_from_json,
     record_from_line,
 )
+from gpuyard.logic.usage_report import ReportFilter
 from localcluster.cluster import ClusterState, free_port
 from support import Kubectl, wait_until
 
@@ -666,23 +667,15 @@ def ledger_copies(path: Path) -> list[UsageRecord]:
 
 
 def postgres_copies(dsn: str, namespace: str) -> list[UsageRecord]:
-    """The PostgreSQL ledger's records of ``namespace``: one per id (the table's key)."""
-    with psycopg.connect(dsn) as connection:
-        rows = connection.execute(
-            "SELECT record FROM gpuyard_usage_records WHERE namespace = %s ORDER BY seq",
-            (namespace,),
-        ).fetchall()
-    return [record_from_json(row[0]) for row in rows]
+    """The PostgreSQL ledger's records of ``namespace``: one per id (the table's key), read
+    as `gpuyard usage --from` reads them."""
+    return list(read_usage(ConnectionSource(dsn=dsn), ReportFilter(namespace=namespace)).records)
 
 
 def postgres_conflicts(dsn: str, namespace: str) -> list[str]:
     """Ids of ``namespace`` that arrived a second time with other billed fields."""
-    with psycopg.connect(dsn) as connection:
-        rows = connection.execute(
-            "SELECT id FROM gpuyard_usage_conflicts WHERE record->>'namespace' = %s",
-            (namespace,),
-        ).fetchall()
-    return [str(row[0]) for row in rows]
+    stored = read_usage(ConnectionSource(dsn=dsn), ReportFilter(namespace=namespace))
+    return list(stored.conflicts)
 
 
 def ledger_lines(path: Path) -> list[dict[str, Any]]:
