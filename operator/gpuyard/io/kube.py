@@ -133,8 +133,6 @@ class Kube:
         # it releases the Lease (a worker thread's request cannot be cancelled).
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
-        self.custom = kubernetes.client.CustomObjectsApi(client)
-        self.core = kubernetes.client.CoreV1Api(client)
 
     def _call(
         self,
