@@ -154,8 +154,8 @@ def test_a_privileged_deployment_in_kube_system_is_refused(operator_api: ApiClie
         lambda: create_dry_run(operator_api, evil),
         CHILDREN_POLICY,
         "Deployment kube-system/node-shell holds hostNetwork, hostPID",
-        "serviceAccountName kube-proxy",
-        "hostPath volume root",
+        "serviceAccountName kube-proxy in a system namespace",
+        "volume root of a kind an AIService cannot ask for",
         "privileged container main",
         "privilege escalation in container main",
         "capabilities added to container main",
@@ -166,7 +166,6 @@ def test_a_privileged_deployment_in_kube_system_is_refused(operator_api: ApiClie
     ("pod", "security", "expected"),
     [
         ({"hostIPC": True}, {}, "hostIPC"),
-        ({"automountServiceAccountToken": True}, {}, "a mounted ServiceAccount token"),
         (
             {
                 "volumes": [
@@ -177,12 +176,12 @@ def test_a_privileged_deployment_in_kube_system_is_refused(operator_api: ApiClie
                 ]
             },
             {},
-            "ServiceAccount token volume token",
+            "volume token of a kind an AIService cannot ask for",
         ),
         ({}, {"allowPrivilegeEscalation": True}, "privilege escalation in container main"),
         ({}, {"seccompProfile": {"type": "Unconfined"}}, "seccomp Unconfined in container main"),
     ],
-    ids=["host-ipc", "token-automount", "token-volume", "escalation", "unconfined"],
+    ids=["host-ipc", "token-volume", "escalation", "unconfined"],
 )
 def test_a_pod_template_gpuyard_would_not_build_is_refused(
     operator_api: ApiClient,
@@ -198,6 +197,44 @@ def test_a_pod_template_gpuyard_would_not_build_is_refused(
         ),
         CHILDREN_POLICY,
         f"Deployment {namespace}/server holds {expected}",
+    )
+
+
+def test_a_tenant_service_account_and_token_pass_outside_system_namespaces(
+    operator_api: ApiClient, namespace: str
+) -> None:
+    # An AIService may name a ServiceAccount of its namespace and ask for its token, and
+    # carry the five volume kinds it offers; the policy lets gpuyard write that.
+    volumes = [
+        {"name": "cache", "persistentVolumeClaim": {"claimName": "cache"}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}},
+        {"name": "config", "configMap": {"name": "config"}},
+        {"name": "token", "secret": {"secretName": "token"}},
+        {
+            "name": "scratch",
+            "ephemeral": {
+                "volumeClaimTemplate": {
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "resources": {"requests": {"storage": "1Gi"}},
+                    }
+                }
+            },
+        },
+    ]
+    pod = {"serviceAccountName": "inference", "automountServiceAccountToken": True}
+    create_dry_run(
+        operator_api,
+        deployment(namespace, "server", labels=MANAGED, pod={**pod, "volumes": volumes}),
+    )
+
+    refused(
+        lambda: create_dry_run(
+            operator_api, deployment("kube-system", "server", labels=MANAGED, pod=pod)
+        ),
+        CHILDREN_POLICY,
+        "serviceAccountName inference in a system namespace",
+        "a mounted ServiceAccount token in a system namespace",
     )
 
 

@@ -148,3 +148,28 @@ def test_first_failing_check_wins() -> None:
     )
 
     assert result.reason == "NamespaceNotAllowed"
+
+
+@pytest.mark.parametrize(
+    ("offered", "asked", "accepted"),
+    [
+        (None, None, True),
+        (["inference-high"], "inference-high", True),
+        (None, "inference-high", False),
+        (["batch-low"], "system-cluster-critical", False),
+    ],
+    ids=["no-class", "offered", "pool-offers-none", "not-offered"],
+)
+def test_a_priority_class_must_be_one_the_pool_offers(
+    offered: list[str] | None, asked: str | None, accepted: bool
+) -> None:
+    pool = pool_spec(priorityClassNames=offered) if offered else None
+    spec = service_spec(priorityClassName=asked) if asked else None
+
+    result = check(spec, pool)
+
+    assert result.accepted is accepted
+    if not accepted:
+        assert result.reason == "PriorityClassNotAllowed"
+        assert f'does not offer PriorityClass "{asked}"' in result.message
+        assert "spec.priorityClassNames" in result.message

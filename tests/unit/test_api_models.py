@@ -49,6 +49,8 @@ def test_minimal_service_spec_gets_every_default() -> None:
             "scaleToZeroAfterSeconds": 300,
             "onMetricsUnavailable": {"policy": "Hold"},
         },
+        "automountServiceAccountToken": False,
+        "disruptionBudget": {"enabled": True, "maxUnavailable": 1},
     }
 
 
@@ -201,8 +203,8 @@ SERVICE_REJECTIONS = [
     ("image-too-long", service_spec(container={"image": "a" * 513}), "at most 512 characters"),
     (
         "too-many-args",
-        service_spec(container={"image": "x", "args": ["a"] * 33}),
-        "at most 32 items",
+        service_spec(container={"image": "x", "args": ["a"] * 65}),
+        "at most 64 items",
     ),
     (
         "env-duplicate",
@@ -242,7 +244,217 @@ SERVICE_REJECTIONS = [
     (
         "probe-without-port",
         service_spec(container={"image": "x", "readinessProbe": {"httpGet": {"path": "/"}}}),
-        "readinessProbe.httpGet.port is required when the container has no port",
+        "a probe's httpGet.port or tcpSocket.port is required when the container has no port",
+    ),
+    (
+        "startup-probe-tcp-without-port",
+        service_spec(container={"image": "x", "startupProbe": {"tcpSocket": {}}}),
+        "a probe's httpGet.port or tcpSocket.port is required",
+    ),
+    (
+        "probe-with-two-handlers",
+        service_spec(
+            container={
+                "image": "x",
+                "port": 8000,
+                "livenessProbe": {"httpGet": {"path": "/"}, "exec": {"command": ["true"]}},
+            }
+        ),
+        "a probe needs exactly one of httpGet, tcpSocket and exec",
+    ),
+    (
+        "probe-without-handler",
+        service_spec(container={"image": "x", "port": 8000, "startupProbe": {}}),
+        "a probe needs exactly one of httpGet, tcpSocket and exec",
+    ),
+    (
+        "env-value-and-value-from",
+        service_spec(
+            container={
+                "image": "x",
+                "env": [
+                    {
+                        "name": "HF_TOKEN",
+                        "value": "hf_x",
+                        "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}},
+                    }
+                ],
+            }
+        ),
+        "an env entry takes value or valueFrom, not both",
+    ),
+    (
+        "env-value-from-two-sources",
+        service_spec(
+            container={
+                "image": "x",
+                "env": [
+                    {
+                        "name": "HF_TOKEN",
+                        "valueFrom": {
+                            "secretKeyRef": {"name": "hf", "key": "token"},
+                            "configMapKeyRef": {"name": "hf", "key": "token"},
+                        },
+                    }
+                ],
+            }
+        ),
+        "valueFrom needs exactly one of secretKeyRef and configMapKeyRef",
+    ),
+    (
+        "env-secret-of-another-namespace",
+        service_spec(
+            container={
+                "image": "x",
+                "env": [
+                    {
+                        "name": "HF_TOKEN",
+                        "valueFrom": {
+                            "secretKeyRef": {"name": "hf", "key": "token", "namespace": "other"}
+                        },
+                    }
+                ],
+            }
+        ),
+        "Extra inputs are not permitted",
+    ),
+    (
+        "env-from-two-sources",
+        service_spec(
+            container={
+                "image": "x",
+                "envFrom": [
+                    {"prefix": "APP_", "secretRef": {"name": "a"}, "configMapRef": {"name": "b"}}
+                ],
+            }
+        ),
+        "envFrom entries need exactly one of secretRef and configMapRef",
+    ),
+    *[
+        (
+            f"env-from-prefix-{prefix}",
+            service_spec(
+                container={
+                    "image": "x",
+                    "envFrom": [{"prefix": prefix, "configMapRef": {"name": "settings"}}],
+                }
+            ),
+            "envFrom prefix must not let a key form a name starting with NVIDIA_",
+        )
+        for prefix in ("NVIDIA_", "NV", "NVIDIA_X_", "CUDA_", "C")
+    ],
+    (
+        "env-from-without-prefix",
+        service_spec(container={"image": "x", "envFrom": [{"configMapRef": {"name": "s"}}]}),
+        "Field required",
+    ),
+    (
+        "volume-of-two-kinds",
+        service_spec(
+            volumes=[{"name": "v", "emptyDir": {}, "secret": {"secretName": "s"}}],
+        ),
+        "a volume needs exactly one of persistentVolumeClaim, emptyDir, configMap, secret",
+    ),
+    (
+        "volume-host-path",
+        service_spec(volumes=[{"name": "root", "hostPath": {"path": "/"}}]),
+        "Extra inputs are not permitted",
+    ),
+    (
+        "volume-item-escapes",
+        service_spec(
+            volumes=[
+                {
+                    "name": "v",
+                    "configMap": {"name": "c", "items": [{"key": "k", "path": "a/../../etc"}]},
+                }
+            ],
+        ),
+        "path may not contain a '..' segment",
+    ),
+    (
+        "mount-of-unknown-volume",
+        service_spec(
+            container={"image": "x", "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}
+        ),
+        "every container.volumeMounts entry must name a volume of spec.volumes",
+    ),
+    (
+        "mount-sub-path-escapes",
+        service_spec(
+            volumes=[{"name": "cache", "emptyDir": {}}],
+            container={
+                "image": "x",
+                "volumeMounts": [{"name": "cache", "mountPath": "/c", "subPath": ".."}],
+            },
+        ),
+        "subPath may not contain a '..' segment",
+    ),
+    (
+        "mount-relative-path",
+        service_spec(
+            volumes=[{"name": "cache", "emptyDir": {}}],
+            container={"image": "x", "volumeMounts": [{"name": "cache", "mountPath": "cache"}]},
+        ),
+        "should match pattern",
+    ),
+    (
+        "mount-path-twice",
+        service_spec(
+            volumes=[{"name": "a", "emptyDir": {}}, {"name": "b", "emptyDir": {}}],
+            container={
+                "image": "x",
+                "volumeMounts": [
+                    {"name": "a", "mountPath": "/data"},
+                    {"name": "b", "mountPath": "/data"},
+                ],
+            },
+        ),
+        "volumeMounts mount paths must be unique; repeated: /data",
+    ),
+    (
+        "privileged",
+        service_spec(container={"image": "x", "securityContext": {"privileged": True}}),
+        "Extra inputs are not permitted",
+    ),
+    (
+        "non-root-as-root",
+        service_spec(
+            container={"image": "x", "securityContext": {"runAsNonRoot": True, "runAsUser": 0}}
+        ),
+        "runAsNonRoot true contradicts runAsUser 0",
+    ),
+    (
+        "seccomp-unconfined",
+        service_spec(
+            container={"image": "x", "securityContext": {"seccompProfile": {"type": "Unconfined"}}}
+        ),
+        "Input should be 'RuntimeDefault'",
+    ),
+    (
+        "host-network",
+        service_spec(hostNetwork=True),
+        "Extra inputs are not permitted",
+    ),
+    *[
+        (
+            f"pod-{field}-reserved-{key}",
+            service_spec(**{field: {key: "x"}}),
+            f"{field} keys may not lie in the gpuyard.io, kubernetes.io, k8s.io domains",
+        )
+        for field in ("podLabels", "podAnnotations")
+        for key in (
+            "gpuyard.io/service",
+            "app.kubernetes.io/name",
+            "controller.kubernetes.io/pod-deletion-cost",
+            "sim.gpuyard.io/x",
+            "x.k8s.io/y",
+        )
+    ],
+    (
+        "disruption-budget-zero",
+        service_spec(disruptionBudget={"maxUnavailable": 0}),
+        "greater than or equal to 1",
     ),
     (
         "probe-relative-path",

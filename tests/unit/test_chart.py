@@ -918,8 +918,9 @@ def test_operator_policies_bind_the_operators_account_only(
 def test_operator_policies_match_every_write_the_clusterrole_allows_on_shared_kinds(
     default_objects: list[dict[str, Any]],
 ) -> None:
-    # Deployments, Services, pods and GPUPools: the kinds whose writes RBAC cannot narrow
-    # to gpuyard's own objects. Status subresources and Events are gpuyard's output.
+    # Deployments, Services, PodDisruptionBudgets, pods and GPUPools: the kinds whose
+    # writes RBAC cannot narrow to gpuyard's own objects. Status subresources and Events
+    # are gpuyard's output.
     rules = {
         name: policy["spec"]["matchConstraints"]["resourceRules"]
         for name, policy in operator_policies(default_objects).items()
@@ -938,6 +939,12 @@ def test_operator_policies_match_every_write_the_clusterrole_allows_on_shared_ki
                 "apiVersions": ["v1"],
                 "operations": ["CREATE", "UPDATE", "DELETE"],
                 "resources": ["services"],
+            },
+            {
+                "apiGroups": ["policy"],
+                "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE", "DELETE"],
+                "resources": ["poddisruptionbudgets"],
             },
         ],
         "gpuyard-operator-finalizers": [

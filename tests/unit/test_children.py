@@ -9,6 +9,7 @@ from sample_objects import SERVICE_UID, make_pool, make_service, pool_spec, serv
 
 from gpuyard.logic.children import (
     build_deployment,
+    build_disruption_budget,
     build_service,
     child_labels,
     owner_reference,
@@ -156,12 +157,13 @@ def test_container_block_is_carried_over() -> None:
 
     assert built["command"] == ["python", "-m", "server"]
     assert built["args"] == ["--port", "8000"]
-    assert built["env"] == [{"name": "HF_HOME", "value": "/cache"}, {"name": "EMPTY", "value": ""}]
+    assert built["env"] == [{"name": "HF_HOME", "value": "/cache"}, {"name": "EMPTY"}]
     assert built["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
     assert built["readinessProbe"] == {
         "httpGet": {"path": "/health", "port": 8000},
         "initialDelaySeconds": 20,
         "periodSeconds": 5,
+        "timeoutSeconds": 1,
         "failureThreshold": 12,
     }
 
@@ -280,3 +282,175 @@ def test_builders_do_not_share_mutable_state() -> None:
     assert "tampered" not in pod_spec(second)["nodeSelector"]
     assert "cpu" not in container(second)["resources"]["requests"]
     assert "tampered" not in pool.spec.node_selector
+
+
+# --- the pod surface of a real inference server --------------------------------------------
+
+SERVER = service_spec(
+    container={
+        "port": 8000,
+        "env": [
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+            {
+                "name": "MODEL",
+                "valueFrom": {"configMapKeyRef": {"name": "model", "key": "id", "optional": True}},
+            },
+        ],
+        "envFrom": [{"prefix": "APP_", "configMapRef": {"name": "settings"}}],
+        "resources": {"cpu": "8", "memory": "64Gi", "ephemeralStorage": "50Gi"},
+        "startupProbe": {
+            "httpGet": {"path": "/health"},
+            "periodSeconds": 10,
+            "failureThreshold": 60,
+        },
+        "livenessProbe": {"tcpSocket": {}, "periodSeconds": 20},
+        "readinessProbe": {"exec": {"command": ["/bin/ready"]}},
+        "volumeMounts": [
+            {"name": "cache", "mountPath": "/root/.cache/huggingface"},
+            {"name": "shm", "mountPath": "/dev/shm"},
+        ],
+        "securityContext": {
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "runAsNonRoot": True,
+            "fsGroup": 1000,
+            "readOnlyRootFilesystem": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+    },
+    volumes=[
+        {"name": "cache", "persistentVolumeClaim": {"claimName": "model-cache"}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+    ],
+    imagePullSecrets=[{"name": "registry"}],
+    serviceAccountName="inference",
+    terminationGracePeriodSeconds=120,
+    priorityClassName="inference-high",
+    podLabels={"team": "search", "app": "llama"},
+    podAnnotations={"example.com/owner": "search"},
+)
+
+
+def test_a_real_servers_container_carries_its_surface() -> None:
+    built = container(deployment_for(SERVER))
+
+    assert built["env"] == [
+        {
+            "name": "HF_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token", "optional": False}},
+        },
+        {
+            "name": "MODEL",
+            "valueFrom": {"configMapKeyRef": {"name": "model", "key": "id", "optional": True}},
+        },
+    ]
+    assert built["envFrom"] == [
+        {"prefix": "APP_", "configMapRef": {"name": "settings", "optional": False}}
+    ]
+    assert built["resources"]["limits"] == {
+        "nvidia.com/gpu": "1",
+        "cpu": "8",
+        "memory": "64Gi",
+        "ephemeral-storage": "50Gi",
+    }
+    assert built["startupProbe"] == {
+        "httpGet": {"path": "/health", "port": 8000},
+        "initialDelaySeconds": 0,
+        "periodSeconds": 10,
+        "timeoutSeconds": 1,
+        "failureThreshold": 60,
+    }
+    assert built["livenessProbe"]["tcpSocket"] == {"port": 8000}
+    assert built["readinessProbe"]["exec"] == {"command": ["/bin/ready"]}
+    assert built["volumeMounts"] == [
+        {"name": "cache", "mountPath": "/root/.cache/huggingface", "readOnly": False},
+        {"name": "shm", "mountPath": "/dev/shm", "readOnly": False},
+    ]
+    assert built["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+    }
+
+
+def test_a_real_servers_pod_carries_its_surface() -> None:
+    deployment = deployment_for(SERVER)
+    pod = pod_spec(deployment)
+
+    assert pod["volumes"] == [
+        {"name": "cache", "persistentVolumeClaim": {"claimName": "model-cache", "readOnly": False}},
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}},
+    ]
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["serviceAccountName"] == "inference"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["terminationGracePeriodSeconds"] == 120
+    assert pod["priorityClassName"] == "inference-high"
+    assert pod["securityContext"] == {"seccompProfile": {"type": "RuntimeDefault"}, "fsGroup": 1000}
+    metadata = deployment["spec"]["template"]["metadata"]
+    assert metadata["labels"] == {**LABELS, "team": "search", "app": "llama"}
+    assert metadata["annotations"] == {"example.com/owner": "search"}
+
+
+def test_the_token_is_mounted_only_when_asked() -> None:
+    asked = service_spec(serviceAccountName="reader", automountServiceAccountToken=True)
+
+    assert pod_spec(deployment_for(asked))["automountServiceAccountToken"] is True
+    assert pod_spec(deployment_for(service_spec()))["automountServiceAccountToken"] is False
+
+
+def test_a_per_replica_claim_is_built_from_its_template() -> None:
+    claim = {
+        "volumeClaimTemplate": {
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "local-nvme",
+                "resources": {"requests": {"storage": "200Gi"}},
+            }
+        }
+    }
+    spec = service_spec(volumes=[{"name": "scratch", "ephemeral": claim}])
+
+    assert pod_spec(deployment_for(spec))["volumes"] == [{"name": "scratch", "ephemeral": claim}]
+
+
+def test_a_budget_keeps_replicas_of_a_service_that_can_grow() -> None:
+    service = make_service(
+        service_spec(
+            maxReplicas=4, autoscaling={"mode": "Off"}, disruptionBudget={"maxUnavailable": 2}
+        )
+    )
+
+    budget = build_disruption_budget(service, make_pool(), owner_reference(service))
+
+    assert budget is not None
+    assert budget["metadata"] == {
+        "name": "llama",
+        "namespace": "team-a",
+        "labels": LABELS,
+        "ownerReferences": [OWNER],
+    }
+    assert budget["spec"] == {
+        "maxUnavailable": 2,
+        "selector": {"matchLabels": SELECTOR},
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+    }
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        service_spec(maxReplicas=1),
+        service_spec(
+            maxReplicas=4, autoscaling={"mode": "Off"}, disruptionBudget={"enabled": False}
+        ),
+    ],
+    ids=["one-replica", "turned-off"],
+)
+def test_no_budget_for_one_replica_or_when_turned_off(spec: dict[str, Any]) -> None:
+    service = make_service(spec)
+
+    assert build_disruption_budget(service, make_pool(), owner_reference(service)) is None

@@ -15,6 +15,7 @@ from gpuyard.logic.conditions import (
     apply_conditions,
     capacity_condition,
     find_condition,
+    pods_refused,
     pool_ready_condition,
     ready_condition,
     set_condition,
@@ -380,3 +381,62 @@ def test_pool_ready_condition(observed: PoolUsage, status: str, reason: str, mes
         reason,
         message,
     )
+
+
+FORBIDDEN = (
+    'pods "llama-5d8f" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true'
+)
+
+
+@pytest.mark.parametrize(
+    ("status", "expected"),
+    [
+        ({}, None),
+        ({"conditions": [{"type": "Available", "status": "True"}]}, None),
+        ({"conditions": [{"type": "ReplicaFailure", "status": "False"}]}, None),
+        (
+            {
+                "conditions": [
+                    {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                     "message": FORBIDDEN}
+                ]
+            },
+            FORBIDDEN,
+        ),
+    ],
+    ids=["no-conditions", "available", "failure-cleared", "forbidden"],
+)  # fmt: skip
+def test_pods_refused_reads_the_replica_failure(
+    status: dict[str, Any], expected: str | None
+) -> None:
+    assert pods_refused(status) == expected
+
+
+def test_refused_pods_outrank_a_rollout_in_ready() -> None:
+    condition = ready_condition(
+        admission=ACCEPTED,
+        desired_replicas=2,
+        ready_replicas=0,
+        current_replicas=1,
+        updated_replicas=0,
+        pods_refused=FORBIDDEN,
+    )
+
+    assert (condition.status, condition.reason) == ("False", "PodsRefused")
+    assert (
+        condition.message
+        == f"0/2 replicas ready; the API server refuses the replicas' pods: {FORBIDDEN}"
+    )
+
+
+def test_refused_pods_do_not_matter_once_every_replica_is_ready() -> None:
+    condition = ready_condition(
+        admission=ACCEPTED,
+        desired_replicas=2,
+        ready_replicas=2,
+        current_replicas=2,
+        updated_replicas=2,
+        pods_refused=FORBIDDEN,
+    )
+
+    assert condition.reason == "ReplicasReady"

@@ -31,6 +31,11 @@ DNS_LABEL_MAX_LENGTH = 63
 _DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 _QUALIFIED_NAME_PART = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 
+#: RFC 1123 subdomain: the names of Secrets, ConfigMaps, claims, ServiceAccounts and
+#: PriorityClasses.
+DNS1123_SUBDOMAIN_PATTERN = rf"^{_DNS_SUBDOMAIN}$"
+DNS_SUBDOMAIN_MAX_LENGTH = 253
+
 #: A label key (or annotation key, taint key): optional DNS-subdomain prefix, a slash, then a
 #: name of at most 63 characters. RE2 has no look-ahead, so the prefix's own 253-character
 #: limit is not expressed; the total length bound (253 + 1 + 63) keeps it close.
@@ -82,6 +87,12 @@ INT64_MAX = 2**63 - 1
 DnsLabel = Annotated[
     str,
     StringConstraints(min_length=1, max_length=DNS_LABEL_MAX_LENGTH, pattern=DNS1123_LABEL_PATTERN),
+]
+DnsSubdomain = Annotated[
+    str,
+    StringConstraints(
+        min_length=1, max_length=DNS_SUBDOMAIN_MAX_LENGTH, pattern=DNS1123_SUBDOMAIN_PATTERN
+    ),
 ]
 LabelKey = Annotated[
     str, StringConstraints(max_length=LABEL_KEY_MAX_LENGTH, pattern=LABEL_KEY_PATTERN)

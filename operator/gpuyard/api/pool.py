@@ -24,6 +24,7 @@ from gpuyard.api.common import (
     CurrencyCode,
     DecimalString,
     DnsLabel,
+    DnsSubdomain,
     ExtendedResourceName,
     Generation,
     LabelMap,
@@ -111,6 +112,9 @@ class GPUPoolSpec(ApiModel):
     """Quota: most GPUs of this pool that one namespace may hold, at every replica change
     (the namespace's services share it fairly; lowering it scales them down); absent means
     no quota."""
+    priority_class_names: Annotated[list[DnsSubdomain], Field(max_length=16)] | None = None
+    """PriorityClasses the pool's services may name in spec.priorityClassName; absent means
+    none (a priority may preempt other teams' replicas, so the platform team chooses)."""
     utilization_metric: Literal["DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_PROF_GR_ENGINE_ACTIVE"] = (
         "DCGM_FI_DEV_GPU_UTIL"
     )

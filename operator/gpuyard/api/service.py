@@ -1,16 +1,17 @@
 """AIService: one GPU service of a team, run by the operator as a Deployment (and a Service).
 
 The spec never holds a raw pod spec: the operator creates pods on a tenant's behalf, so the
-tenant chooses only what is safe to choose (image, command, environment, port, CPU and
-memory, a readiness probe) and the operator fills in the rest (GPU requests, node placement,
-security context). Replica bounds sit at the top of the spec, HPA-style, because
-`spec.replicas` belongs to the scale subresource.
+tenant chooses only what is safe to choose (the pod surface of `gpuyard.api.workload`:
+image, environment, volumes that stay off the host, probes, identity) and the operator
+fills in the rest (GPU requests, node placement, the privilege it takes away). Replica
+bounds sit at the top of the spec, HPA-style, because `spec.replicas` belongs to the scale
+subresource.
 """
 
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import Field, StringConstraints, field_validator
 
@@ -28,6 +29,7 @@ from gpuyard.api.common import (
     CurrencyCode,
     DecimalString,
     DnsLabel,
+    DnsSubdomain,
     Generation,
     MeasurementString,
     ObjectMeta,
@@ -36,6 +38,24 @@ from gpuyard.api.common import (
 from gpuyard.api.formats import parse_decimal
 from gpuyard.api.names import RESERVED_PROMETHEUS_LABELS
 from gpuyard.api.reasons import LimitingFactor, Reason, word_list
+from gpuyard.api.workload import (
+    PROBE_FIELDS,
+    Argument,
+    ContainerResources,
+    DisruptionBudget,
+    EnvFromSource,
+    EnvVar,
+    PodAnnotations,
+    PodLabels,
+    Port,
+    Probe,
+    SecurityContext,
+    Volume,
+    VolumeMount,
+    outside_reserved_domains,
+    reserved_domains_message,
+    reserved_domains_rule,
+)
 
 KIND: Final = "AIService"
 PLURAL = "aiservices"
@@ -56,96 +76,35 @@ _NAME = rf"({_DOMAIN}(:[0-9]+)?/)?{_PATH_COMPONENT}(/{_PATH_COMPONENT})*"
 IMAGE_PATTERN = rf"^{_NAME}(:{_TAG})?(@{_DIGEST})?$"
 IMAGE_MAX_LENGTH = 512
 
-#: Kubernetes quantity, restricted to plain decimals with a binary or decimal suffix.
-QUANTITY_PATTERN = r"^[0-9]{1,12}([.][0-9]{1,9})?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
-ENV_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
-HTTP_PATH_PATTERN = r"^/[!-~]*$"
 PROMETHEUS_METRIC_PATTERN = r"^[a-zA-Z_:][a-zA-Z0-9_:]*$"
 PROMETHEUS_LABEL_PATTERN = r"^[a-zA-Z_][a-zA-Z0-9_]*$"
 
-Port = Annotated[int, Field(ge=1, le=65535)]
 ReplicaCount = Annotated[int, Field(ge=0, le=MAX_REPLICAS)]
-Quantity = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=QUANTITY_PATTERN)]
-Argument = Annotated[str, StringConstraints(max_length=4096)]
 
 
 # --- spec.container ------------------------------------------------------------------------
 
 
-#: Names the NVIDIA container toolkit reads from a container's environment to decide which
-#: GPUs it sees, which driver libraries are mounted and which requirements are checked
-#: (NVIDIA_VISIBLE_DEVICES, NVIDIA_DRIVER_CAPABILITIES, NVIDIA_REQUIRE_*, NVIDIA_MIG_*, ...).
-#: The whole prefix is refused rather than a list that each toolkit release extends.
-GPU_RUNTIME_ENV_PREFIX: Final = "NVIDIA_"
-#: Set without NVIDIA_REQUIRE_CUDA, it makes the toolkit treat the image as a legacy CUDA
-#: image, which widens the default devices and driver capabilities.
-GPU_RUNTIME_LEGACY_ENV: Final = "CUDA_VERSION"
-
-
-def _not_read_by_gpu_runtime(variable: EnvVar) -> bool:
-    return not (
-        variable.name.startswith(GPU_RUNTIME_ENV_PREFIX) or variable.name == GPU_RUNTIME_LEGACY_ENV
+def _probes_have_ports(container: ContainerSpec) -> bool:
+    probes = (container.readiness_probe, container.liveness_probe, container.startup_probe)
+    return container.port is not None or not any(
+        probe is not None and probe.needs_port() for probe in probes
     )
 
 
-class EnvVar(ApiModel):
-    """One environment variable of the container."""
-
-    cel_rules = (
-        CelRule(
-            rule=f"!self.name.startsWith('{GPU_RUNTIME_ENV_PREFIX}') && "
-            f"self.name != '{GPU_RUNTIME_LEGACY_ENV}'",
-            message=f"env names starting with {GPU_RUNTIME_ENV_PREFIX} and "
-            f"{GPU_RUNTIME_LEGACY_ENV} are reserved: the NVIDIA container toolkit reads them to "
-            "decide which GPUs and driver features a container gets, and gpuyard assigns each "
-            "replica its GPUs through the device plugin",
-            holds=_not_read_by_gpu_runtime,
-            field_path=".name",
-        ),
+def _probe_port_rule(field: str) -> str:
+    return (
+        f"!has(self.{field}) || has(self.{field}.exec) || "
+        f"(has(self.{field}.httpGet) && has(self.{field}.httpGet.port)) || "
+        f"(has(self.{field}.tcpSocket) && has(self.{field}.tcpSocket.port))"
     )
 
-    name: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ENV_NAME_PATTERN)]
-    """Variable name, a C identifier; not one the NVIDIA container toolkit reads."""
-    value: Annotated[str, StringConstraints(max_length=32768)] = ""
-    """Variable value."""
 
-
-class ContainerResources(ApiModel):
-    """CPU and memory of one replica, used as both request and limit."""
-
-    cpu: Quantity | None = None
-    """CPU, such as 4 or 500m."""
-    memory: Quantity | None = None
-    """Memory, such as 16Gi."""
-
-
-class HTTPGetAction(ApiModel):
-    """An HTTP GET that succeeds with a 2xx or 3xx status."""
-
-    path: Annotated[
-        str, StringConstraints(min_length=1, max_length=2048, pattern=HTTP_PATH_PATTERN)
-    ] = "/"
-    """Path to request, starting with a slash."""
-    port: Port | None = None
-    """Port to request; defaults to the container's port."""
-
-
-class ReadinessProbe(ApiModel):
-    """When a replica may receive traffic."""
-
-    http_get: HTTPGetAction
-    """The request that tells whether the replica is ready."""
-    initial_delay_seconds: Annotated[int, Field(ge=0, le=3600)] = 0
-    """Seconds after start before the first probe."""
-    period_seconds: Annotated[int, Field(ge=1, le=300)] = 10
-    """Seconds between probes."""
-    failure_threshold: Annotated[int, Field(ge=1, le=100)] = 3
-    """Consecutive failures before the replica counts as not ready."""
-
-
-def _probe_has_port(container: ContainerSpec) -> bool:
-    probe = container.readiness_probe
-    return probe is None or probe.http_get.port is not None or container.port is not None
+def _list_map(key: str, max_length: int) -> Any:
+    return Field(
+        max_length=max_length,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": [key]},
+    )
 
 
 class ContainerSpec(ApiModel):
@@ -153,56 +112,73 @@ class ContainerSpec(ApiModel):
 
     cel_rules = (
         CelRule(
-            rule="!has(self.readinessProbe) || has(self.readinessProbe.httpGet.port) || "
-            "has(self.port)",
-            message="readinessProbe.httpGet.port is required when the container has no port",
-            holds=_probe_has_port,
-            field_path=".readinessProbe.httpGet",
+            rule="has(self.port) || ("
+            + " && ".join(_probe_port_rule(field) for field in PROBE_FIELDS)
+            + ")",
+            message="a probe's httpGet.port or tcpSocket.port is required when the container "
+            "has no port",
+            holds=_probes_have_ports,
         ),
     )
 
     image: Annotated[
         str, StringConstraints(min_length=1, max_length=IMAGE_MAX_LENGTH, pattern=IMAGE_PATTERN)
     ]
-    """Container image reference, such as vllm/vllm-openai:v0.6.3 (a digest pins it)."""
+    """Container image reference, such as vllm/vllm-openai:v0.11.0 (a digest pins it)."""
     command: Annotated[list[Argument], Field(max_length=32)] | None = None
     """Entrypoint; the image's own when absent."""
-    args: Annotated[list[Argument], Field(max_length=32)] | None = None
+    args: Annotated[list[Argument], Field(max_length=64)] | None = None
     """Arguments to the entrypoint."""
-    env: (
-        Annotated[
-            list[EnvVar],
-            Field(
-                max_length=64,
-                json_schema_extra={
-                    "x-kubernetes-list-type": "map",
-                    "x-kubernetes-list-map-keys": ["name"],
-                },
-            ),
-        ]
-        | None
-    ) = None
-    """Environment variables."""
-
+    env: Annotated[list[EnvVar], _list_map("name", 64)] | None = None
+    """Environment variables: literal values, or keys of the namespace's Secrets and
+    ConfigMaps."""
+    env_from: Annotated[list[EnvFromSource], Field(max_length=8)] | None = None
+    """Whole Secrets or ConfigMaps of the namespace as variables, each behind a prefix."""
     port: Port | None = None
     """Port the container serves on; a ClusterIP Service named after the AIService is
     created when set."""
     resources: ContainerResources | None = None
-    """CPU and memory per replica; the GPUs come from gpusPerReplica."""
-    readiness_probe: ReadinessProbe | None = None
+    """CPU, memory and local disk per replica; the GPUs come from gpusPerReplica."""
+    readiness_probe: Probe | None = None
     """When a replica may receive traffic; without a probe a replica is ready once running."""
+    startup_probe: Probe | None = None
+    """Whether the server has started (its model loaded); the other probes wait for it, so
+    periodSeconds x failureThreshold is the longest a model may take to load."""
+    liveness_probe: Probe | None = None
+    """When the kubelet restarts a hung server."""
+    volume_mounts: Annotated[list[VolumeMount], _list_map("mountPath", 32)] | None = None
+    """Where the volumes of spec.volumes appear in the container."""
+    security_context: SecurityContext | None = None
+    """The user and group the container runs as, and a read-only image; privilege is never
+    added."""
 
     @field_validator("env")
     @classmethod
     def _env_names_unique(cls, env: list[EnvVar] | None) -> list[EnvVar] | None:
         # The API server refuses duplicates through the list-map keyed by name; this gives
         # the operator the same answer.
-        names = [variable.name for variable in env or ()]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            msg = f"env names must be unique; repeated: {', '.join(duplicates)}"
-            raise ValueError(msg)
+        _refuse_repeats("env names", [variable.name for variable in env or ()])
         return env
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _mount_paths_unique(cls, mounts: list[VolumeMount] | None) -> list[VolumeMount] | None:
+        _refuse_repeats("volumeMounts mount paths", [mount.mount_path for mount in mounts or ()])
+        return mounts
+
+
+def _refuse_repeats(what: str, values: list[str]) -> None:
+    duplicates = sorted({value for value in values if values.count(value) > 1})
+    if duplicates:
+        msg = f"{what} must be unique; repeated: {', '.join(duplicates)}"
+        raise ValueError(msg)
+
+
+class LocalObjectReference(ApiModel):
+    """An object of the service's own namespace, by name."""
+
+    name: DnsSubdomain
+    """Its name."""
 
 
 # --- spec.autoscaling ----------------------------------------------------------------------
@@ -432,6 +408,19 @@ def _has_metrics_when_it_can_scale(spec: AIServiceSpec) -> bool:
     )
 
 
+def _mounts_name_volumes(spec: AIServiceSpec) -> bool:
+    volumes = {volume.name for volume in spec.volumes or ()}
+    return all(mount.name in volumes for mount in spec.container.volume_mounts or ())
+
+
+def _pod_labels_unreserved(spec: AIServiceSpec) -> bool:
+    return outside_reserved_domains(spec.pod_labels)
+
+
+def _pod_annotations_unreserved(spec: AIServiceSpec) -> bool:
+    return outside_reserved_domains(spec.pod_annotations)
+
+
 def _can_wake_from_zero(spec: AIServiceSpec) -> bool:
     return (
         spec.min_replicas > 0
@@ -477,6 +466,25 @@ class AIServiceSpec(ApiModel):
             holds=_can_wake_from_zero,
             field_path=".minReplicas",
         ),
+        CelRule(
+            rule="!has(self.container.volumeMounts) || self.container.volumeMounts.all(m, "
+            "has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
+            message="every container.volumeMounts entry must name a volume of spec.volumes",
+            holds=_mounts_name_volumes,
+            field_path=".container.volumeMounts",
+        ),
+        CelRule(
+            rule=reserved_domains_rule("podLabels"),
+            message=reserved_domains_message("podLabels"),
+            holds=_pod_labels_unreserved,
+            field_path=".podLabels",
+        ),
+        CelRule(
+            rule=reserved_domains_rule("podAnnotations"),
+            message=reserved_domains_message("podAnnotations"),
+            holds=_pod_annotations_unreserved,
+            field_path=".podAnnotations",
+        ),
     )
 
     pool: DnsLabel
@@ -498,6 +506,32 @@ class AIServiceSpec(ApiModel):
     """How the replica count follows load."""
     budget: Budget | None = None
     """Optional cap on the service's cost per hour."""
+    volumes: Annotated[list[Volume], _list_map("name", 32)] | None = None
+    """Volumes of every replica: claims, empty directories (a memory-backed /dev/shm),
+    ConfigMaps, Secrets and per-replica claims of the service's namespace."""
+    image_pull_secrets: Annotated[list[LocalObjectReference], _list_map("name", 8)] | None = None
+    """Secrets of the namespace holding credentials for a private registry."""
+    service_account_name: DnsSubdomain | None = None
+    """ServiceAccount of the namespace the replicas run as; the namespace's default when
+    absent."""
+    automount_service_account_token: bool = False
+    """Mount the ServiceAccount's API token; off, since an inference server seldom calls
+    the Kubernetes API."""
+    termination_grace_period_seconds: Annotated[int, Field(ge=0, le=3600)] | None = None
+    """Seconds a replica has to finish in-flight requests after SIGTERM; 30 when absent."""
+    priority_class_name: DnsSubdomain | None = None
+    """PriorityClass of the replicas; must be one the pool lists in
+    spec.priorityClassNames, since a higher priority may preempt other teams' replicas."""
+    pod_labels: PodLabels | None = None
+    """Extra labels on the replicas' pods, outside the gpuyard.io and kubernetes.io
+    domains."""
+    pod_annotations: PodAnnotations | None = None
+    """Extra annotations on the replicas' pods, outside the gpuyard.io and kubernetes.io
+    domains."""
+    disruption_budget: DisruptionBudget = Field(
+        default_factory=DisruptionBudget, json_schema_extra=DEFAULT_EMPTY_OBJECT
+    )
+    """The PodDisruptionBudget kept while maxReplicas is above 1."""
 
 
 # --- status --------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class Caches:
     gpu_pods: Any
     deployments: Any
     network_services: Any
+    disruption_budgets: Any
     namespaces: Any
     metered_pods: Any
     replicasets: Any
@@ -59,6 +60,9 @@ class Caches:
 
     def network_service(self, key: ServiceKey) -> dict[str, Any] | None:
         return _single(self.network_services.get(key))
+
+    def disruption_budget(self, key: ServiceKey) -> dict[str, Any] | None:
+        return _single(self.disruption_budgets.get(key))
 
     def namespace_labels(self, name: str) -> dict[str, str] | None:
         return _single(self.namespaces.get(name))

@@ -62,6 +62,7 @@ CACHE_IDS = (
     "gpu_pods",
     "deployments",
     "network_services",
+    "disruption_budgets",
     "namespaces",
     "metered_pods",
     "replicasets",
@@ -450,6 +451,9 @@ def build_registry() -> kopf.OperatorRegistry:
         index_child
     )
     kopf.index("", "v1", "services", labels=MANAGED, id="network_services", registry=r)(index_child)
+    kopf.index(
+        "policy", "v1", "poddisruptionbudgets", labels=MANAGED, id="disruption_budgets", registry=r
+    )(index_child)
     kopf.index("", "v1", "namespaces", id="namespaces", registry=r)(index_namespace)
     # Every pod that may hold a pool's GPUs is metered, labelled or not: billing must not
     # depend on anything a tenant can write.
@@ -468,6 +472,9 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.on.event(API_GROUP, API_VERSION, "aiservices", registry=r)(on_service_event)
     kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=r)(on_deployment_event)
     kopf.on.event("", "v1", "services", labels=MANAGED, registry=r)(on_child_event)
+    kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED, registry=r)(
+        on_child_event
+    )
     kopf.on.event(API_GROUP, API_VERSION, "gpupools", registry=r)(on_pool_event)
     kopf.on.event("", "v1", "nodes", registry=r)(on_capacity_event)
     kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_capacity_event)

@@ -26,7 +26,13 @@ from gpuyard.handlers.context import Operator
 from gpuyard.handlers.quota import NamespaceOnPool, namespace_on_pool
 from gpuyard.logic.admission import AdmissionResult, check_service
 from gpuyard.logic.autoscale import Decision, Mode
-from gpuyard.logic.children import build_deployment, build_service, owner_reference, selector_string
+from gpuyard.logic.children import (
+    build_deployment,
+    build_disruption_budget,
+    build_service,
+    owner_reference,
+    selector_string,
+)
 from gpuyard.logic.conditions import (
     QUOTA_LIMITED,
     ConditionUpdate,
@@ -34,6 +40,7 @@ from gpuyard.logic.conditions import (
     apply_conditions,
     capacity_condition,
     find_condition,
+    pods_refused,
     quota_condition,
     ready_condition,
     usage_reported_condition,
@@ -178,15 +185,33 @@ async def _apply_children(op: Operator, it: _Accepted) -> _Applied:
         await _apply(op, deployment, it.live)
         if live_replicas is not None and live_replicas != replicas:
             await _announce_scale(op, it, live_replicas, replicas, quota)
-    network = build_service(it.service, it.pool, owner)
-    live_network = op.caches.network_service(it.key)
-    if network is not None:
-        network = with_applied_hash(network)
-        if needs_apply(network, live_network):
-            await _apply(op, network, live_network)
-    elif live_network is not None:
-        await op.io(op.kube.delete, "v1", "Service", it.key[0], it.key[1])
+    await _apply_optional(
+        op, it.key, build_service(it.service, it.pool, owner), op.caches.network_service(it.key),
+        api_version="v1", kind="Service",
+    )  # fmt: skip
+    await _apply_optional(
+        op, it.key, build_disruption_budget(it.service, it.pool, owner),
+        op.caches.disruption_budget(it.key), api_version="policy/v1", kind="PodDisruptionBudget",
+    )  # fmt: skip
     return _Applied(replicas=replicas, wanted=claim, quota=quota, cut_by_quota=replicas < wanted)
+
+
+async def _apply_optional(
+    op: Operator,
+    key: ServiceKey,
+    desired: dict[str, Any] | None,
+    live: dict[str, Any] | None,
+    *,
+    api_version: str,
+    kind: str,
+) -> None:
+    """Apply a child the spec may do without (None: delete one left from an earlier spec)."""
+    if desired is not None:
+        desired = with_applied_hash(desired)
+        if needs_apply(desired, live):
+            await _apply(op, desired, live)
+    elif live is not None:
+        await op.io(op.kube.delete, api_version, kind, key[0], key[1])
 
 
 async def _apply(op: Operator, desired: dict[str, Any], live: dict[str, Any] | None) -> None:
@@ -249,6 +274,7 @@ def _desired_status(op: Operator, it: _Accepted, applied: _Applied) -> dict[str,
         current_replicas=current_replicas,
         updated_replicas=int(live_status.get("updatedReplicas") or 0),
         capacity=capacity,
+        pods_refused=pods_refused(live_status),
     )
     generation = it.body["metadata"].get("generation")
     conditions = apply_conditions(

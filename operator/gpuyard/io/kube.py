@@ -346,7 +346,12 @@ class Kube:
             logger.warning("could not post event %s on %s: %s", reason, meta["name"], error.reason)
 
 
-_PLURALS = {"Deployment": "deployments", "Service": "services", "ConfigMap": "configmaps"}
+_PLURALS = {
+    "Deployment": "deployments",
+    "Service": "services",
+    "ConfigMap": "configmaps",
+    "PodDisruptionBudget": "poddisruptionbudgets",
+}
 
 
 def _pointer(key: str) -> str:

@@ -24,6 +24,7 @@ POOL_NOT_FOUND = "PoolNotFound"
 NAMESPACE_NOT_ALLOWED = "NamespaceNotAllowed"
 GPUS_PER_REPLICA_EXCEED_NODE = "GpusPerReplicaExceedNode"
 QUOTA_EXCEEDED = "QuotaExceeded"
+PRIORITY_CLASS_NOT_ALLOWED = "PriorityClassNotAllowed"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,16 @@ def check_service(
             f'GPUPool "{pool.name}" does not admit namespace "{service.namespace}": the '
             "namespace's labels do not match the pool's namespaceSelector; ask the cluster "
             "administrator to label the namespace, or choose another pool",
+        )
+    allowed_classes = pool.spec.priority_class_names or ()
+    if spec.priority_class_name is not None and spec.priority_class_name not in allowed_classes:
+        offered = ", ".join(allowed_classes) if allowed_classes else "none"
+        return _refuse(
+            PRIORITY_CLASS_NOT_ALLOWED,
+            f'GPUPool "{pool.name}" does not offer PriorityClass "{spec.priority_class_name}" '
+            f"(it offers {offered}): a priority may preempt other teams' replicas on the "
+            "pool, so only the pool's spec.priorityClassNames may be used; remove "
+            "spec.priorityClassName or ask the cluster administrator to list it",
         )
     gpus = spec.gpus_per_replica
     resource = pool.spec.resource_name

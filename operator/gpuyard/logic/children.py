@@ -26,6 +26,7 @@ from gpuyard.api.names import POOL_LABEL, SERVICE_LABEL
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import KIND as SERVICE_KIND
 from gpuyard.api.service import AIService, ContainerSpec
+from gpuyard.api.workload import Probe
 
 #: Name of the single container in every replica.
 CONTAINER_NAME = "inference"
@@ -103,20 +104,55 @@ def _resources(service: AIService, pool: GPUPool) -> dict[str, dict[str, str]]:
             amounts["cpu"] = resources.cpu
         if resources.memory is not None:
             amounts["memory"] = resources.memory
+        if resources.ephemeral_storage is not None:
+            amounts["ephemeral-storage"] = resources.ephemeral_storage
     return {"limits": dict(amounts), "requests": dict(amounts)}
 
 
-def _readiness_probe(container: ContainerSpec) -> dict[str, Any] | None:
-    probe = container.readiness_probe
+def _probe(probe: Probe | None, container: ContainerSpec) -> dict[str, Any] | None:
     if probe is None:
         return None
-    port = probe.http_get.port if probe.http_get.port is not None else container.port
-    return {
-        "httpGet": {"path": probe.http_get.path, "port": port},
-        "initialDelaySeconds": probe.initial_delay_seconds,
-        "periodSeconds": probe.period_seconds,
-        "failureThreshold": probe.failure_threshold,
+    built: dict[str, Any] = {}
+    port = probe.port() if probe.port() is not None else container.port
+    if probe.http_get is not None:
+        built["httpGet"] = {"path": probe.http_get.path, "port": port}
+    elif probe.tcp_socket is not None:
+        built["tcpSocket"] = {"port": port}
+    elif probe.exec_action is not None:
+        built["exec"] = {"command": list(probe.exec_action.command)}
+    built.update(
+        initialDelaySeconds=probe.initial_delay_seconds,
+        periodSeconds=probe.period_seconds,
+        timeoutSeconds=probe.timeout_seconds,
+        failureThreshold=probe.failure_threshold,
+    )
+    return built
+
+
+def _env(spec: ContainerSpec) -> list[dict[str, Any]]:
+    # Models serialise with their aliases and without unset fields: exactly the core/v1
+    # shapes, since the API models mirror them field for field.
+    return [variable.to_json() for variable in spec.env or ()]
+
+
+def _container_security_context(spec: ContainerSpec) -> dict[str, Any]:
+    # Whatever the tenant says, privilege escalation stays off and every capability is
+    # dropped: the spec has no field that could add one back.
+    context: dict[str, Any] = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
     }
+    asked = spec.security_context
+    if asked is not None:
+        for field, value in {
+            "runAsUser": asked.run_as_user,
+            "runAsGroup": asked.run_as_group,
+            "runAsNonRoot": asked.run_as_non_root,
+            "readOnlyRootFilesystem": asked.read_only_root_filesystem,
+        }.items():
+            if value is not None:
+                context[field] = value
+    return context
 
 
 def _container(service: AIService, pool: GPUPool) -> dict[str, Any]:
@@ -125,10 +161,7 @@ def _container(service: AIService, pool: GPUPool) -> dict[str, Any]:
         "name": CONTAINER_NAME,
         "image": spec.image,
         "resources": _resources(service, pool),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        "securityContext": _container_security_context(spec),
         # The last log lines become the termination message, so `kubectl describe` shows why
         # a model server crashed without a trip to the logs.
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -138,28 +171,67 @@ def _container(service: AIService, pool: GPUPool) -> dict[str, Any]:
     if spec.args:
         container["args"] = list(spec.args)
     if spec.env:
-        container["env"] = [{"name": item.name, "value": item.value} for item in spec.env]
+        container["env"] = _env(spec)
+    if spec.env_from:
+        container["envFrom"] = [source.to_json() for source in spec.env_from]
     if spec.port is not None:
         container["ports"] = [
             {"name": PORT_NAME, "containerPort": spec.port, "protocol": "TCP"},
         ]
-    probe = _readiness_probe(spec)
-    if probe is not None:
-        container["readinessProbe"] = probe
+    for field, probe in {
+        "readinessProbe": spec.readiness_probe,
+        "livenessProbe": spec.liveness_probe,
+        "startupProbe": spec.startup_probe,
+    }.items():
+        built = _probe(probe, spec)
+        if built is not None:
+            container[field] = built
+    if spec.volume_mounts:
+        container["volumeMounts"] = [mount.to_json() for mount in spec.volume_mounts]
     return container
 
 
+def _pod_security_context(service: AIService) -> dict[str, Any]:
+    context: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
+    asked = service.spec.container.security_context
+    if asked is not None and asked.fs_group is not None:
+        context["fsGroup"] = asked.fs_group
+    return context
+
+
 def _pod_spec(service: AIService, pool: GPUPool) -> dict[str, Any]:
+    spec = service.spec
     pod: dict[str, Any] = {
         "containers": [_container(service, pool)],
         "nodeSelector": dict(pool.spec.node_selector),
-        "automountServiceAccountToken": False,
+        "automountServiceAccountToken": spec.automount_service_account_token,
         "enableServiceLinks": False,
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": _pod_security_context(service),
     }
     if pool.spec.tolerations:
         pod["tolerations"] = [toleration.to_json() for toleration in pool.spec.tolerations]
+    if spec.volumes:
+        pod["volumes"] = [volume.to_json() for volume in spec.volumes]
+    if spec.image_pull_secrets:
+        pod["imagePullSecrets"] = [secret.to_json() for secret in spec.image_pull_secrets]
+    if spec.service_account_name is not None:
+        pod["serviceAccountName"] = spec.service_account_name
+    if spec.termination_grace_period_seconds is not None:
+        pod["terminationGracePeriodSeconds"] = spec.termination_grace_period_seconds
+    if spec.priority_class_name is not None:
+        pod["priorityClassName"] = spec.priority_class_name
     return pod
+
+
+def _pod_metadata(service: AIService, pool: GPUPool) -> dict[str, Any]:
+    # The tenant's labels go first so that gpuyard's own always win; the API refuses keys
+    # in gpuyard's and Kubernetes' domains anyway, so none could collide.
+    metadata: dict[str, Any] = {
+        "labels": {**(service.spec.pod_labels or {}), **child_labels(service, pool)}
+    }
+    if service.spec.pod_annotations:
+        metadata["annotations"] = dict(service.spec.pod_annotations)
+    return metadata
 
 
 def build_deployment(
@@ -172,7 +244,6 @@ def build_deployment(
     if replicas < 0:
         msg = f"replicas must not be negative, got {replicas}"
         raise ValueError(msg)
-    labels = child_labels(service, pool)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -191,7 +262,7 @@ def build_deployment(
                 # No finalizer here: the meter puts its own on every pod it bills (this
                 # one's and a bare pod's alike) and takes it off after the last second, so
                 # nothing is left holding pods once gpuyard is uninstalled.
-                "metadata": {"labels": labels},
+                "metadata": _pod_metadata(service, pool),
                 "spec": _pod_spec(service, pool),
             },
         },
@@ -216,5 +287,29 @@ def build_service(
             "ports": [
                 {"name": PORT_NAME, "port": port, "targetPort": PORT_NAME, "protocol": "TCP"},
             ],
+        },
+    }
+
+
+def build_disruption_budget(
+    service: AIService, pool: GPUPool, owner: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The PodDisruptionBudget of the replicas, or None when the service never runs more
+    than one or its owner turned the budget off (the caller then deletes a budget left from
+    an earlier spec). With one replica a budget could only block a node drain or let the
+    replica go; it would protect nothing."""
+    budget = service.spec.disruption_budget
+    if not budget.enabled or service.spec.max_replicas <= 1:
+        return None
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(service, pool, owner),
+        "spec": {
+            "maxUnavailable": budget.max_unavailable,
+            "selector": {"matchLabels": selector_labels(service)},
+            # A replica still loading its model (or crash-looping) serves nothing: evicting
+            # it costs no capacity, and a budget that counted it would block a drain.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }

@@ -219,6 +219,7 @@ def ready_condition(
     current_replicas: int,
     updated_replicas: int,
     capacity: ConditionUpdate | None = None,
+    pods_refused: str | None = None,
 ) -> ConditionUpdate:
     """`Ready`: whether the service serves as its current spec says.
 
@@ -226,12 +227,23 @@ def ready_condition(
     exist) and status.updatedReplicas (those of them on the current pod template): fewer
     updated than existing means old pods still run, a rollout. `capacity` is the
     CapacityLimited decision, whose message explains replicas that wait for GPUs.
+    `pods_refused` is the API server's answer when it refuses to create the replicas' pods
+    (the Deployment's ReplicaFailure condition), such as a Pod Security violation.
     """
     if not admission.accepted:
         return ConditionUpdate(READY, "False", admission.reason, admission.message)
     if desired_replicas == 0:
         return ConditionUpdate(READY, "True", "ScaledToZero", "scaled to zero replicas")
     progress = f"{ready_replicas}/{desired_replicas} replicas ready"
+    if pods_refused is not None and ready_replicas < desired_replicas:
+        # Before the rollout check: a new template whose pods are refused would otherwise
+        # show as a rollout that never ends, without the reason.
+        return ConditionUpdate(
+            READY,
+            "False",
+            "PodsRefused",
+            f"{progress}; the API server refuses the replicas' pods: {pods_refused}",
+        )
     if updated_replicas < current_replicas:
         return ConditionUpdate(
             READY,
@@ -241,9 +253,22 @@ def ready_condition(
         )
     if ready_replicas >= desired_replicas:
         return ConditionUpdate(READY, "True", "ReplicasReady", progress)
+    return _not_ready(progress, capacity)
+
+
+def _not_ready(progress: str, capacity: ConditionUpdate | None) -> ConditionUpdate:
     if capacity is not None and capacity.status == "True":
         return ConditionUpdate(READY, "False", "WaitingForGPUs", f"{progress}; {capacity.message}")
     return ConditionUpdate(READY, "False", "ReplicasNotReady", progress)
+
+
+def pods_refused(deployment_status: Mapping[str, Any]) -> str | None:
+    """The API server's refusal of a Deployment's pods, from its ReplicaFailure condition
+    (the ReplicaSet controller's FailedCreate), or None while pods can be created."""
+    failure = find_condition(deployment_status.get("conditions"), "ReplicaFailure")
+    if failure is None or failure.get("status") != "True":
+        return None
+    return str(failure.get("message") or failure.get("reason") or "ReplicaFailure")
 
 
 def pool_ready_condition(usage: PoolUsage, *, resource_name: str) -> ConditionUpdate:
