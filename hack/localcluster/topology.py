@@ -104,7 +104,7 @@ def node_manifests(pools: list[PoolTopology]) -> list[Any]:
         _node(
             "cpu-0",
             {"node-role.kubernetes.io/system": ""},
-            {"cpu": "16", "memory": "64Gi", "pods": "110"},
+            {"cpu": "16", "memory": "64Gi", "ephemeral-storage": "200Gi", "pods": "110"},
             [],
         )
     ]
@@ -124,5 +124,12 @@ def gpu_node(name: str, *, pool: str, gpus: int, gpu_type: str) -> Any:
         GPU_TYPE_LABEL: gpu_type,
         GPU_PRODUCT_LABEL: GPU_PRODUCTS.get(gpu_type, gpu_type),
     }
-    capacity = {"cpu": "64", "memory": "512Gi", "pods": "110", GPU_RESOURCE: str(gpus)}
+    # Local disk as a GPU node's NVMe holds it: inference pods ask for ephemeral-storage.
+    capacity = {
+        "cpu": "64",
+        "memory": "512Gi",
+        "ephemeral-storage": "2Ti",
+        "pods": "110",
+        GPU_RESOURCE: str(gpus),
+    }
     return _node(name, labels, capacity, [GPU_TAINT])

@@ -685,8 +685,85 @@ REFUSED_BY_THE_API_SERVER = [
     pytest.param(
         with_spec(container={"image": IMAGE, "securityContext": {"privileged": True}}),
         "unknown field",
-        "spec.container.securityContext",
-        id="raw-pod-fields",
+        "spec.container.securityContext.privileged",
+        id="privileged-container",
+    ),
+    pytest.param(
+        with_spec(
+            container={"image": IMAGE, "securityContext": {"capabilities": {"add": ["SYS_ADMIN"]}}}
+        ),
+        "unknown field",
+        "spec.container.securityContext.capabilities",
+        id="added-capabilities",
+    ),
+    pytest.param(
+        with_spec(
+            container={"image": IMAGE, "securityContext": {"allowPrivilegeEscalation": True}}
+        ),
+        "unknown field",
+        "spec.container.securityContext.allowPrivilegeEscalation",
+        id="privilege-escalation",
+    ),
+    pytest.param(
+        with_spec(hostNetwork=True), "unknown field", "spec.hostNetwork", id="host-network"
+    ),
+    pytest.param(
+        # A client that does not validate strictly gets the field pruned instead, and the
+        # volume, left without a kind, is refused by its CEL rule (test_pod_surface.py).
+        with_spec(volumes=[{"name": "root", "hostPath": {"path": "/"}}]),
+        "unknown field",
+        "spec.volumes[0].hostPath",
+        id="host-path-volume",
+    ),
+    pytest.param(
+        with_spec(volumes=[{"name": "nfs", "nfs": {"server": "10.0.0.1", "path": "/"}}]),
+        "unknown field",
+        "spec.volumes[0].nfs",
+        id="volume-of-another-kind",
+    ),
+    pytest.param(
+        with_spec(
+            container={
+                "image": IMAGE,
+                "env": [
+                    {
+                        "name": "HF_TOKEN",
+                        "valueFrom": {
+                            "secretKeyRef": {"name": "hf", "key": "token", "namespace": "other"}
+                        },
+                    }
+                ],
+            }
+        ),
+        "unknown field",
+        "spec.container.env[0].valueFrom.secretKeyRef.namespace",
+        id="secret-of-another-namespace",
+    ),
+    pytest.param(
+        with_spec(
+            container={"image": IMAGE, "envFrom": [{"prefix": "NV", "configMapRef": {"name": "c"}}]}
+        ),
+        "spec.container.envFrom[0].prefix",
+        "envFrom prefix must not let a key form a name starting with NVIDIA_",
+        id="env-from-reaching-the-gpu-runtime",
+    ),
+    pytest.param(
+        with_spec(container={"image": IMAGE, "volumeMounts": [{"name": "x", "mountPath": "/x"}]}),
+        "spec.container.volumeMounts",
+        "every container.volumeMounts entry must name a volume of spec.volumes",
+        id="mount-of-no-volume",
+    ),
+    pytest.param(
+        with_spec(podAnnotations={"controller.kubernetes.io/pod-deletion-cost": "-1000"}),
+        "spec.podAnnotations",
+        "podAnnotations keys may not lie in the gpuyard.io, kubernetes.io, k8s.io domains",
+        id="reserved-pod-annotation",
+    ),
+    pytest.param(
+        with_spec(disruptionBudget={"maxUnavailable": 0}),
+        "spec.disruptionBudget.maxUnavailable",
+        "should be greater than or equal to 1",
+        id="disruption-budget-blocking-drains",
     ),
 ]
 
@@ -758,6 +835,17 @@ def _raise_quota(kubectl: Kubectl, namespace: str, service: dict[str, Any]) -> N
     kubectl("patch", "gpool", service["spec"]["pool"], "--type=merge", "-p", patch)
 
 
+def _priority_class(kubectl: Kubectl, namespace: str, pools: Pools) -> dict[str, Any]:
+    service = aiservice("refused", pool="l4")
+    service["spec"]["priorityClassName"] = "system-cluster-critical"
+    return service
+
+
+def _drop_priority_class(kubectl: Kubectl, namespace: str, service: dict[str, Any]) -> None:
+    patch = json.dumps([{"op": "remove", "path": "/spec/priorityClassName"}])
+    kubectl("patch", "ais", "refused", "-n", namespace, "--type=json", "-p", patch)
+
+
 REFUSED_BY_THE_OPERATOR = [
     pytest.param(
         Refusal("PoolNotFound", "does not exist", _missing_pool, _create_missing_pool),
@@ -774,6 +862,15 @@ REFUSED_BY_THE_OPERATOR = [
     pytest.param(
         Refusal("QuotaExceeded", "may hold 1", _small_quota, _raise_quota),
         id="namespace-quota",
+    ),
+    pytest.param(
+        Refusal(
+            "PriorityClassNotAllowed",
+            'does not offer PriorityClass "system-cluster-critical"',
+            _priority_class,
+            _drop_priority_class,
+        ),
+        id="priority-class-not-offered",
     ),
 ]
 

@@ -297,7 +297,7 @@ SERVER = service_spec(
             },
         ],
         "envFrom": [{"prefix": "APP_", "configMapRef": {"name": "settings"}}],
-        "resources": {"cpu": "8", "memory": "64Gi", "ephemeralStorage": "50Gi"},
+        "resources": {"cpu": "8", "memory": "64Gi", "ephemeral-storage": "50Gi"},
         "startupProbe": {
             "httpGet": {"path": "/health"},
             "periodSeconds": 10,

@@ -232,7 +232,8 @@ class ContainerResources(ApiModel):
     """CPU, such as 4 or 500m."""
     memory: Quantity | None = None
     """Memory, such as 16Gi."""
-    ephemeral_storage: Quantity | None = None
+    # Named as in a pod's resources, not camelCased: people paste it from there.
+    ephemeral_storage: Quantity | None = Field(default=None, alias="ephemeral-storage")
     """Local disk for the container's writable layer, logs and disk-backed emptyDir
     volumes, such as 50Gi; the kubelet evicts a replica that exceeds it."""
 
