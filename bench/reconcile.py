@@ -2,8 +2,9 @@
 
 For each N, in the same run and on the same cluster:
 
-1. *direct*: N Deployments created with the Kubernetes Python client, 8 at a time, in a
-   fresh namespace: the floor, what the API server and etcd need to store them;
+1. *direct*: N Deployments (and their Services, when the services have a port) created with
+   the Kubernetes Python client, 8 at a time, in a fresh namespace: the floor, what the API
+   server and etcd need to store them;
 2. *gpuyard*: N AIServices created the same way in another fresh namespace, and the
    operator (``gpuyard run``, started by this script so that its memory is its own)
    creates their Deployments.
@@ -20,6 +21,10 @@ Usage (a running cluster is reused through GPUYARD_CLUSTER_STATE, else one is st
 and stopped)::
 
     PYTHONPATH=hack .venv/bin/python bench/reconcile.py --n 100 --n 1000
+
+``--template vllm`` gives every service (and every direct Deployment) the pod surface of
+``examples/vllm.yaml`` (Secret env, volumes and mounts, three probes, pull secret,
+ServiceAccount, security context, pod labels) instead of a bare image.
 
 ``--profile FILE`` runs the operator under cProfile (its event loop thread) and writes the
 statistics to FILE when it stops; ``--workers`` passes ``GPUYARD_WORKERS``.
@@ -43,13 +48,19 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
+import yaml
 from kubernetes.client import ApiClient, ApiException
 from urllib3.exceptions import HTTPError
 
 from common import OperatorProcess, cluster, install_crds, log
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
-from gpuyard.logic.children import MANAGED_BY_LABEL, build_deployment, owner_reference
+from gpuyard.logic.children import (
+    MANAGED_BY_LABEL,
+    build_deployment,
+    build_service,
+    owner_reference,
+)
 from gpuyard.logic.drift import with_applied_hash
 from localcluster.cluster import (
     ClusterState,
@@ -57,6 +68,7 @@ from localcluster.cluster import (
 )
 
 IMAGE = "registry.example/llm:1"
+VLLM_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "vllm.yaml"
 CLIENT_CONCURRENCY = 8
 WAIT_TIMEOUT = 900.0
 
@@ -64,15 +76,32 @@ WAIT_TIMEOUT = 900.0
 # --- the objects -----------------------------------------------------------------------
 
 
-def service_body(name: str, pool: str) -> dict[str, Any]:
+def _vllm_surface() -> dict[str, Any]:
+    """The vLLM example's spec, less what would change the measured path: it scales by hand
+    to 0 replicas, so no pod, claim or PodDisruptionBudget is made."""
+    [service] = [
+        obj for obj in yaml.safe_load_all(VLLM_EXAMPLE.read_text()) if obj["kind"] == "AIService"
+    ]
+    spec: dict[str, Any] = service["spec"]
+    return {key: value for key, value in spec.items() if key not in SCALING_FIELDS}
+
+
+SCALING_FIELDS = ("pool", "gpusPerReplica", "minReplicas", "maxReplicas", "autoscaling")
+TEMPLATES: dict[str, Callable[[], dict[str, Any]]] = {
+    "minimal": lambda: {"container": {"image": IMAGE}},
+    "vllm": _vllm_surface,
+}
+
+
+def service_body(name: str, pool: str, surface: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "gpuyard.io/v1alpha1",
         "kind": "AIService",
         "metadata": {"name": name},
         "spec": {
+            **surface,
             "pool": pool,
             "gpusPerReplica": 1,
-            "container": {"image": IMAGE},
             "minReplicas": 0,
             "maxReplicas": 1,
             "replicas": 0,
@@ -95,20 +124,36 @@ def pool_body(name: str) -> dict[str, Any]:
     }
 
 
-def direct_deployment(name: str, namespace: str, pool: dict[str, Any]) -> dict[str, Any]:
-    """The Deployment gpuyard builds for ``service_body(name)``, as a plain user would post
-    it: no owner reference (its owner does not exist) and not labelled as gpuyard's."""
-    body = {**service_body(name, pool["metadata"]["name"])}
+def direct_children(
+    name: str, namespace: str, pool: dict[str, Any], surface: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The Deployment (and the Service, with a port) gpuyard builds for
+    ``service_body(name)``, as a plain user would post them: no owner reference (their
+    owner does not exist) and not labelled as gpuyard's."""
+    body = {**service_body(name, pool["metadata"]["name"], surface)}
     body["metadata"] = {"name": name, "namespace": namespace, "uid": "bench", "generation": 1}
     service = AIService.from_mapping(body)
-    deployment = with_applied_hash(
-        build_deployment(service, GPUPool.from_mapping(pool), 0, owner_reference(service))
-    )
-    metadata = deployment["metadata"]
-    del metadata["ownerReferences"]
-    metadata["labels"][MANAGED_BY_LABEL] = "bench"
+    parsed_pool = GPUPool.from_mapping(pool)
+    owner = owner_reference(service)
+    deployment = with_applied_hash(build_deployment(service, parsed_pool, 0, owner))
     deployment["spec"]["template"]["metadata"]["labels"][MANAGED_BY_LABEL] = "bench"
-    return deployment
+    network = build_service(service, parsed_pool, owner)
+    children = [deployment, *([with_applied_hash(network)] if network is not None else [])]
+    for child in children:
+        del child["metadata"]["ownerReferences"]
+        child["metadata"]["labels"][MANAGED_BY_LABEL] = "bench"
+    return children
+
+
+def create_directly(client: ApiClient, children: list[dict[str, Any]]) -> None:
+    apps = kubernetes.client.AppsV1Api(client)
+    core = kubernetes.client.CoreV1Api(client)
+    for child in children:
+        namespace = child["metadata"]["namespace"]
+        if child["kind"] == "Deployment":
+            apps.create_namespaced_deployment(namespace, child, _preload_content=False)
+        else:
+            core.create_namespaced_service(namespace, child, _preload_content=False)
 
 
 # --- the operator under test -----------------------------------------------------------
@@ -283,10 +328,15 @@ def wait_idle(operator: OperatorProcess, timeout: float = 600) -> None:
 
 
 def measure(
-    client: ApiClient, operator: OperatorProcess, pool: dict[str, Any], n: int, pids: dict[str, int]
+    client: ApiClient,
+    operator: OperatorProcess,
+    pool: dict[str, Any],
+    n: int,
+    *,
+    pids: dict[str, int],
+    surface: dict[str, Any],
 ) -> dict[str, Any]:
     custom = kubernetes.client.CustomObjectsApi(client)
-    apps = kubernetes.client.AppsV1Api(client)
     pool_name = pool["metadata"]["name"]
     namespaces = []
     with fresh_namespace(client, f"direct-{n}") as namespace:
@@ -295,8 +345,8 @@ def measure(
             client,
             namespace,
             n,
-            lambda i: apps.create_namespaced_deployment(
-                namespace, direct_deployment(f"svc-{i}", namespace, pool), _preload_content=False
+            lambda i: create_directly(
+                client, direct_children(f"svc-{i}", namespace, pool, surface)
             ),
             pids,
         )
@@ -313,7 +363,7 @@ def measure(
                 "v1alpha1",
                 namespace,
                 "aiservices",
-                service_body(f"svc-{i}", pool_name),
+                service_body(f"svc-{i}", pool_name, surface),
                 _preload_content=False,
             ),
             pids,
@@ -357,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="GPUYARD_WORKERS of the operator")
     parser.add_argument("--profile", type=Path, help="cProfile the operator into this file")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--template", choices=sorted(TEMPLATES), default="minimal", help="the services' pod surface"
+    )
     args = parser.parse_args(argv)
+    surface = TEMPLATES[args.template]()
     rounds = args.n or [100, 1000]
 
     with cluster() as state:
@@ -384,21 +438,24 @@ def main(argv: list[str] | None = None) -> int:
                 "bench": os.getpid(),
             }
             for n in rounds:
-                results.append(measure(client, operator, pool, n, pids))
+                results.append(measure(client, operator, pool, n, pids=pids, surface=surface))
         finally:
             operator.stop()
             custom.delete_cluster_custom_object(
                 "gpuyard.io", "v1alpha1", "gpupools", pool["metadata"]["name"]
             )
-    report(results, state)
+    report(results, state, args.template)
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
 
 
-def report(results: list[dict[str, Any]], state: ClusterState) -> None:
+def report(results: list[dict[str, Any]], state: ClusterState, template: str) -> None:
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, Kubernetes {state.kubernetes_version}")
-    print(f"# client concurrency {CLIENT_CONCURRENCY}; services in mode Off with 0 replicas")
+    print(
+        f"# client concurrency {CLIENT_CONCURRENCY}; services in mode Off with 0 replicas; "
+        f"pod template {template}"
+    )
     print(f"# {os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     header = (
         f"{'N':>6} {'direct s':>9} {'gpuyard s':>10} {'ratio':>6} "
