@@ -754,6 +754,12 @@ REFUSED_BY_THE_API_SERVER = [
         id="mount-of-no-volume",
     ),
     pytest.param(
+        with_spec(volumes=[{"name": "shm", "emptyDir": {"medium": "Memory"}}]),
+        "spec.volumes",
+        "an emptyDir of medium Memory needs container.resources.memory",
+        id="unbounded-memory-volume",
+    ),
+    pytest.param(
         with_spec(podAnnotations={"controller.kubernetes.io/pod-deletion-cost": "-1000"}),
         "spec.podAnnotations",
         "podAnnotations keys may not lie in the gpuyard.io, kubernetes.io, k8s.io domains",

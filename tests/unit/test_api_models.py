@@ -373,6 +373,11 @@ SERVICE_REJECTIONS = [
         "path may not contain a '..' segment",
     ),
     (
+        "memory-volume-without-memory-limit",
+        service_spec(volumes=[{"name": "shm", "emptyDir": {"medium": "Memory"}}]),
+        "an emptyDir of medium Memory needs container.resources.memory",
+    ),
+    (
         "mount-of-unknown-volume",
         service_spec(
             container={"image": "x", "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}

@@ -413,6 +413,15 @@ def _mounts_name_volumes(spec: AIServiceSpec) -> bool:
     return all(mount.name in volumes for mount in spec.container.volume_mounts or ())
 
 
+def _memory_volumes_bounded(spec: AIServiceSpec) -> bool:
+    in_memory = any(
+        volume.empty_dir is not None and volume.empty_dir.medium == "Memory"
+        for volume in spec.volumes or ()
+    )
+    resources = spec.container.resources
+    return not in_memory or (resources is not None and resources.memory is not None)
+
+
 def _pod_labels_unreserved(spec: AIServiceSpec) -> bool:
     return outside_reserved_domains(spec.pod_labels)
 
@@ -472,6 +481,16 @@ class AIServiceSpec(ApiModel):
             message="every container.volumeMounts entry must name a volume of spec.volumes",
             holds=_mounts_name_volumes,
             field_path=".container.volumeMounts",
+        ),
+        CelRule(
+            rule="!has(self.volumes) || !self.volumes.exists(v, has(v.emptyDir) && "
+            "has(v.emptyDir.medium) && v.emptyDir.medium == 'Memory') || "
+            "(has(self.container.resources) && has(self.container.resources.memory))",
+            message="an emptyDir of medium Memory needs container.resources.memory: the tmpfs "
+            "counts against the memory limit, and without one it could take the memory of "
+            "the node's other pods",
+            holds=_memory_volumes_bounded,
+            field_path=".volumes",
         ),
         CelRule(
             rule=reserved_domains_rule("podLabels"),
