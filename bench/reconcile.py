@@ -2,9 +2,8 @@
 
 For each N, in the same run and on the same cluster:
 
-1. *direct*: N Deployments (and their Services, when the services have a port) created with
-   the Kubernetes Python client, 8 at a time, in a fresh namespace: the floor, what the API
-   server and etcd need to store them;
+1. *direct*: N Deployments created with the Kubernetes Python client, 8 at a time, in a
+   fresh namespace: the floor, what the API server and etcd need to store them;
 2. *gpuyard*: N AIServices created the same way in another fresh namespace, and the
    operator (``gpuyard run``, started by this script so that its memory is its own)
    creates their Deployments.
@@ -55,12 +54,7 @@ from urllib3.exceptions import HTTPError
 from common import OperatorProcess, cluster, install_crds, log
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
-from gpuyard.logic.children import (
-    MANAGED_BY_LABEL,
-    build_deployment,
-    build_service,
-    owner_reference,
-)
+from gpuyard.logic.children import MANAGED_BY_LABEL, build_deployment, owner_reference
 from gpuyard.logic.drift import with_applied_hash
 from localcluster.cluster import (
     ClusterState,
@@ -78,12 +72,23 @@ WAIT_TIMEOUT = 900.0
 
 def _vllm_surface() -> dict[str, Any]:
     """The vLLM example's spec, less what would change the measured path: it scales by hand
-    to 0 replicas, so no pod, claim or PodDisruptionBudget is made."""
+    to 0 replicas, so no pod, claim or PodDisruptionBudget is made, and has no Service."""
     [service] = [
         obj for obj in yaml.safe_load_all(VLLM_EXAMPLE.read_text()) if obj["kind"] == "AIService"
     ]
     spec: dict[str, Any] = service["spec"]
-    return {key: value for key, value in spec.items() if key not in SCALING_FIELDS}
+    surface = {key: value for key, value in spec.items() if key not in SCALING_FIELDS}
+    # No port, so no Service per AIService: 1,000 ClusterIPs would not fit the local
+    # cluster's service range, and the Services are not the pod template. The probes name
+    # the port themselves instead.
+    container = dict(surface["container"])
+    port = container.pop("port")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        container[probe] = {
+            **container[probe],
+            "httpGet": {**container[probe]["httpGet"], "port": port},
+        }
+    return {**surface, "container": container}
 
 
 SCALING_FIELDS = ("pool", "gpusPerReplica", "minReplicas", "maxReplicas", "autoscaling")
@@ -124,36 +129,22 @@ def pool_body(name: str) -> dict[str, Any]:
     }
 
 
-def direct_children(
+def direct_deployment(
     name: str, namespace: str, pool: dict[str, Any], surface: dict[str, Any]
-) -> list[dict[str, Any]]:
-    """The Deployment (and the Service, with a port) gpuyard builds for
-    ``service_body(name)``, as a plain user would post them: no owner reference (their
-    owner does not exist) and not labelled as gpuyard's."""
+) -> dict[str, Any]:
+    """The Deployment gpuyard builds for ``service_body(name)``, as a plain user would post
+    it: no owner reference (its owner does not exist) and not labelled as gpuyard's."""
     body = {**service_body(name, pool["metadata"]["name"], surface)}
     body["metadata"] = {"name": name, "namespace": namespace, "uid": "bench", "generation": 1}
     service = AIService.from_mapping(body)
-    parsed_pool = GPUPool.from_mapping(pool)
-    owner = owner_reference(service)
-    deployment = with_applied_hash(build_deployment(service, parsed_pool, 0, owner))
+    deployment = with_applied_hash(
+        build_deployment(service, GPUPool.from_mapping(pool), 0, owner_reference(service))
+    )
+    metadata = deployment["metadata"]
+    del metadata["ownerReferences"]
+    metadata["labels"][MANAGED_BY_LABEL] = "bench"
     deployment["spec"]["template"]["metadata"]["labels"][MANAGED_BY_LABEL] = "bench"
-    network = build_service(service, parsed_pool, owner)
-    children = [deployment, *([with_applied_hash(network)] if network is not None else [])]
-    for child in children:
-        del child["metadata"]["ownerReferences"]
-        child["metadata"]["labels"][MANAGED_BY_LABEL] = "bench"
-    return children
-
-
-def create_directly(client: ApiClient, children: list[dict[str, Any]]) -> None:
-    apps = kubernetes.client.AppsV1Api(client)
-    core = kubernetes.client.CoreV1Api(client)
-    for child in children:
-        namespace = child["metadata"]["namespace"]
-        if child["kind"] == "Deployment":
-            apps.create_namespaced_deployment(namespace, child, _preload_content=False)
-        else:
-            core.create_namespaced_service(namespace, child, _preload_content=False)
+    return deployment
 
 
 # --- the operator under test -----------------------------------------------------------
@@ -337,6 +328,7 @@ def measure(
     surface: dict[str, Any],
 ) -> dict[str, Any]:
     custom = kubernetes.client.CustomObjectsApi(client)
+    apps = kubernetes.client.AppsV1Api(client)
     pool_name = pool["metadata"]["name"]
     namespaces = []
     with fresh_namespace(client, f"direct-{n}") as namespace:
@@ -345,8 +337,10 @@ def measure(
             client,
             namespace,
             n,
-            lambda i: create_directly(
-                client, direct_children(f"svc-{i}", namespace, pool, surface)
+            lambda i: apps.create_namespaced_deployment(
+                namespace,
+                direct_deployment(f"svc-{i}", namespace, pool, surface),
+                _preload_content=False,
             ),
             pids,
         )
