@@ -459,36 +459,128 @@ def test_a_field_the_service_stops_asking_for_leaves_the_deployment(
     assert ours == [("Apply", None)], deployment["metadata"]["managedFields"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server-side apply leaves fields another manager added (kubectl patch) in place, "
-    "and drift.contains() ignores extra live keys: pods stay pinned to the added node "
-    "selector; reverting needs a non-apply write (a JSON patch of the owned maps)",
-)
-def test_fields_added_to_the_pod_template_by_hand_are_removed(
-    kubectl: Kubectl, namespace: str, running_operator: OperatorProcess
-) -> None:
-    kubectl.apply(manifest(aiservice("pinned")), namespace)
-    wait_running(kubectl, namespace, "pinned", 1)
-    template = kubectl.json("get", "deployment", "-n", namespace, "pinned")["spec"]["template"]
-    edit = [
-        {
-            "op": "add",
-            "path": "/spec/template/spec/nodeSelector/kubernetes.io~1hostname",
-            "value": "cpu-0",
-        }
+#: Fields someone adds to the pod template beside gpuyard's, as `kubectl patch` arguments.
+ADDED_BY_HAND: dict[str, list[str]] = {
+    "node-selector": [
+        "--type=json",
+        "-p",
+        json.dumps(
+            [
+                {
+                    "op": "add",
+                    "path": "/spec/template/spec/nodeSelector/kubernetes.io~1hostname",
+                    "value": "cpu-0",
+                }
+            ]
+        ),
+    ],
+    # A strategic merge patch, as `kubectl patch` sends by default: the containers list
+    # is merged by name, so the sidecar joins gpuyard's container.
+    "extra-container": [
+        "-p",
+        json.dumps(
+            {
+                "spec": {
+                    "template": {
+                        "spec": {
+                            "containers": [{"name": "sidecar", "image": "registry.example/x:1"}]
+                        }
+                    }
+                }
+            }
+        ),
+    ],
+    # A field the API server defaults: removed, it comes back as the default.
+    "changed-default": [
+        "-p",
+        json.dumps({"spec": {"template": {"spec": {"terminationGracePeriodSeconds": 5}}}}),
+    ],
+    "toleration-volume-and-annotation": [
+        "-p",
+        json.dumps(
+            {
+                "spec": {
+                    "template": {
+                        "metadata": {"annotations": {"example.com/note": "by hand"}},
+                        "spec": {
+                            "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+                            "volumes": [{"name": "scratch", "emptyDir": {}}],
+                        },
+                    }
+                }
+            }
+        ),
+    ],
+}
+
+
+def template_owners(deployment: dict[str, Any]) -> list[tuple[str, str, str | None]]:
+    """(manager, operation, subresource) of every managedFields entry that holds a field of
+    the pod template."""
+    return [
+        (entry["manager"], entry["operation"], entry.get("subresource"))
+        for entry in deployment["metadata"]["managedFields"]
+        if "f:template" in entry.get("fieldsV1", {}).get("f:spec", {})
     ]
 
-    kubectl("patch", "deployment", "-n", namespace, "pinned", "--type=json", "-p", json.dumps(edit))
 
-    wait_until(
-        lambda: (
-            kubectl.json("get", "deployment", "-n", namespace, "pinned")["spec"]["template"]
-            == template
-        ),
-        timeout=20,
-        what="the added node selector to be removed",
-    )
+@pytest.mark.parametrize("patch", ADDED_BY_HAND.values(), ids=ADDED_BY_HAND.keys())
+def test_fields_added_to_the_pod_template_by_hand_are_removed(
+    kubectl: Kubectl, namespace: str, running_operator: OperatorProcess, patch: list[str]
+) -> None:
+    # Created with no replica, then scaled: the apply of the scale leaves gpuyard one
+    # Apply entry (a create records its fields as gpuyard's Update).
+    kubectl.apply(manifest(aiservice("pinned", replicas=0)), namespace)
+    wait_until(lambda: get(kubectl, "deployment", "-n", namespace, "pinned"), what="the Deployment")
+    kubectl("scale", "-n", namespace, "ais/pinned", "--replicas=1")
+    wait_running(kubectl, namespace, "pinned", 1)
+    original = kubectl.json("get", "deployment", "-n", namespace, "pinned", "--show-managed-fields")
+    assert template_owners(original) == [("gpuyard", "Apply", None)]
+
+    kubectl("patch", "deployment", "-n", namespace, "pinned", *patch)
+
+    def restored() -> dict[str, Any] | None:
+        live = kubectl.json("get", "deployment", "-n", namespace, "pinned", "--show-managed-fields")
+        edited = live["metadata"]["generation"] > original["metadata"]["generation"]
+        # gpuyard holds the whole template, in its one Apply entry: nobody else owns any of it.
+        owned = template_owners(live) == [("gpuyard", "Apply", None)]
+        same = live["spec"]["template"] == original["spec"]["template"]
+        return live if edited and owned and same else None
+
+    wait_until(restored, timeout=20, what="the added fields to be removed")
+    pods = wait_running(kubectl, namespace, "pinned", 1)
+    [container] = original["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in pods[0]["spec"]["containers"]] == [container["name"]]
+    assert pods[0]["spec"]["nodeSelector"] == {"gpuyard.io/pool": "l4"}
+
+
+def test_kubectl_rollout_restart_restarts_the_pods_once(
+    kubectl: Kubectl, namespace: str, running_operator: OperatorProcess
+) -> None:
+    """Its annotation on the pod template is the one field of another manager gpuyard
+    keeps: removing it would roll the pods a second time."""
+    kubectl.apply(manifest(aiservice("restarted")), namespace)
+    [before] = wait_running(kubectl, namespace, "restarted", 1)
+    flush_audit(kubectl, running_operator, namespace)
+    writes_before = len(operator_writes(running_operator, namespace))
+
+    kubectl("rollout", "restart", "-n", namespace, "deployment/restarted")
+    kubectl("rollout", "status", "-n", namespace, "deployment/restarted", "--timeout=60s")
+
+    [after] = wait_running(kubectl, namespace, "restarted", 1)
+    assert after["metadata"]["uid"] != before["metadata"]["uid"]
+    flush_audit(kubectl, running_operator, namespace)
+    deployment = kubectl.json("get", "deployment", "-n", namespace, "restarted")
+    annotations = deployment["spec"]["template"]["metadata"].get("annotations") or {}
+    assert "kubectl.kubernetes.io/restartedAt" in annotations
+    # One rollout after the first: a template put back would be a third revision.
+    assert deployment["metadata"]["annotations"]["deployment.kubernetes.io/revision"] == "2"
+    written = [
+        event
+        for event in operator_writes(running_operator, namespace)[writes_before:]
+        if event["objectRef"].get("resource") == "deployments"
+    ]
+    assert written == [], json.dumps(written, indent=1)[:2000]
 
 
 def test_a_reconcile_with_nothing_to_do_writes_nothing(

@@ -13,7 +13,9 @@ from gpuyard.logic.drift import (
     APPLIED_HASH_ANNOTATION,
     contains,
     fields_taken_over,
+    foreign_template_fields,
     needs_apply,
+    updated_beside_applied,
     with_applied_hash,
 )
 
@@ -262,3 +264,366 @@ def test_nothing_to_take_over_without_an_update_entry_of_ours() -> None:
     assert fields_taken_over([_entry("gpuyard", "Apply", {})], "gpuyard") is None
     status = _entry("gpuyard", "Update", {"f:status": {}}, subresource="status")
     assert fields_taken_over([status, _entry("kubectl", "Update", {})], "gpuyard") is None
+
+
+# --- fields other managers added to the pod template ----------------------------------------
+
+INFERENCE = 'k:{"name":"inference"}'
+#: What the API server records of gpuyard's apply of `desired_deployment()` (the pod
+#: template part, abridged): the container, keyed by name; nodeSelector and tolerations,
+#: both atomic.
+OUR_TEMPLATE: dict[str, Any] = {
+    "f:metadata": {"f:labels": {"f:gpuyard.io/service": {}, "f:gpuyard.io/pool": {}}},
+    "f:spec": {
+        "f:containers": {
+            INFERENCE: {
+                ".": {},
+                "f:image": {},
+                "f:name": {},
+                "f:ports": {
+                    'k:{"containerPort":8000,"protocol":"TCP"}': {
+                        ".": {},
+                        "f:containerPort": {},
+                        "f:name": {},
+                        "f:protocol": {},
+                    }
+                },
+                "f:resources": {"f:limits": {"f:nvidia.com/gpu": {}}},
+            }
+        },
+        "f:nodeSelector": {},
+        "f:tolerations": {},
+    },
+}
+
+
+def in_template(fields: dict[str, Any]) -> dict[str, Any]:
+    return {"f:spec": {"f:template": fields}}
+
+
+def served(desired: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any]:
+    """`desired` as served, with gpuyard's apply, the Deployment controller's entries and
+    `others` in its managedFields."""
+    live = as_served(desired)
+    live["apiVersion"] = "apps/v1"
+    ours = _entry("gpuyard", "Apply", {"f:spec": {"f:replicas": {}, "f:template": OUR_TEMPLATE}})
+    revision = _entry(
+        "kube-controller-manager",
+        "Update",
+        {"f:metadata": {"f:annotations": {"f:deployment.kubernetes.io/revision": {}}}},
+    )
+    status = _entry(
+        "kube-controller-manager", "Update", {"f:status": {"f:replicas": {}}}, subresource="status"
+    )
+    live["metadata"]["managedFields"] = [ours, revision, status, *others]
+    return live
+
+
+def removed(obj: dict[str, Any], pointers: list[str]) -> dict[str, Any]:
+    """`obj` after a JSON patch of `remove` operations at `pointers`, applied in order."""
+    result = copy.deepcopy(obj)
+    for pointer in pointers:
+        *parents, last = [
+            part.replace("~1", "/").replace("~0", "~") for part in pointer.split("/")[1:]
+        ]
+        node: Any = result
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if isinstance(node, list):
+            del node[int(last)]
+        else:
+            del node[last]
+    return result
+
+
+def test_a_template_only_gpuyard_wrote_has_no_foreign_fields() -> None:
+    desired = desired_deployment()
+    scaled = _entry("kubectl", "Update", {"f:spec": {"f:replicas": {}}}, subresource="scale")
+    foreign = foreign_template_fields(served(desired, scaled), desired, "gpuyard")
+    # The defaults the API server filled in (dnsPolicy, imagePullPolicy...) are nobody's.
+    assert foreign.removals == []
+    assert not foreign.taken_from_us
+
+
+def test_an_added_container_is_removed_whole() -> None:
+    """`kubectl patch` merges the containers list by name; the sidecar comes first."""
+    desired = desired_deployment()
+    sidecar = {"name": "sidecar", "image": "busybox", "imagePullPolicy": "Always"}
+    patched = _entry(
+        "kubectl-patch",
+        "Update",
+        in_template(
+            {
+                "f:spec": {
+                    "f:containers": {
+                        'k:{"name":"sidecar"}': {
+                            ".": {},
+                            "f:image": {},
+                            "f:imagePullPolicy": {},
+                            "f:name": {},
+                        }
+                    }
+                }
+            }
+        ),
+    )
+    live = served(desired, patched)
+    live["spec"]["template"]["spec"]["containers"].insert(0, sidecar)
+
+    foreign = foreign_template_fields(live, desired, "gpuyard")
+
+    assert foreign.removals == ["/spec/template/spec/containers/0"]
+    assert not foreign.taken_from_us
+    assert removed(live, foreign.removals)["spec"] == as_served(desired)["spec"]
+
+
+def test_a_key_added_to_a_map_goes_and_the_map_stays() -> None:
+    desired = desired_deployment()
+    labelled = _entry(
+        "kubectl-label",
+        "Update",
+        in_template({"f:metadata": {"f:labels": {"f:example.com/team": {}}}}),
+    )
+    live = served(desired, labelled)
+    live["spec"]["template"]["metadata"]["labels"]["example.com/team"] = "a"
+
+    foreign = foreign_template_fields(live, desired, "gpuyard")
+
+    assert foreign.removals == ["/spec/template/metadata/labels/example.com~1team"]
+    assert removed(live, foreign.removals)["spec"] == as_served(desired)["spec"]
+
+
+def test_a_map_someone_created_goes_whole() -> None:
+    desired = desired_deployment()
+    annotated = _entry(
+        "kubectl-patch",
+        "Update",
+        in_template({"f:metadata": {"f:annotations": {".": {}, "f:note": {}}}}),
+    )
+    live = served(desired, annotated)
+    live["spec"]["template"]["metadata"]["annotations"] = {"note": "by hand"}
+
+    assert foreign_template_fields(live, desired, "gpuyard").removals == [
+        "/spec/template/metadata/annotations"
+    ]
+
+
+def test_fields_added_inside_our_container_go_and_the_container_stays() -> None:
+    desired = desired_deployment()
+    env = {".": {}, 'k:{"name":"DEBUG"}': {".": {}, "f:name": {}, "f:value": {}}}
+    edited = _entry(
+        "kubectl-edit",
+        "Update",
+        in_template(
+            {"f:spec": {"f:containers": {INFERENCE: {"f:env": env, "f:imagePullPolicy": {}}}}}
+        ),
+    )
+    live = served(desired, edited)
+    container_of(live).update(env=[{"name": "DEBUG", "value": "1"}], imagePullPolicy="Always")
+
+    foreign = foreign_template_fields(live, desired, "gpuyard")
+
+    # imagePullPolicy comes back as the API server's default.
+    assert sorted(foreign.removals) == [
+        "/spec/template/spec/containers/0/env",
+        "/spec/template/spec/containers/0/imagePullPolicy",
+    ]
+
+
+def test_later_list_items_are_removed_first() -> None:
+    desired = desired_deployment()
+    container = {".": {}, "f:image": {}, "f:name": {}}
+    patched = _entry(
+        "kubectl-patch",
+        "Update",
+        in_template(
+            {
+                "f:spec": {
+                    "f:containers": {
+                        'k:{"name":"a"}': container,
+                        'k:{"name":"b"}': container,
+                        INFERENCE: {"f:env": {".": {}}},
+                    }
+                }
+            }
+        ),
+    )
+    # Two managers' fields in one list: one walk orders them all.
+    volumes = _entry(
+        "argocd-controller",
+        "Apply",
+        in_template({"f:spec": {"f:volumes": {'k:{"name":"scratch"}': {".": {}, "f:name": {}}}}}),
+    )
+    live = served(desired, patched, volumes)
+    pod = live["spec"]["template"]["spec"]
+    ours = pod["containers"][0]
+    ours["env"] = []
+    pod["containers"] = [{"name": "a", "image": "x"}, ours, {"name": "b", "image": "x"}]
+    pod["volumes"] = [{"name": "scratch", "emptyDir": {}}]
+
+    foreign = foreign_template_fields(live, desired, "gpuyard")
+
+    containers = [r for r in foreign.removals if "/containers/" in r]
+    assert containers == [
+        "/spec/template/spec/containers/2",
+        "/spec/template/spec/containers/1/env",
+        "/spec/template/spec/containers/0",
+    ]
+    # The list was there before (no "." of theirs): its item goes, the empty list is
+    # dropped when stored.
+    assert "/spec/template/spec/volumes/0" in foreign.removals
+    assert (
+        removed(live, foreign.removals)["spec"]["template"]["spec"]["containers"]
+        == (as_served(desired)["spec"]["template"]["spec"]["containers"])
+    )
+
+
+@pytest.mark.parametrize(
+    "shared",
+    [
+        {"f:spec": {"f:containers": {INFERENCE: {"f:image": {}}}}},
+        {"f:spec": {"f:tolerations": {}}},
+        {"f:metadata": {"f:labels": {"f:gpuyard.io/service": {}}}},
+    ],
+    ids=["image", "tolerations", "label"],
+)
+def test_a_field_gpuyard_owns_as_well_is_left_to_the_apply(shared: dict[str, Any]) -> None:
+    desired = desired_deployment()
+    foreign = foreign_template_fields(
+        served(desired, _entry("sre", "Apply", in_template(shared))), desired, "gpuyard"
+    )
+    assert foreign.removals == []
+    assert not foreign.taken_from_us
+
+
+def test_a_field_gpuyard_sets_that_another_manager_took_is_taken_back() -> None:
+    """A JSON patch adding a key to the atomic nodeSelector takes the whole map from
+    gpuyard, and the live map still contains gpuyard's: only the owner says so."""
+    desired = desired_deployment()
+    pinned = _entry("kubectl-patch", "Update", in_template({"f:spec": {"f:nodeSelector": {}}}))
+    live = served(desired, pinned)
+    del live["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:template"]["f:spec"][
+        "f:nodeSelector"
+    ]
+    live["spec"]["template"]["spec"]["nodeSelector"]["kubernetes.io/hostname"] = "cpu-0"
+
+    foreign = foreign_template_fields(live, desired, "gpuyard")
+
+    assert foreign.removals == []  # the apply replaces the map whole
+    assert foreign.taken_from_us
+    assert not needs_apply(desired, live)  # what the apply would not have seen
+
+
+def test_the_annotation_of_kubectl_rollout_restart_stays() -> None:
+    desired = desired_deployment()
+    restart = _entry(
+        "kubectl-rollout",
+        "Update",
+        in_template(
+            {
+                "f:metadata": {
+                    "f:annotations": {
+                        ".": {},
+                        "f:kubectl.kubernetes.io/restartedAt": {},
+                        "f:other": {},
+                    }
+                }
+            }
+        ),
+    )
+    live = served(desired, restart)
+    live["spec"]["template"]["metadata"]["annotations"] = {
+        "kubectl.kubernetes.io/restartedAt": "2026-12-03T10:00:00Z",
+        "other": "x",
+    }
+
+    foreign = foreign_template_fields(live, desired, "gpuyard")
+
+    # The map holds the kept annotation: only the other one goes.
+    assert foreign.removals == ["/spec/template/metadata/annotations/other"]
+    assert not foreign.taken_from_us
+
+
+def test_a_list_item_is_matched_to_ours_by_the_key_fields_ours_has() -> None:
+    """A desired object may leave out what the API server defaults, such as a port's
+    protocol, which the key of the live item holds."""
+    desired = desired_deployment()
+    del container_of(desired)["ports"][0]["protocol"]
+    port = 'k:{"containerPort":8000,"protocol":"TCP"}'
+    other = _entry(
+        "sre",
+        "Apply",
+        in_template({"f:spec": {"f:containers": {INFERENCE: {"f:ports": {port: {".": {}}}}}}}),
+    )
+    live = served(desired, other)
+    container_of(live)["ports"][0]["protocol"] = "TCP"
+    del live["metadata"]["managedFields"][0]["fieldsV1"]["f:spec"]["f:template"]["f:spec"][
+        "f:containers"
+    ][INFERENCE]["f:ports"]
+
+    assert foreign_template_fields(live, desired, "gpuyard").removals == []
+
+
+def test_entries_that_cannot_hold_the_template_and_fields_already_gone_are_skipped() -> None:
+    desired = desired_deployment()
+    selector = in_template({"f:spec": {"f:hostNetwork": {}}})
+    old_version = _entry("old-tool", "Update", selector, apiVersion="apps/v1beta2")
+    status = _entry("some-controller", "Update", selector, subresource="status")
+    gone = _entry("kubectl-patch", "Update", in_template({"f:spec": {"f:priority": {}}}))
+    live = served(desired, old_version, status, gone)
+    live["spec"]["template"]["spec"]["hostNetwork"] = True
+
+    foreign = foreign_template_fields(live, desired, "gpuyard")
+
+    assert foreign.removals == []
+    assert not foreign.taken_from_us
+
+
+def test_the_fields_of_our_create_count_as_ours() -> None:
+    desired = desired_deployment()
+    live = served(desired, _entry("sre", "Apply", in_template(OUR_TEMPLATE)))
+    live["metadata"]["managedFields"][0]["operation"] = "Update"
+    foreign = foreign_template_fields(live, desired, "gpuyard")
+    assert foreign.removals == []
+    assert not foreign.taken_from_us
+
+
+def test_an_update_of_ours_beside_our_apply_is_for_the_apply_to_take_over() -> None:
+    applied = _entry("gpuyard", "Apply", {"f:spec": {}})
+    created = _entry("gpuyard", "Update", {"f:spec": {}})
+    status = _entry("gpuyard", "Update", {"f:status": {}}, subresource="status")
+    others = _entry("kubectl", "Update", {"f:spec": {}})
+    assert updated_beside_applied([applied, others, created], "gpuyard")
+    # The fields of a create alone are gpuyard's one entry until its first apply.
+    assert not updated_beside_applied([created, others], "gpuyard")
+    assert not updated_beside_applied([applied, status, others], "gpuyard")
+    assert not updated_beside_applied(None, "gpuyard")
+
+
+def test_fields_others_add_outside_the_pod_template_are_left_alone() -> None:
+    desired = desired_deployment()
+    other = _entry("sre", "Update", {"f:spec": {"f:minReadySeconds": {}, "f:paused": {}}})
+    live = served(desired, other)
+    live["spec"].update(minReadySeconds=10, paused=False)
+
+    foreign = foreign_template_fields(live, desired, "gpuyard")
+
+    assert foreign.removals == []
+    assert not foreign.taken_from_us
+
+
+def test_set_items_are_found_by_value_and_unreadable_keys_are_skipped() -> None:
+    desired = desired_deployment()
+    other = _entry(
+        "sre",
+        "Update",
+        in_template(
+            {"f:metadata": {"f:finalizers": {'v:"example.com/hold"': {}, "v:not json": {}}}}
+        ),
+    )
+    live = served(desired, other)
+    live["spec"]["template"]["metadata"]["finalizers"] = ["a", "example.com/hold"]
+
+    foreign = foreign_template_fields(live, desired, "gpuyard")
+
+    assert foreign.removals == ["/spec/template/metadata/finalizers/1"]

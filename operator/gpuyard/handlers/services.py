@@ -45,7 +45,13 @@ from gpuyard.logic.conditions import (
     ready_condition,
     usage_reported_condition,
 )
-from gpuyard.logic.drift import fields_taken_over, needs_apply, with_applied_hash
+from gpuyard.logic.drift import (
+    fields_taken_over,
+    foreign_template_fields,
+    needs_apply,
+    updated_beside_applied,
+    with_applied_hash,
+)
 from gpuyard.logic.metering import Account
 from gpuyard.logic.pool_accounting import PoolUsage, compute_pool_usage
 from gpuyard.logic.quota import QuotaVerdict
@@ -181,8 +187,9 @@ async def _apply_children(op: Operator, it: _Accepted) -> _Applied:
                 op.service_queue.add(sibling)
     owner = owner_reference(it.service)
     deployment = with_applied_hash(build_deployment(it.service, it.pool, replicas, owner))
-    if needs_apply(deployment, it.live):
-        await _apply(op, deployment, it.live)
+    live, reclaim = await _remove_foreign_fields(op, deployment, it.live)
+    if reclaim or needs_apply(deployment, live):
+        await _apply(op, deployment, live)
         if live_replicas is not None and live_replicas != replicas:
             await _announce_scale(op, it, live_replicas, replicas, quota)
     await _apply_optional(
@@ -212,6 +219,35 @@ async def _apply_optional(
             await _apply(op, desired, live)
     elif live is not None:
         await op.io(op.kube.delete, api_version, kind, key[0], key[1])
+
+
+async def _remove_foreign_fields(
+    op: Operator, desired: dict[str, Any], live: dict[str, Any] | None
+) -> tuple[dict[str, Any] | None, bool]:
+    """Remove what other managers added to the Deployment's pod template (gpuyard owns all
+    of it, see gpuyard.logic.drift); return the Deployment as it is then, and whether it
+    needs an apply all the same: another manager holds a field gpuyard sets, or a write of
+    gpuyard's other than an apply (a removal, whose default the API server filled back in)
+    recorded fields as gpuyard's ``Update``, which the apply takes over and lets go, so that
+    gpuyard keeps its one ``Apply`` entry.
+
+    One JSON patch, tested against the resourceVersion read: the indices of list items it
+    names hold, and the pod template it leaves is gpuyard's, which the admission policy on
+    gpuyard's writes asks even of a patch that removes.
+    """
+    if live is None:
+        return None, False
+    foreign = foreign_template_fields(live, desired, FIELD_MANAGER)
+    if foreign.removals:
+        version = live["metadata"]["resourceVersion"]
+        patched = await op.io(op.kube.remove_fields, desired, version, foreign.removals)
+        if patched is None:
+            # The cache is behind what is stored: the watch event of the newer version
+            # brings another reconcile, which sees what is there.
+            return live, False
+        live = patched
+    managed = live["metadata"].get("managedFields")
+    return live, foreign.taken_from_us or updated_beside_applied(managed, FIELD_MANAGER)
 
 
 async def _apply(op: Operator, desired: dict[str, Any], live: dict[str, Any] | None) -> None:

@@ -206,6 +206,27 @@ class Kube:
             query=[("fieldManager", FIELD_MANAGER)],
         )  # fmt: skip
 
+    def remove_fields(
+        self, obj: Mapping[str, Any], resource_version: str, pointers: list[str]
+    ) -> Any | None:
+        """Remove the fields at ``pointers`` (JSON pointers) from the stored ``obj``, unless
+        it changed since ``resource_version``; the object as stored then, or None when it
+        changed (or is gone)."""
+        self._writes.labels(verb="patch-remove", resource=obj["kind"]).inc()
+        test = {"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}
+        try:
+            return self._call(
+                "PATCH", _object_path(obj), content_type="application/json-patch+json",
+                body=[test, *({"op": "remove", "path": pointer} for pointer in pointers)],
+                query=[("fieldManager", FIELD_MANAGER)],
+            )  # fmt: skip
+        except ApiException as error:
+            # 422: the test failed (a newer version is stored); 409: the same, found on
+            # the write; 404: deleted meanwhile.
+            if error.status in (404, 409, 422):
+                return None
+            raise
+
     def scale_deployment(self, namespace: str, name: str, replicas: int) -> None:
         """Set a Deployment's spec.replicas and nothing else (a merge patch: an apply of
         the replica count alone would drop every other field gpuyard applied)."""

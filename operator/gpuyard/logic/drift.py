@@ -14,6 +14,19 @@ A missing child is created with a plain create, which records its fields as gpuy
 with operation ``Update``; server-side apply would leave such fields behind when gpuyard
 stops setting them. Before the first apply, ``fields_taken_over`` moves them to gpuyard's
 ``Apply`` entry, as client-go's ``csaupgrade`` does.
+
+gpuyard owns the whole pod template of a Deployment it builds, not only the fields it
+sets: what another manager added there (a node selector, a container, a toleration, a
+volume, an annotation) holds the pods to something their AIService never asked for. The
+second check cannot see such fields (extra live fields are normal: defaults), and server-
+side apply never removes a field another manager owns. ``foreign_template_fields`` finds
+them in ``metadata.managedFields`` (the API server's defaults are owned by nobody, so they
+are never among them) for a JSON patch to remove; it also tells when another manager took
+a field gpuyard sets (a forced update takes the ownership of what it changes, and an
+atomic map such as ``nodeSelector`` with a key added still contains ours), which the
+apply takes back. One field is left alone: ``kubectl rollout restart`` stamps
+``kubectl.kubernetes.io/restartedAt`` on the template, and removing it would roll the
+pods a second time.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -132,6 +146,21 @@ def fields_taken_over(managed_fields: Any, manager: str) -> list[dict[str, Any]]
     return result
 
 
+def updated_beside_applied(managed_fields: Any, manager: str) -> bool:
+    """Whether ``manager`` has an ``Update`` entry of the main resource beside its
+    ``Apply`` one: a write of its other than an apply recorded fields (a removal whose
+    default the API server filled back in, a scale to zero), which its next apply takes
+    over (``fields_taken_over``) and, where it does not set them, lets go."""
+    operations = {
+        entry.get("operation")
+        for entry in managed_fields or []
+        if isinstance(entry, Mapping)
+        and entry.get("manager") == manager
+        and not entry.get("subresource")
+    }
+    return {"Apply", "Update"} <= operations
+
+
 def _union(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
     """The union of two field sets (``FieldsV1``: nested objects, ``{}`` for a leaf)."""
     merged = dict(a)
@@ -143,3 +172,170 @@ def _union(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
             else value
         )
     return merged
+
+
+#: The fields of the pod template another manager may keep (``FieldsV1``, relative to the
+#: template): the annotation of ``kubectl rollout restart``, whose removal would restart the
+#: pods once more.
+_KEPT_IN_POD_TEMPLATE: Mapping[str, Any] = {
+    "f:metadata": {"f:annotations": {"f:kubectl.kubernetes.io/restartedAt": {}}}
+}
+
+
+@dataclass(frozen=True)
+class ForeignFields:
+    """What other managers hold of a Deployment's pod template."""
+
+    #: JSON pointers of the fields gpuyard neither sets nor owns, in an order one JSON patch
+    #: can remove them in (the later items of a list first).
+    removals: list[str]
+    #: Whether another manager took a field gpuyard sets: the apply (forced) takes it back.
+    taken_from_us: bool
+
+
+def foreign_template_fields(
+    live: Mapping[str, Any], desired: Mapping[str, Any], manager: str
+) -> ForeignFields:
+    """The fields of ``live``'s pod template that managers other than ``manager`` own.
+
+    Only entries of the main resource count (a subresource such as status or scale holds
+    no template). A field that ``desired`` sets, or that ``manager`` owns too, is never
+    removed: the apply sets its value.
+    """
+    entries = [
+        (entry, template)
+        for entry in (live.get("metadata") or {}).get("managedFields") or []
+        if isinstance(entry, Mapping)
+        and not entry.get("subresource")
+        and (template := _template_fields(entry.get("fieldsV1"))) is not None
+    ]
+    # One set for all of them, so that one walk orders the removals of a list.
+    theirs: dict[str, Any] = {}
+    for entry, template in entries:
+        if entry.get("manager") != manager and entry.get("apiVersion") == live.get("apiVersion"):
+            theirs = _union(theirs, template)
+    if not theirs:  # what every reconcile of an untouched Deployment finds
+        return ForeignFields([], taken_from_us=False)
+    ours: dict[str, Any] = {}
+    for entry, template in entries:
+        if entry.get("manager") == manager:
+            ours = _union(ours, template)
+    walk = _Walk()
+    walk.visit(
+        theirs,
+        ours=ours,
+        kept=_KEPT_IN_POD_TEMPLATE,
+        desired=(desired.get("spec") or {}).get("template"),
+        live=(live.get("spec") or {}).get("template"),
+        pointer="/spec/template",
+    )
+    return ForeignFields(walk.removals, walk.taken_from_us)
+
+
+def _template_fields(fields: Any) -> Mapping[str, Any] | None:
+    spec = fields.get("f:spec") if isinstance(fields, Mapping) else None
+    template = spec.get("f:template") if isinstance(spec, Mapping) else None
+    return template if isinstance(template, Mapping) else None
+
+
+class _Walk:
+    """One walk of other managers' field sets along the live and desired templates."""
+
+    def __init__(self) -> None:
+        self.removals: list[str] = []
+        self.taken_from_us = False
+
+    def visit(
+        self,
+        theirs: Mapping[str, Any],
+        *,
+        ours: Mapping[str, Any] | None,
+        kept: Mapping[str, Any] | None,
+        desired: Any,
+        live: Any,
+        pointer: str,
+    ) -> None:
+        found = []
+        for key, below in theirs.items():
+            if key == ".":  # the node itself: its parent decides
+                continue
+            step = _child(live, key, lenient=False)
+            if step is None:  # gone already
+                continue
+            found.append((step, key, below))
+        if isinstance(live, list):  # remove a list's later items first: indices hold
+            found.sort(key=lambda item: item[0][0], reverse=True)
+        for (segment, live_value), key, below in found:
+            here = f"{pointer}/{segment}"
+            our_value = ours.get(key) if ours is not None else None
+            kept_value = kept.get(key) if kept is not None else None
+            if kept_value is not None and not _present(kept_value, live_value):
+                kept_value = None  # nothing kept is there: the node may go whole
+            wanted = _child(desired, key, lenient=True)
+            if our_value is None and kept_value is None and wanted is None:
+                if not below or "." in below:
+                    self.removals.append(here)  # the whole node is theirs
+                else:  # the node was there before them: only what they added goes
+                    self.visit(
+                        below, ours=None, kept=None, desired=None, live=live_value, pointer=here
+                    )
+            elif below and isinstance(below, Mapping):
+                self.visit(
+                    below,
+                    ours=our_value,
+                    kept=kept_value,
+                    desired=wanted[1] if wanted is not None else None,
+                    live=live_value,
+                    pointer=here,
+                )
+            elif wanted is not None and our_value is None:
+                self.taken_from_us = True
+
+
+def _present(fields: Mapping[str, Any], value: Any) -> bool:
+    """Whether ``value`` holds any field of the set ``fields`` (``{}``: ``value`` itself)."""
+    if not fields:
+        return True
+    for key, below in fields.items():
+        step = _child(value, key, lenient=False)
+        if step is not None and _present(below, step[1]):
+            return True
+    return False
+
+
+def _child(value: Any, key: str, *, lenient: bool) -> tuple[Any, Any] | None:
+    """The JSON pointer segment and value that ``FieldsV1`` key ``key`` names in ``value``;
+    None when there is none.
+
+    ``lenient`` matches a list item by the key fields it has: a desired object leaves out
+    what the API server defaults (a port's protocol), which the key of a live item holds.
+    """
+    kind, _, name = key.partition(":")
+    if kind == "f":
+        found = isinstance(value, Mapping) and name in value
+        return (_escape(name), value[name]) if found else None
+    try:
+        wanted = json.loads(name)  # i:3, v:"value", k:{"name":"x"}
+    except ValueError:
+        return None
+    return _item(value, kind, wanted, lenient=lenient) if isinstance(value, list) else None
+
+
+def _item(items: list[Any], kind: str, wanted: Any, *, lenient: bool) -> tuple[int, Any] | None:
+    """The index and item of ``items`` that an ``i:``, ``v:`` or ``k:`` key names."""
+    if kind == "i":
+        found = isinstance(wanted, int) and 0 <= wanted < len(items)
+        return (wanted, items[wanted]) if found else None
+    for index, item in enumerate(items):
+        if kind == "v" and item == wanted:
+            return index, item
+        if kind == "k" and isinstance(item, Mapping) and isinstance(wanted, Mapping):
+            present = [field for field in wanted if field in item] if lenient else list(wanted)
+            if present and all(item.get(field) == wanted[field] for field in present):
+                return index, item
+    return None
+
+
+def _escape(name: str) -> str:
+    """A map key as one JSON Pointer segment (RFC 6901)."""
+    return name.replace("~", "~0").replace("/", "~1")
