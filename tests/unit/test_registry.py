@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpuyard.handlers.runtime import build_registry
+from gpuyard.handlers.runtime import build_registry, index_service
 
 
 def test_no_handler_needs_the_diff_base_that_the_operator_does_not_keep() -> None:
@@ -13,3 +13,23 @@ def test_no_handler_needs_the_diff_base_that_the_operator_does_not_keep() -> Non
     assert registry._changing.get_all_handlers() == []
     assert registry._spawning.get_all_handlers() == []
     assert registry._watching.get_all_handlers(), "gpuyard's event handlers are registered"
+
+
+def test_cached_services_leave_out_the_copies_of_their_spec() -> None:
+    applied = {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "team": "search"}
+    body = {
+        "metadata": {
+            "name": "llama",
+            "managedFields": [{"manager": "kubectl"}],
+            "annotations": applied,
+        },
+        "spec": {"pool": "a100"},
+    }
+
+    [cached] = index_service(namespace="team-a", name="llama", body=body).values()
+
+    assert cached == {
+        "metadata": {"name": "llama", "annotations": {"team": "search"}},
+        "spec": {"pool": "a100"},
+    }
+    assert body["metadata"]["managedFields"], "the event's own body is left as it was"

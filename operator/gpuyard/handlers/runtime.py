@@ -93,8 +93,23 @@ def index_pool(name: str, body: Any, **_: Any) -> dict[str, Any]:
     return {name: dict(body)}
 
 
+#: Kept out of the cached AIServices: nothing reads them, and each repeats the shape of the
+#: spec (the managed fields by field, kubectl's last applied copy as JSON), which for a real
+#: server's pod surface is most of the object's size.
+_UNREAD_SERVICE_METADATA = ("managedFields",)
+_UNREAD_SERVICE_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"
+
+
 def index_service(namespace: str | None, name: str, body: Any, **_: Any) -> dict[ServiceKey, Any]:
-    return {(namespace or "", name): dict(body)}
+    metadata = {
+        key: value for key, value in body["metadata"].items() if key not in _UNREAD_SERVICE_METADATA
+    }
+    annotations = metadata.get("annotations") or {}
+    if _UNREAD_SERVICE_ANNOTATION in annotations:
+        metadata["annotations"] = {
+            key: value for key, value in annotations.items() if key != _UNREAD_SERVICE_ANNOTATION
+        }
+    return {(namespace or "", name): {**body, "metadata": metadata}}
 
 
 def index_service_by_pool(
