@@ -4,8 +4,9 @@ Pure: the caller passes the samples of this tick, the state carried from the pre
 the pool capacity share and ``now``; :func:`decide` returns a :class:`Decision` holding the
 state to carry on. The stages, in order: per-metric proposals (HPA's proportional rule with a
 tolerance), idle scale-to-zero or wake-from-zero, the metrics-unavailable policy,
-stabilisation windows, rate limits, min/max, budget, pool capacity. docs/autoscaling.md is
-the long form, with the defaults and a worked example.
+stabilisation windows, rate limits, the wait for replicas in the middle of their start,
+min/max, budget, pool capacity. docs/autoscaling.md is the long form, with the defaults
+and a worked example.
 """
 
 from __future__ import annotations
@@ -1035,6 +1036,10 @@ def decide(
     handled as the HPA handles missing pods: assumed at target when the others ask to scale
     down, idle when they ask to scale up; while no pod is ready at all the service holds
     (reason PodsNotReady), which does not count as metrics being unavailable.
+
+    While ``state.starting_replicas`` are in the middle of their start, a scale-down (to
+    zero included) waits rather than remove one (limiting factor ReplicasStarting): see
+    ``_starting_floor``. The budget and the quota still cut.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
