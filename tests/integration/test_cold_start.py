@@ -1,8 +1,9 @@
 """Cold starts end to end: pods that take 60 s to become ready (the local cluster's kwok
-stages hold a pod Running but not Ready for its SIM_READY_AFTER), and an autoscaler that
+stages hold a pod Running but not Ready for its start-up delay), and an autoscaler that
 counts them as capacity on its way.
 
-One minute of starts serves every check, with two services side by side:
+One minute of starts serves every check, with two services side by side (one asks for
+its delay by a pod annotation, the other by its container's environment):
 
 - ``cold`` gets a load step to three requests in flight (three replicas), and its load
   falls to one request while they start: the scale-down to one waits for the starts, then
@@ -37,6 +38,7 @@ DELAY = 60
 #: The acceptance margin for the observed time to ready.
 MARGIN = 2
 USAGE_WINDOW = 5
+READY_AFTER_ANNOTATION = "sim.localcluster.test/ready-after"
 
 
 @pytest.fixture
@@ -45,7 +47,9 @@ def rig(cluster: ClusterState, operator: OperatorProcess, tmp_path: Path) -> Ite
         yield found
 
 
-def cold_service(name: str) -> dict[str, Any]:
+def cold_service(name: str, *, by_annotation: bool) -> dict[str, Any]:
+    """A service whose pods take DELAY to start, asked for by a pod annotation or by the
+    container's environment (the simulator reads either)."""
     service = autoscaled(
         name,
         "a100",
@@ -54,7 +58,10 @@ def cold_service(name: str) -> dict[str, Any]:
         max_replicas=4,
         autoscaling={"scaleToZeroAfterSeconds": 5},
     )
-    service["spec"]["container"]["env"] = [{"name": "SIM_READY_AFTER", "value": f"{DELAY}s"}]
+    if by_annotation:
+        service["spec"]["podAnnotations"] = {READY_AFTER_ANNOTATION: f"{DELAY}s"}
+    else:
+        service["spec"]["container"]["env"] = [{"name": "SIM_READY_AFTER", "value": f"{DELAY}s"}]
     return service
 
 
@@ -105,7 +112,11 @@ def test_cold_starts_count_as_capacity_on_its_way(
     with rig.pods(namespace) as pods, rig.operator(window_seconds=USAGE_WINDOW):
         load.set(namespace, "cold", 300)  # three requests in flight: three replicas
         load.set(namespace, "nap", 100)  # one request: one replica
-        kubectl.apply(manifest(cold_service("cold"), cold_service("nap")), namespace)
+        services = (
+            cold_service("cold", by_annotation=True),
+            cold_service("nap", by_annotation=False),
+        )
+        kubectl.apply(manifest(*services), namespace)
 
         def starting(service: str, count: int) -> list[dict[str, Any]] | None:
             live = pods.live(service)

@@ -55,7 +55,7 @@ def test_a_pod_without_a_ready_condition_serves() -> None:
 def test_the_stages_read_the_delay_from_the_annotation_or_the_environment() -> None:
     stages = {s["metadata"]["name"]: s for s in yaml.safe_load_all(STAGES_FILE.read_text())}
     delay = stages["gpuyard-pod-ready-after-delay"]["spec"]["delay"]["durationFrom"]["jq"]
-    assert 'annotations["sim.gpuyard.io/ready-after"]' in delay["expression"]
+    assert 'annotations["sim.localcluster.test/ready-after"]' in delay["expression"]
     assert '"SIM_READY_AFTER"' in delay["expression"]
     # Exactly one of the two ways from Pending applies to a pod: at once, or starting.
     running = stages["gpuyard-pod-running"]["spec"]["selector"]["matchExpressions"]

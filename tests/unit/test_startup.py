@@ -84,3 +84,17 @@ def test_the_median_covers_the_latest_starts() -> None:
     assert len(recent) == RECENT_STARTS
     assert [s.pod for s in recent] == [f"p{i}" for i in range(5, RECENT_STARTS + 5)]
     assert startup_status(()) is None
+
+
+def test_a_pod_failing_to_start_is_not_starting() -> None:
+    # It must not hold a scale-down (or a scale to zero) forever: a bad image, a crash loop.
+    def pod(container: dict[str, Any]) -> PodInfo:
+        return pod_info_from_dict(pod_json(phase="Pending", containerStatuses=[container]))
+
+    creating = {"name": "main", "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}}}  # fmt: skip
+    assert pod(creating).starting
+    pull = {"name": "main", "restartCount": 0, "state": {"waiting": {"reason": "ImagePullBackOff"}}}
+    assert not pod(pull).starting
+    restarted = {"name": "main", "restartCount": 2, "state": {"running": {}}}
+    assert not pod(restarted).starting

@@ -121,14 +121,19 @@ class PodInfo:
     #: When it was bound (``PodScheduled`` True) and when it last turned Ready, if it is.
     bound_at: datetime | None = None
     ready_at: datetime | None = None
+    #: A container restarted or waits for something other than its creation (an image
+    #: that cannot be pulled, a crash loop): the pod is failing to start, not starting.
+    failing: bool = False
 
     @property
     def starting(self) -> bool:
-        """In the middle of its start: holding a node's GPUs, not ready yet, not going."""
+        """In the middle of its start: holding a node's GPUs, not ready yet, not going, and
+        not failing (a pod that cannot start must not hold a scale-down forever)."""
         return (
             self.node_name is not None
             and not self.ready
             and not self.terminating
+            and not self.failing
             and self.phase in ("Pending", "Running")
         )
 
@@ -252,7 +257,24 @@ def pod_info_from_dict(obj: Mapping[str, Any]) -> PodInfo:
         terminating=bool(metadata.get("deletionTimestamp")),
         bound_at=bound_at,
         ready_at=ready_at,
+        failing=_failing(status),
     )
+
+
+#: Why a container waits while it is being started normally.
+_STARTING_WAITS = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+def _failing(status: Mapping[str, Any]) -> bool:
+    for key in ("initContainerStatuses", "containerStatuses"):
+        for raw in _sequence(status.get(key)):
+            container = _mapping(raw)
+            if container.get("restartCount"):
+                return True
+            waiting = _mapping(_mapping(container.get("state")).get("waiting"))
+            if waiting and waiting.get("reason") not in _STARTING_WAITS:
+                return True
+    return False
 
 
 def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
