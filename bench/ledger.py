@@ -59,6 +59,7 @@ def window_records(pods: int, window: int) -> list[UsageRecord]:
             ended_at=None,
             prices=(PricePoint(T0, Decimal("2.40")),),
             currency="USD",
+            ready_at=T0,  # warm: the records carry no starting seconds
         )
         records.extend(cut_records(life, start, start + timedelta(minutes=1)))
     return records

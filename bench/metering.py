@@ -473,6 +473,7 @@ def run_backlog_bench(pods: int, hours: float) -> list[str]:
             ended_at=None,
             prices=pool.prices,
             currency="USD",
+            ready_at=started,  # warm: the records carry no starting seconds
         )
         for index in range(pods)
     ]

@@ -37,5 +37,7 @@ def pod_records(
         ended_at=T0 + timedelta(minutes=start_minute + minutes),
         prices=(PricePoint(T0, Decimal(price)),),
         currency=currency,
+        # A warm start: ready once bound, so no GPU-second is a cold start's.
+        ready_at=T0 + timedelta(minutes=start_minute),
     )
     return cut_records(life, None, T0 + timedelta(days=2))

@@ -28,10 +28,13 @@ Load model
 ----------
 Load is set per *service* = (namespace, service name); a pod's service is its
 ``gpuyard.io/service`` label, else its ``app`` label. Load is in GPU-percent of demand:
-load 300 is three GPUs' worth of full work. Every GPU held by the service's Running pods
+load 300 is three GPUs' worth of full work. Every GPU held by the service's serving pods
 shows utilisation ``min(100, load / total GPUs of those pods)``: 300 over 4 GPUs is 75 %
-each, 300 over 2 GPUs is 100 % each (demand exceeds capacity). GPUs of a pod without a
-service, or of a service without load, show 0 %. Framebuffer use is a base of 10 % of the
+each, 300 over 2 GPUs is 100 % each (demand exceeds capacity). A serving pod is a Running
+pod whose Ready condition is True (or that has no Ready condition at all, as a pod written
+by hand); a pod still starting (Running, Ready False: its model is loading) holds its GPUs
+but serves none of the load, so they show 0 %, as do GPUs of a pod without a service, or
+of a service without load. Framebuffer use is a base of 10 % of the
 framebuffer (weights and CUDA context) plus 80 % scaled by utilisation; power is idle
 watts plus (TDP - idle) scaled by utilisation. An optional deterministic jitter (off by
 default) moves busy GPUs' utilisation by up to +/- N points, from a hash of UUID and time.
@@ -216,6 +219,8 @@ class GpuPod:
     service: str | None
     requests: tuple[GpuRequest, ...]
     created: str = ""
+    #: False while the pod is starting (Ready False): it holds GPUs but serves no load.
+    serving: bool = True
 
     @property
     def total(self) -> int:
@@ -226,6 +231,15 @@ def service_of(pod: Mapping[str, Any]) -> str | None:
     """The service a pod belongs to for the load model: its gpuyard label, else ``app``."""
     labels = _labels(pod)
     return labels.get(SERVICE_LABEL) or labels.get(APP_LABEL) or None
+
+
+def is_serving(pod: Mapping[str, Any]) -> bool:
+    """Whether a Running pod serves its service's load: its Ready condition is True, or it
+    has none (a pod written by hand)."""
+    for condition in (pod.get("status") or {}).get("conditions") or ():
+        if isinstance(condition, Mapping) and condition.get("type") == "Ready":
+            return condition.get("status") == "True"
+    return True
 
 
 def _whole_quantity(value: object) -> int:
@@ -270,6 +284,7 @@ def gpu_pods(pods: Iterable[Mapping[str, Any]], nodes: Mapping[str, FakeNode]) -
                 service=service_of(pod),
                 requests=requests,
                 created=metadata.get("creationTimestamp") or "",
+                serving=is_serving(pod),
             )
         )
     # RFC 3339 timestamps in UTC sort as strings; older pods get the lower indices.
@@ -344,8 +359,9 @@ class GpuDevice:
     pod: str
     container: str
     service: str | None
-    service_gpus: int = 0  # devices held by all Running pods of the same service
+    service_gpus: int = 0  # devices held by all serving pods of the same service
     mig_profile: str | None = None
+    serving: bool = True  # False while its pod is starting: it shows no load
 
     @property
     def uuid(self) -> str:
@@ -369,7 +385,7 @@ def gpu_devices(
     """Expand pods and their slots into devices, sorted by node and index."""
     service_gpus: dict[tuple[str, str], int] = {}
     for pod in pods:
-        if pod.service is not None:
+        if pod.service is not None and pod.serving:
             key = (pod.namespace, pod.service)
             service_gpus[key] = service_gpus.get(key, 0) + pod.total
     devices: list[GpuDevice] = []
@@ -393,6 +409,7 @@ def gpu_devices(
                         service=pod.service,
                         service_gpus=service_gpus.get((pod.namespace, pod.service or ""), 0),
                         mig_profile=profile,
+                        serving=pod.serving,
                     )
                 )
     devices.sort(key=lambda d: (d.node, d.index))
@@ -451,7 +468,9 @@ def device_readings(
     """Each device with the reading its service's load gives it."""
     result: list[tuple[GpuDevice, Reading]] = []
     for device in devices:
-        load = loads.get((device.namespace, device.service), 0.0) if device.service else 0.0
+        load = 0.0
+        if device.service and device.serving:
+            load = loads.get((device.namespace, device.service), 0.0)
         busy = utilisation(load, device.service_gpus)
         if jitter > 0 and busy > 0:
             busy = max(0.0, min(100.0, busy + _jitter(device.uuid, now, jitter)))

@@ -73,6 +73,7 @@ def sample_records(schedule: Sequence[Replicas] = SCHEDULE) -> list[UsageRecord]
                 ended_at=DAY + timedelta(hours=replicas.end),
                 prices=(PricePoint(DAY, price),),
                 currency="USD",
+                ready_at=DAY + timedelta(hours=replicas.start),  # warm starts
             )
             records += cut_records(life, None, DAY + timedelta(days=1), WINDOW_SECONDS)
     return records

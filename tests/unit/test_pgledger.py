@@ -109,6 +109,20 @@ def test_an_identical_copy_is_a_counted_no_op(pg_dsn: str) -> None:
     assert read_usage(ConnectionSource(dsn=pg_dsn), ReportFilter()).records[0] == records[0]
 
 
+def test_starting_gpu_seconds_are_a_column_and_survive_the_round_trip(pg_dsn: str) -> None:
+    cold = [replace(r, starting_gpu_seconds=40) for r in pod_records(uid="c1", minutes=1)]
+    warm = pod_records(uid="w1", minutes=1)
+    asyncio.run(emit_all(sink_for(pg_dsn, OperatorMetrics(), migrate=True), cold + warm))
+
+    with psycopg.connect(pg_dsn) as conn:
+        rows = conn.execute(
+            "SELECT pod_uid, starting_gpu_seconds FROM gpuyard_usage_records ORDER BY pod_uid"
+        ).fetchall()
+    assert rows == [("c1", 40), ("w1", 0)]
+    stored = read_usage(ConnectionSource(dsn=pg_dsn), ReportFilter()).records
+    assert sorted(stored, key=lambda r: r.pod_uid) == cold + warm
+
+
 def test_copies_within_one_batch_are_stored_once(pg_dsn: str) -> None:
     records = pod_records(uid="a1", minutes=3)
     metrics = OperatorMetrics()
@@ -341,9 +355,12 @@ def test_db_migrate_command_prints_versions_and_exit_codes(
     dsn_file.write_text(pg_dsn)
 
     assert main(["db", "migrate", "--dsn", pg_dsn]) == 0
-    assert "applied schema version(s) 1;" in capsys.readouterr().out
+    every = ", ".join(str(v) for v in range(1, SCHEMA_VERSION + 1))
+    assert f"applied schema version(s) {every};" in capsys.readouterr().out
     assert main(["db", "migrate", "--dsn-file", str(dsn_file)]) == 0
-    assert "nothing to apply; the schema is at version 1" in capsys.readouterr().out
+    assert f"nothing to apply; the schema is at version {SCHEMA_VERSION}" in (
+        capsys.readouterr().out
+    )
 
     with psycopg.connect(pg_dsn) as conn:
         conn.execute("INSERT INTO gpuyard_schema_version (version) VALUES (7)")
@@ -362,7 +379,7 @@ def test_db_migrate_uses_libpq_environment_by_default(
     monkeypatch.setenv("PGDATABASE", pg_dsn.rsplit("/", 1)[1])
 
     assert main(["db", "migrate"]) == 0
-    assert count(pg_dsn, "gpuyard_schema_version") == 1
+    assert count(pg_dsn, "gpuyard_schema_version") == SCHEMA_VERSION
 
 
 # --------------------------------------------------------------------------- the operator
@@ -384,7 +401,7 @@ def test_the_operator_migrates_at_start_and_adds_the_postgres_sink(
     asyncio.run(emit_all(sink, pod_records(uid="a", minutes=1), [conflicting]))
 
     assert sorted(sinks.sinks) == ["postgres", "prometheus"]
-    assert count(pg_dsn, "gpuyard_schema_version") == 1
+    assert count(pg_dsn, "gpuyard_schema_version") == SCHEMA_VERSION
     assert sample(metrics, "gpuyard_ledger_conflicts_total") == 1
 
 

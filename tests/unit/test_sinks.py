@@ -69,6 +69,7 @@ def make_records(count: int, *, uid: str = "uid-1", service: str = "llm") -> lis
         ended_at=None,
         prices=(PricePoint(T0, Decimal("2.50")),),
         currency="USD",
+        ready_at=T0,  # a warm start: no GPU-second is a cold start's
     )
     return cut_records(life, None, T0 + timedelta(minutes=count))
 
@@ -884,6 +885,15 @@ def test_prometheus_counters_count_each_record_id_once() -> None:
     cost = sample(registry, "gpuyard_cost_total", currency="USD", **labels)
     assert cost == pytest.approx(float(sum(r.cost for r in records)))
     assert sample(registry, "gpuyard_idle_gpu_seconds_total", **labels) is None
+
+
+def test_prometheus_counts_the_gpu_seconds_of_cold_starts() -> None:
+    registry = CollectorRegistry()
+    sink = PrometheusSink(registry)
+    records = make_records(2)
+    asyncio.run(sink.emit([replace(records[0], starting_gpu_seconds=45), records[1]]))
+    labels = {"namespace": "team-a", "service": "llm", "pool": "a100"}
+    assert sample(registry, "gpuyard_starting_gpu_seconds_total", **labels) == 45
 
 
 def test_prometheus_idle_counter_and_bounded_memory() -> None:

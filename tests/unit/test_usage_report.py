@@ -112,6 +112,14 @@ def test_utilisation_is_weighted_by_gpu_seconds_and_idle_is_summed() -> None:
     assert summarize([unmeasured]).rows[0].avg_utilization is None
 
 
+def test_starting_gpu_seconds_are_summed() -> None:
+    cold = replace(pod_records(uid="x", gpus=2, minutes=1)[0], starting_gpu_seconds=50)
+    warm = pod_records(uid="y", gpus=1, minutes=1)[0]
+    (row,) = summarize([cold, warm], ("namespace",)).rows
+    assert row.starting_gpu_seconds == 50
+    assert json.loads(render_json(summarize([cold])))["rows"][0]["starting_gpu_seconds"] == 50
+
+
 def test_group_by_is_validated() -> None:
     assert parse_group_by(" pool, day ") == ("pool", "day")
     with pytest.raises(ValueError, match="cannot group by colour"):
@@ -136,8 +144,11 @@ def test_table_is_aligned_with_totals(records: list[UsageRecord]) -> None:
         "cost",
         "idle_gpu_seconds",
         "avg_utilization",
+        "starting_gpu_seconds",
     ]
-    assert lines[2].split() == ["team-a", "llm", "USD", "120", "14400", "4.000000", "9.600000000"]
+    assert lines[2].split() == [
+        "team-a", "llm", "USD", "120", "14400", "4.000000", "9.600000000", "0",
+    ]  # fmt: skip
     assert [line.split()[0] for line in lines if line.startswith("TOTAL")] == ["TOTAL", "TOTAL"]
     # Numbers are right-aligned: the gpu_seconds column ends at the same offset.
     ends = {

@@ -36,6 +36,8 @@ class LimitingFactor(StrEnum):
     NO_WAKE_METRIC = "NoWakeMetric"
     PODS_NOT_READY = "PodsNotReady"
     SCALE_TO_ZERO_DELAY = "ScaleToZeroDelay"
+    #: A scale-down (or to zero) waits while a replica is starting: it would remove it.
+    REPLICAS_STARTING = "ReplicasStarting"
     STABILIZATION_WINDOW = "StabilizationWindow"
     RATE_LIMIT = "RateLimit"
     MIN_REPLICAS = "MinReplicas"

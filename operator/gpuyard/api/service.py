@@ -602,6 +602,18 @@ class UsageTotals(ApiModel):
     """Usage up to this moment is included."""
 
 
+class StartupStatus(ApiModel):
+    """How long the service's replicas took to start: from binding to a node (when their
+    GPUs start to be billed) to Ready, in whole seconds (pod condition times are)."""
+
+    last_seconds: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    """The start of the replica that turned Ready last."""
+    median_seconds: Annotated[int, Field(ge=0, le=2**31 - 1)]
+    """The median of the recent starts (the lower middle one of an even count)."""
+    samples: Annotated[int, Field(ge=1, le=100)]
+    """How many recent starts the median covers."""
+
+
 class AIServiceStatus(ApiModel):
     """The service as the operator last observed and decided it."""
 
@@ -625,6 +637,8 @@ class AIServiceStatus(ApiModel):
     """GPU-seconds and cost so far."""
     conditions: ConditionList | None = None
     """Ready, Accepted, CapacityLimited, BudgetLimited, MetricsAvailable and UsageReported."""
+    startup: StartupStatus | None = None
+    """The observed time to ready of the replicas (absent until one has started)."""
 
 
 # --- the whole object ----------------------------------------------------------------------

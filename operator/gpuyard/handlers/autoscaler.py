@@ -48,6 +48,7 @@ from gpuyard.logic.promql import (
     parse_vector_by_owner,
     prometheus_metric_group_query,
 )
+from gpuyard.logic.startup import observe_starts
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,12 @@ class Autoscaler:
                 continue  # not created yet: nothing to resize
             reads = _reads(key, spec, gpu_answers, tenant_answers, ready_pods.services)
             state = op.scaling.state_to_decide(
-                key, deployment=deployment, policy=spec.policy, reads=reads, now=now
+                key,
+                deployment=deployment,
+                policy=spec.policy,
+                reads=reads,
+                now=now,
+                starting=ready_pods.starting.get(key, 0),
             )
             if state is None:
                 repeated += 1
@@ -170,11 +176,23 @@ class Autoscaler:
         pods = list(self.op.caches.all_gpu_pods())
         if pods != self._ready_pods.pods:
             self._ready_pods = _ReadyPods(pods)
+            _observe_starts(self.op, self._ready_pods)
         return self._ready_pods
 
 
 async def autoscale_forever(op: Operator) -> None:
     await Autoscaler(op).run_forever()
+
+
+def _observe_starts(op: Operator, pods: _ReadyPods) -> None:
+    """Add the starts of pods that turned Ready to their services' recent starts, and hand
+    each service whose status.startup changes to the service reconcile."""
+    for key, ready in pods.ready_by_service.items():
+        recent = op.startups.get(key, ())
+        updated = observe_starts(recent, ready)
+        if updated is not recent:
+            op.startups[key] = updated
+            op.service_queue.add(key)
 
 
 def _settle(op: Operator, candidate: _Candidate, decision: Decision, shown: Counter[str]) -> None:
@@ -378,7 +396,8 @@ def _fetch(prometheus: Prometheus, query: str, parse: Callable[[Mapping[str, Any
 
 
 class _ReadyPods:
-    """Which service each ready, running pod serves (a GPU metric reads those pods only)."""
+    """Which service each ready, running pod serves (a GPU metric reads those pods only),
+    and how many pods of each service are in the middle of their start."""
 
     def __init__(self, pods: list[Any]) -> None:
         self.pods = pods  # the cached pod objects this was built from
@@ -386,11 +405,20 @@ class _ReadyPods:
         self.owners: dict[PodKey, tuple[ServiceKey, str]] = {}
         #: The services with a ready pod (a GPU metric of one without reads nothing).
         self.services: set[ServiceKey] = set()
+        #: Per service, its pods that hold a node but are not ready yet (ScalingState).
+        self.starting: Counter[ServiceKey] = Counter()
+        #: Per service, its ready pods (their starts feed status.startup).
+        self.ready_by_service: dict[ServiceKey, list[Any]] = defaultdict(list)
         for pod in pods:
-            if pod.service and pod.ready and pod.phase == "Running":
-                service = (pod.namespace, pod.service)
+            if not pod.service:
+                continue
+            service = (pod.namespace, pod.service)
+            if pod.starting:
+                self.starting[service] += 1
+            elif pod.ready and pod.phase == "Running":
                 self.services.add(service)
                 self.owners[pod.namespace, pod.name] = (service, pod.name)
+                self.ready_by_service[service].append(pod)
 
 
 def _reads(

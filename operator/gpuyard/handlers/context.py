@@ -21,6 +21,7 @@ from gpuyard.io.sinks import MultiSink
 from gpuyard.logic.metering import Account, PricePoint, ServiceMark
 from gpuyard.logic.news import deployment_read, service_read, status_read
 from gpuyard.logic.pool_accounting import NodeInfo, PoolUsage
+from gpuyard.logic.startup import Start
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -141,6 +142,9 @@ class Operator:
     pod_pools: dict[str, str] = field(default_factory=dict)
     #: The AIService each metered pod is billed to (None: unmanaged), decided once.
     pod_services: dict[str, str | None] = field(default_factory=dict)
+    #: When each metered pod was first seen Ready: its start ended there (its records'
+    #: starting GPU-seconds stop there, whatever its readiness later).
+    pod_ready: dict[str, datetime] = field(default_factory=dict)
     #: Since when each pod's owner has been unknown to the caches.
     owner_wait: dict[str, datetime] = field(default_factory=dict)
     #: Each account's delivery in progress: a slow sink delays only its own account.
@@ -160,6 +164,9 @@ class Operator:
     #: The replicas each service would run without its namespace's quota, as its last
     #: reconcile computed them (0 while refused): its claim in its siblings' fair shares.
     quota_wants: dict[ServiceKey, int] = field(default_factory=dict)
+    #: Each service's recent cold starts (``logic.startup``), which its status shows; kept
+    #: by the autoscaler, which sees every pod change.
+    startups: dict[ServiceKey, tuple[Start, ...]] = field(default_factory=dict)
     #: Services refused at the last reconcile, with the reason (for logs and metrics).
     not_accepted: dict[ServiceKey, str] = field(default_factory=dict)
 
@@ -192,6 +199,7 @@ class Operator:
         self.deployment_reads.pop(key, None)
         self.usage_problems.pop(Account(*key), None)
         self.quota_wants.pop(key, None)
+        self.startups.pop(key, None)
         self.set_refused(key, None)
 
     def remember_reads(self, key: ServiceKey, body: Mapping[str, Any]) -> None:

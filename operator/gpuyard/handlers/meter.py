@@ -305,7 +305,7 @@ async def _pods(op: Operator, pools: Mapping[str, PoolPricing], now: datetime) -
     # What was decided about a pod is kept while the pod is seen (a released pod may stay
     # in the cache a moment: it must not be decided anew and billed again elsewhere).
     seen = {pod["metadata"]["uid"] for pod, _ in cached}
-    for remembered in (op.pod_pools, op.pod_services, op.owner_wait):
+    for remembered in (op.pod_pools, op.pod_services, op.owner_wait, op.pod_ready):
         for uid in remembered.keys() - seen:
             del remembered[uid]
     return pods
@@ -372,10 +372,20 @@ def _lifetime(
         grace = op.settings.node_lost_grace_seconds
         down = node_down(node.ready, node.not_ready_since, now, grace)
     lifetime = pod_lifetime_from_dict(
-        pod, pool, service=service, cluster_id=op.settings.cluster_id, gone_at=gone_at, node=down
+        pod,
+        pool,
+        service=service,
+        cluster_id=op.settings.cluster_id,
+        gone_at=gone_at,
+        node=down,
+        first_ready_at=op.pod_ready.get(uid),
     )
     if lifetime is not None:
         op.pod_pools[uid] = pool.name
+        if lifetime.ready_at is not None:
+            # Its first Ready ends its start for good: a pod that turns unready at its end
+            # (a kubelet stopping it does so) was not starting then.
+            op.pod_ready.setdefault(uid, lifetime.ready_at)
     return lifetime
 
 

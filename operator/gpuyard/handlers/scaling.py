@@ -174,9 +174,11 @@ class ScalingBook:
         policy: ScalingPolicy,
         reads: Mapping[MetricSpec, Read],
         now: datetime,
+        starting: int = 0,
     ) -> ScalingState | None:
         """The state to decide a tracked service from at ``now``, with the replica counts of
-        its ``deployment``; None while its last decision repeats itself (nothing to decide).
+        its ``deployment`` and the number of its pods ``starting`` (bound, not ready, not
+        being deleted); None while its last decision repeats itself (nothing to decide).
 
         A repeating decision holds while the service reads what it read when the decision
         was made, under the same policy and replica counts. Once it stops holding, the
@@ -191,7 +193,7 @@ class ScalingBook:
             scaling.ready_replicas = int((deployment.get("status") or {}).get("readyReplicas") or 0)
         current, ready = scaling.current_replicas, scaling.ready_replicas
         state = scaling.state or ScalingState(current_replicas=current, ready_replicas=ready)
-        state = state.observed(current, ready)
+        state = state.observed(current, ready, starting)
         repeating, decision = scaling.repeating, scaling.decision
         if repeating is None or decision is None:
             return state
@@ -199,6 +201,7 @@ class ScalingBook:
             policy is repeating.policy
             and current == decision.current_replicas
             and ready == decision.state.ready_replicas
+            and starting == decision.state.starting_replicas
             and reads == repeating.reads
         ):
             repeating.held_at = now

@@ -57,6 +57,7 @@ from gpuyard.logic.pool_accounting import PoolUsage, compute_pool_usage
 from gpuyard.logic.quota import QuotaVerdict
 from gpuyard.logic.replicas import target_replicas
 from gpuyard.logic.scaling_status import autoscaler_conditions, recommendation
+from gpuyard.logic.startup import startup_status
 from gpuyard.logic.status import (
     apply_merge_patch,
     pool_usage_status,
@@ -332,6 +333,8 @@ def _desired_status(op: Operator, it: _Accepted, applied: _Applied) -> dict[str,
         recommendation=recommendation(decision, current_status.get("recommendation"), it.now),
         last_scale_time=it.decision.state.last_scale_time if it.decision else None,
         conditions=conditions,
+        # None (no start seen since this operator started) leaves what status shows.
+        startup=startup_status(op.startups.get(it.key, ())),
     )
 
 

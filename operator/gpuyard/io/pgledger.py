@@ -99,39 +99,47 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (id, digest)
     );
     """,
+    # The GPU-seconds of cold starts, as a column that dashboards can sum (0: none; rows
+    # stored before it had none either, as their records carry no such field).
+    """
+    ALTER TABLE gpuyard_usage_records
+        ADD COLUMN starting_gpu_seconds bigint NOT NULL DEFAULT 0;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
 # A batch is copied into a temporary table (COPY: the fastest way in, 10,000 rows in a
 # fraction of a second), then inserted from there in one statement. The temporary table
 # lives as long as the session; ON COMMIT DELETE ROWS empties it at each COMMIT, and IF NOT
-# EXISTS makes it on whichever server session a pooler hands us.
+# EXISTS makes it on whichever server session a pooler hands us. Its name changes with its
+# columns (v2: starting_gpu_seconds), so a pooled session that an older gpuyard left its
+# table in is no trap for a newer one.
 _COLUMNS = (
     "id, cluster_id, namespace, service, pool, gpu_type, pod, pod_uid, gpus, window_start, "
     "window_end, seconds, gpu_seconds, unit_price, cost, currency, avg_utilization, "
-    "idle_gpu_seconds, record"
+    "idle_gpu_seconds, starting_gpu_seconds, record"
 )
 _CREATE_INCOMING = """
-    CREATE TEMPORARY TABLE IF NOT EXISTS gpuyard_incoming (
+    CREATE TEMPORARY TABLE IF NOT EXISTS gpuyard_incoming_v2 (
         id text, cluster_id text, namespace text, service text, pool text, gpu_type text,
         pod text, pod_uid text, gpus integer, window_start timestamptz,
         window_end timestamptz, seconds integer, gpu_seconds numeric, unit_price numeric,
         cost numeric, currency text, avg_utilization numeric, idle_gpu_seconds bigint,
-        record jsonb
+        starting_gpu_seconds bigint, record jsonb
     ) ON COMMIT DELETE ROWS
 """
-_COPY_INCOMING = "COPY gpuyard_incoming (" + _COLUMNS + ") FROM STDIN"
+_COPY_INCOMING = "COPY gpuyard_incoming_v2 (" + _COLUMNS + ") FROM STDIN"
 _INSERT = """
     INSERT INTO gpuyard_usage_records (
         id, cluster_id, namespace, service, pool, gpu_type, pod, pod_uid, gpus,
         window_start, window_end, seconds, gpu_seconds, unit_price, cost, currency,
-        avg_utilization, idle_gpu_seconds, record
+        avg_utilization, idle_gpu_seconds, starting_gpu_seconds, record
     )
     SELECT
         id, cluster_id, namespace, service, pool, gpu_type, pod, pod_uid, gpus,
         window_start, window_end, seconds, gpu_seconds, unit_price, cost, currency,
-        avg_utilization, idle_gpu_seconds, record
-    FROM gpuyard_incoming
+        avg_utilization, idle_gpu_seconds, starting_gpu_seconds, record
+    FROM gpuyard_incoming_v2
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 """
@@ -141,7 +149,7 @@ _INSERT = """
 _SET_ASIDE_CONFLICTS = """
     WITH differing AS (
         SELECT i.id, i.record
-        FROM gpuyard_incoming i JOIN gpuyard_usage_records r ON r.id = i.id
+        FROM gpuyard_incoming_v2 i JOIN gpuyard_usage_records r ON r.id = i.id
         WHERE (i.namespace, i.service, i.pool, i.pod_uid, i.gpus, i.window_start,
                i.window_end, i.gpu_seconds, i.unit_price, i.cost, i.currency)
               IS DISTINCT FROM
@@ -315,6 +323,7 @@ def _rows(records: Sequence[UsageRecord]) -> Iterator[tuple[Any, ...]]:
             record.gpu_type, record.pod, record.pod_uid, record.gpus, record.start,
             record.end, record.seconds, record.gpu_seconds, record.unit_price, record.cost,
             record.currency, record.avg_utilization, record.idle_gpu_seconds,
+            record.starting_gpu_seconds,
             json.dumps(record_to_json(record), separators=(",", ":")),
         )  # fmt: skip
 

@@ -608,6 +608,7 @@ class PrometheusSink:
 
     - `gpuyard_gpu_seconds_total{namespace, service, pool}`
     - `gpuyard_idle_gpu_seconds_total{namespace, service, pool}` (records with utilisation)
+    - `gpuyard_starting_gpu_seconds_total{namespace, service, pool}` (cold starts)
     - `gpuyard_cost_total{namespace, service, pool, currency}` (a float: for dashboards)
 
     A counter is not idempotent, so the sink remembers the ids it counted and skips
@@ -630,6 +631,12 @@ class PrometheusSink:
         self._idle_gpu_seconds = Counter(
             "gpuyard_idle_gpu_seconds",
             "GPU-seconds paid for but idle, from records with a known utilisation.",
+            ("namespace", "service", "pool"),
+            registry=registry,
+        )
+        self._starting_gpu_seconds = Counter(
+            "gpuyard_starting_gpu_seconds",
+            "GPU-seconds held by pods still starting (bound, not ready yet): cold starts.",
             ("namespace", "service", "pool"),
             registry=registry,
         )
@@ -660,6 +667,8 @@ class PrometheusSink:
             self._gpu_seconds.labels(*labels).inc(record.gpu_seconds)
             if record.idle_gpu_seconds is not None:
                 self._idle_gpu_seconds.labels(*labels).inc(record.idle_gpu_seconds)
+            if record.starting_gpu_seconds:
+                self._starting_gpu_seconds.labels(*labels).inc(record.starting_gpu_seconds)
             # A float is fine here: counters are for dashboards, never for invoices.
             self._cost.labels(*labels, record.currency).inc(float(record.cost))
         self._prune()

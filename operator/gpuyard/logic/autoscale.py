@@ -4,8 +4,9 @@ Pure: the caller passes the samples of this tick, the state carried from the pre
 the pool capacity share and ``now``; :func:`decide` returns a :class:`Decision` holding the
 state to carry on. The stages, in order: per-metric proposals (HPA's proportional rule with a
 tolerance), idle scale-to-zero or wake-from-zero, the metrics-unavailable policy,
-stabilisation windows, rate limits, min/max, budget, pool capacity. docs/autoscaling.md is
-the long form, with the defaults and a worked example.
+stabilisation windows, rate limits, the wait for replicas in the middle of their start,
+min/max, budget, pool capacity. docs/autoscaling.md is the long form, with the defaults
+and a worked example.
 """
 
 from __future__ import annotations
@@ -306,24 +307,42 @@ class ScaleEvent(NamedTuple):
 
 @dataclass(slots=True, kw_only=True)
 class ScalingState:
-    """What one tick hands to the next. Refresh ``current_replicas`` and ``ready_replicas``
-    from the Deployment before each call (:meth:`observed`)."""
+    """What one tick hands to the next. Refresh ``current_replicas``, ``ready_replicas`` and
+    ``starting_replicas`` from the Deployment and its pods before each call
+    (:meth:`observed`).
+
+    ``starting_replicas`` counts the pods in the middle of their start: bound to a node (so
+    holding their GPUs), not ready yet, not being deleted. They are capacity on its way: a
+    scale-down or a scale to zero waits for them (see :func:`decide`).
+    """
 
     current_replicas: int
     ready_replicas: int
+    starting_replicas: int = 0
     recommendations: tuple[Recommendation, ...] = ()
     scale_events: tuple[ScaleEvent, ...] = ()
     last_demand_time: datetime | None = None
     last_scale_time: datetime | None = None
 
     def __post_init__(self) -> None:
-        if self.current_replicas < 0 or self.ready_replicas < 0:
+        if min(self.current_replicas, self.ready_replicas, self.starting_replicas) < 0:
             raise ValueError("replica counts cannot be negative")
 
-    def observed(self, current_replicas: int, ready_replicas: int) -> ScalingState:
-        if (current_replicas, ready_replicas) == (self.current_replicas, self.ready_replicas):
+    def observed(
+        self, current_replicas: int, ready_replicas: int, starting_replicas: int = 0
+    ) -> ScalingState:
+        if (
+            current_replicas == self.current_replicas
+            and ready_replicas == self.ready_replicas
+            and starting_replicas == self.starting_replicas
+        ):
             return self
-        return replace(self, current_replicas=current_replicas, ready_replicas=ready_replicas)
+        return replace(
+            self,
+            current_replicas=current_replicas,
+            ready_replicas=ready_replicas,
+            starting_replicas=starting_replicas,
+        )
 
 
 @dataclass(slots=True, kw_only=True)
@@ -730,6 +749,7 @@ def _next_state(
     return ScalingState(
         current_replicas=current,
         ready_replicas=state.ready_replicas,
+        starting_replicas=state.starting_replicas,
         recommendations=history,
         scale_events=events,
         last_demand_time=demand_time,
@@ -949,11 +969,29 @@ def _limit(
             outcome.stage(stabilized, LimitingFactor.STABILIZATION_WINDOW)
         limited = _rate_limited(current, outcome.value, state.scale_events, now, policy)
         outcome.stage(limited, LimitingFactor.RATE_LIMIT)
+    keep = _starting_floor(state)
+    if outcome.value < keep:
+        outcome.stage(keep, LimitingFactor.REPLICAS_STARTING)
     if outcome.value < policy.min_replicas:
         outcome.stage(policy.min_replicas, LimitingFactor.MIN_REPLICAS)
     if outcome.value > policy.max_replicas:
         outcome.stage(policy.max_replicas, LimitingFactor.MAX_REPLICAS)
     return outcome
+
+
+def _starting_floor(state: ScalingState) -> int:
+    """The fewest replicas a scale-down may leave while replicas are starting (0: none is).
+
+    A Deployment scaling down deletes pods not bound to a node first, then pods not ready,
+    and only then ready ones (the ReplicaSet controller's ranking, ahead of any
+    pod-deletion-cost): any cut below the pods that hold a node would remove a replica in
+    the middle of its start. So while one is starting, a scale-down may remove only the
+    pods not bound yet, and waits for the rest until no start is in progress; then it
+    removes ready replicas, as the windows still ask. A scale to zero waits the same way.
+    """
+    if state.starting_replicas == 0:
+        return 0
+    return min(state.current_replicas, state.ready_replicas + state.starting_replicas)
 
 
 def _judge(
@@ -998,6 +1036,10 @@ def decide(
     handled as the HPA handles missing pods: assumed at target when the others ask to scale
     down, idle when they ask to scale up; while no pod is ready at all the service holds
     (reason PodsNotReady), which does not count as metrics being unavailable.
+
+    While ``state.starting_replicas`` are in the middle of their start, a scale-down (to
+    zero included) waits rather than remove one (limiting factor ReplicasStarting): see
+    ``_starting_floor``. The budget and the quota still cut.
     """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")

@@ -348,9 +348,14 @@ class PodLifetime:
     currency: str
     #: The pod's node is down since then: its account's windows from here on wait.
     held_from: datetime | None = None
+    #: When the pod's start ended (it first turned Ready); None while it is still starting.
+    #: The GPU-seconds held before are its cold start's (`starting_gpu_seconds`).
+    ready_at: datetime | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bound_at", _utc(self.bound_at, "bound_at"))
+        if self.ready_at is not None:
+            object.__setattr__(self, "ready_at", max(_utc(self.ready_at), self.bound_at))
         if self.ended_at is not None:
             ended = _utc(self.ended_at, "ended_at")
             # Clocks differ (kubelet's finishedAt vs the scheduler's bind time): a pod
@@ -397,6 +402,16 @@ def _bound_at(pod: Mapping[str, Any]) -> datetime | None:
     # then the first moment the node holds it.
     if _get(pod, "spec", "nodeName"):
         return _optional_time(_get(pod, "status", "startTime"))
+    return None
+
+
+def ready_at(pod: Mapping[str, Any]) -> datetime | None:
+    """When the pod last turned Ready, while its Ready condition is True (else None)."""
+    for condition in _get(pod, "status", "conditions") or ():
+        if _get(condition, "type") == "Ready":
+            if _get(condition, "status") != "True":
+                return None
+            return _optional_time(_get(condition, "lastTransitionTime"))
     return None
 
 
@@ -480,10 +495,16 @@ def pod_lifetime_from_dict(
     cluster_id: str,
     gone_at: datetime | None = None,
     node: NodeDown | None = None,
+    first_ready_at: datetime | None = None,
 ) -> PodLifetime | None:
     """The billable lifetime of a Pod (Kubernetes JSON) whose GPUs `pool` holds (see
     `pool_holding`), billed to `service` (None: unmanaged usage of its namespace); None
     when it is not bound yet or requests none of the pool's resource.
+
+    Its start ends at `first_ready_at` (when the caller saw it turn Ready before), else
+    when its Ready condition turned True (`ready_at`); a pod not ready is still starting.
+    A pod that is ready again after a spell of unreadiness the caller did not see counts
+    as starting until its last turn to Ready.
 
     `ended_at`, precisely:
     1. phase Succeeded/Failed, or every app container's current state is `terminated`:
@@ -525,6 +546,7 @@ def pod_lifetime_from_dict(
         prices=pool.prices,
         currency=pool.currency,
         held_from=held_from,
+        ready_at=first_ready_at or ready_at(pod),
     )
 
 
@@ -554,6 +576,9 @@ class UsageRecord:
     currency: str
     avg_utilization: Decimal | None = None
     idle_gpu_seconds: int | None = None
+    #: The part of `gpu_seconds` held while the pod was starting (bound, not ready yet):
+    #: what its cold start cost. Information, like utilisation: not a billed quantity.
+    starting_gpu_seconds: int = 0
 
     @property
     def account(self) -> Account:
@@ -597,21 +622,27 @@ def cut_records(
     if active_to <= lo:
         return []
     starts = [p.effective_from for p in lifetime.prices]
+    # Held seconds before `ready` are the pod's start; a pod not ready yet is starting still.
+    ready = active_to if lifetime.ready_at is None else epoch_floor(lifetime.ready_at)
     records: list[UsageRecord] = []
     grid = lo - lo % width
     while grid < active_to and grid + width <= limit:
         start = grid if mark is None else max(grid, mark)
         end = grid + width
-        seconds = min(end, active_to) - max(start, lo)
+        held_from, held_to = max(start, lo), min(end, active_to)
+        seconds = held_to - held_from
         if seconds > 0:
             point = lifetime.prices[max(bisect.bisect_right(starts, from_epoch(start)) - 1, 0)]
-            records.append(_record(lifetime, start, end, seconds, point.per_gpu_hour))
+            starting = max(0, min(held_to, ready) - held_from)
+            records.append(
+                _record(lifetime, start, end, seconds, point.per_gpu_hour, starting=starting)
+            )
         grid = end
     return records
 
 
 def _record(
-    lifetime: PodLifetime, start: int, end: int, seconds: int, price: Decimal
+    lifetime: PodLifetime, start: int, end: int, seconds: int, price: Decimal, *, starting: int = 0
 ) -> UsageRecord:
     gpu_seconds = seconds * lifetime.gpus
     return UsageRecord(
@@ -631,6 +662,7 @@ def _record(
         unit_price=price,
         cost=window_cost(gpu_seconds, price),
         currency=lifetime.currency,
+        starting_gpu_seconds=starting * lifetime.gpus,
     )
 
 
@@ -700,6 +732,8 @@ def record_to_json(record: UsageRecord) -> dict[str, Any]:
         data["avg_utilization"] = format_decimal(record.avg_utilization)
     if record.idle_gpu_seconds is not None:
         data["idle_gpu_seconds"] = record.idle_gpu_seconds
+    if record.starting_gpu_seconds:
+        data["starting_gpu_seconds"] = record.starting_gpu_seconds
     return data
 
 
@@ -715,6 +749,7 @@ def record_from_json(data: Mapping[str, Any]) -> UsageRecord:
         raise MeteringError(f"unknown record schema {data.get('schema')!r}")
     util = data.get("avg_utilization")
     idle = data.get("idle_gpu_seconds")
+    starting = data.get("starting_gpu_seconds", 0)
     unmanaged = data.get("unmanaged", not data.get("service"))
     if unmanaged is not (not data.get("service")):
         raise MeteringError("a record is unmanaged exactly when it names no service")
@@ -737,6 +772,7 @@ def record_from_json(data: Mapping[str, Any]) -> UsageRecord:
         currency=_field(data, "currency", str),
         avg_utilization=None if util is None else _decimal(util, "avg_utilization"),
         idle_gpu_seconds=None if idle is None else _field(data, "idle_gpu_seconds", int),
+        starting_gpu_seconds=starting and _field(data, "starting_gpu_seconds", int),
     )
 
 

@@ -116,6 +116,33 @@ class PodInfo:
     pool: str | None = None
     #: The pod's Ready condition: the autoscaler reads GPU metrics of ready pods only.
     ready: bool = False
+    #: Whether the pod is being deleted (``metadata.deletionTimestamp`` set).
+    terminating: bool = False
+    #: When it was bound (``PodScheduled`` True) and when it last turned Ready, if it is.
+    bound_at: datetime | None = None
+    ready_at: datetime | None = None
+    #: A container restarted or waits for something other than its creation (an image
+    #: that cannot be pulled, a crash loop): the pod is failing to start, not starting.
+    failing: bool = False
+
+    @property
+    def starting(self) -> bool:
+        """In the middle of its start: holding a node's GPUs, not ready yet, not going, and
+        not failing (a pod that cannot start must not hold a scale-down forever)."""
+        return (
+            self.node_name is not None
+            and not self.ready
+            and not self.terminating
+            and not self.failing
+            and self.phase in ("Pending", "Running")
+        )
+
+    @property
+    def seconds_to_ready(self) -> float | None:
+        """From binding to Ready, for a ready pod whose timestamps both parse."""
+        if self.bound_at is None or self.ready_at is None:
+            return None
+        return max(0.0, (self.ready_at - self.bound_at).total_seconds())
 
 
 def _mapping(value: object) -> Mapping[str, Any]:
@@ -216,6 +243,8 @@ def pod_info_from_dict(obj: Mapping[str, Any]) -> PodInfo:
     node_name = spec.get("nodeName")
     service = labels.get(SERVICE_LABEL)
     pool = labels.get(POOL_LABEL)
+    bound_at = _transition_time(_condition(status, "PodScheduled"))
+    ready_at = _transition_time(_condition(status, "Ready"))
     return PodInfo(
         name=str(metadata.get("name", "")),
         namespace=str(metadata.get("namespace", "")),
@@ -224,11 +253,46 @@ def pod_info_from_dict(obj: Mapping[str, Any]) -> PodInfo:
         requests=effective_requests(spec),
         service=str(service) if service is not None else None,
         pool=str(pool) if pool is not None else None,
-        ready=any(
-            _mapping(c).get("type") == "Ready" and _mapping(c).get("status") == "True"
-            for c in _sequence(status.get("conditions"))
-        ),
+        ready=ready_at is not None or _condition(status, "Ready").get("status") == "True",
+        terminating=bool(metadata.get("deletionTimestamp")),
+        bound_at=bound_at,
+        ready_at=ready_at,
+        failing=_failing(status),
     )
+
+
+#: Why a container waits while it is being started normally.
+_STARTING_WAITS = frozenset({"ContainerCreating", "PodInitializing"})
+
+
+def _failing(status: Mapping[str, Any]) -> bool:
+    for key in ("initContainerStatuses", "containerStatuses"):
+        for raw in _sequence(status.get(key)):
+            container = _mapping(raw)
+            if container.get("restartCount"):
+                return True
+            waiting = _mapping(_mapping(container.get("state")).get("waiting"))
+            if waiting and waiting.get("reason") not in _STARTING_WAITS:
+                return True
+    return False
+
+
+def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+    for raw in _sequence(status.get("conditions")):
+        condition = _mapping(raw)
+        if condition.get("type") == kind:
+            return condition
+    return {}
+
+
+def _transition_time(condition: Mapping[str, Any]) -> datetime | None:
+    """When a True condition last turned True (None: not True, or no parsable time)."""
+    if condition.get("status") != "True":
+        return None
+    try:
+        return parse_time(str(condition.get("lastTransitionTime") or ""))
+    except InvalidValueError:
+        return None
 
 
 # --- Selectors and taints ------------------------------------------------------------------

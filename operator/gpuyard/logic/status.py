@@ -15,7 +15,12 @@ from typing import Any
 from gpuyard.api.common import Condition
 from gpuyard.api.formats import format_time
 from gpuyard.api.pool import GPUPoolStatus
-from gpuyard.api.service import AIServiceStatus, RecommendationStatus, UsageTotals
+from gpuyard.api.service import (
+    AIServiceStatus,
+    RecommendationStatus,
+    StartupStatus,
+    UsageTotals,
+)
 from gpuyard.logic.conditions import apply_conditions, pool_ready_condition
 from gpuyard.logic.pool_accounting import PoolUsage
 
@@ -72,6 +77,7 @@ def service_status(
     last_scale_time: datetime | None = None,
     usage: UsageTotals | None = None,
     conditions: Sequence[Mapping[str, Any]] | None = None,
+    startup: StartupStatus | None = None,
 ) -> dict[str, Any]:
     """The AIService status fields a writer owns, as Kubernetes JSON.
 
@@ -91,6 +97,7 @@ def service_status(
         ),
         usage=usage,
         conditions=_condition_models(conditions),
+        startup=startup,
     ).to_json()
 
 

@@ -92,6 +92,8 @@ class UsageRow:
     end: datetime
     idle_gpu_seconds: int | None = None
     avg_utilization: Decimal | None = None
+    #: The GPU-seconds spent starting (cold starts): information, like utilisation.
+    starting_gpu_seconds: int = 0
 
     @property
     def gpu_hours(self) -> Decimal:
@@ -131,6 +133,7 @@ def _row(group: tuple[str, ...], currency: str, records: Sequence[UsageRecord]) 
         end=max(r.end for r in records),
         idle_gpu_seconds=sum(idle) if idle else None,
         avg_utilization=utilization,
+        starting_gpu_seconds=sum(r.starting_gpu_seconds for r in records),
     )
 
 
@@ -154,7 +157,7 @@ def summarize(
 
 VALUE_COLUMNS = (
     "currency", "records", "gpu_seconds", "gpu_hours", "cost", "idle_gpu_seconds",
-    "avg_utilization",
+    "avg_utilization", "starting_gpu_seconds",
 )  # fmt: skip
 
 
@@ -167,6 +170,7 @@ def row_values(row: UsageRow) -> list[str]:
         format_decimal(row.cost),
         "" if row.idle_gpu_seconds is None else str(row.idle_gpu_seconds),
         "" if row.avg_utilization is None else format_decimal(row.avg_utilization),
+        str(row.starting_gpu_seconds),
     ]
 
 
@@ -232,6 +236,7 @@ def _row_json(row: UsageRow, group_by: Sequence[str]) -> dict[str, Any]:
         avg_utilization=None
         if row.avg_utilization is None
         else format_decimal(row.avg_utilization),
+        starting_gpu_seconds=row.starting_gpu_seconds,
     )
     return data
 
