@@ -16,7 +16,7 @@ from gpuyard.api.common import Condition
 from gpuyard.api.formats import format_time
 from gpuyard.api.pool import GPUPoolStatus
 from gpuyard.api.service import AIServiceStatus, RecommendationStatus, UsageTotals
-from gpuyard.logic.conditions import apply_conditions, pool_ready_condition
+from gpuyard.logic.conditions import apply_conditions, pool_kstatus_conditions, pool_ready_condition
 from gpuyard.logic.pool_accounting import PoolUsage
 
 
@@ -28,11 +28,13 @@ def pool_status(
     resource_name: str,
     now: datetime,
 ) -> dict[str, Any]:
-    """The GPUPool status for `usage`, its Ready condition merged into `previous`'s."""
+    """The GPUPool status for `usage`, its Ready condition (and kstatus's Reconciling and
+    Stalled) merged into `previous`'s."""
     previous_conditions = (previous or {}).get("conditions")
+    ready = pool_ready_condition(usage, resource_name=resource_name)
     conditions = apply_conditions(
         previous_conditions,
-        [pool_ready_condition(usage, resource_name=resource_name)],
+        [ready, *pool_kstatus_conditions(ready)],
         observed_generation,
         now,
     )
