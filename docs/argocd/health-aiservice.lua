@@ -1,17 +1,10 @@
 -- Argo CD health check for gpuyard.io/AIService (key resource.customizations.health.gpuyard.io_AIService).
--- It reads what Flux's kstatus and `kubectl wait --for=condition=Ready` read: the Ready
--- condition, trusted only once status.observedGeneration has caught up with the spec.
--- Ready=False while replicas roll out, start or wait for GPUs is Progressing; a refused
--- spec (Accepted=False) or any other Ready=False reason is Degraded.
+-- It reads what Flux's kstatus reads: status.observedGeneration against the spec's
+-- generation, then the abnormal-true conditions gpuyard sets. Stalled=True (a refused spec,
+-- or pods the API server refuses: it lasts until someone acts) is Degraded; Reconciling=True
+-- (replicas roll out, start, or wait for GPUs a full pool will free) is Progressing;
+-- Ready=True is Healthy.
 local hs = {}
-
--- Ready=False reasons that resolve by themselves: replicas roll out, start, or wait for GPUs
--- a full pool will free (the CapacityLimited condition says how many are missing).
-local progressing_reasons = {
-  RollingOut = true,
-  ReplicasNotReady = true,
-  WaitingForGPUs = true,
-}
 
 local function condition(status, condition_type)
   if status.conditions == nil then
@@ -45,6 +38,19 @@ if generation ~= nil and status.observedGeneration < generation then
   return hs
 end
 
+local stalled = condition(status, "Stalled")
+if stalled ~= nil and stalled.status == "True" then
+  hs.status = "Degraded"
+  hs.message = describe(stalled)
+  return hs
+end
+local reconciling = condition(status, "Reconciling")
+if reconciling ~= nil and reconciling.status == "True" then
+  hs.status = "Progressing"
+  hs.message = describe(reconciling)
+  return hs
+end
+-- A status written before gpuyard set Stalled: a refused spec still shows as Degraded.
 local accepted = condition(status, "Accepted")
 if accepted ~= nil and accepted.status == "False" then
   hs.status = "Degraded"
@@ -63,10 +69,10 @@ if ready.observedGeneration ~= nil and generation ~= nil and ready.observedGener
   hs.message = "Waiting for the Ready condition of generation " .. generation
   return hs
 end
+-- Ready=False or Unknown with neither Stalled nor Reconciling True is Progressing, as
+-- kstatus reads it.
 if ready.status == "True" then
   hs.status = "Healthy"
-elseif ready.status == "False" and not progressing_reasons[ready.reason] then
-  hs.status = "Degraded"
 else
   hs.status = "Progressing"
 end

@@ -1,7 +1,8 @@
 -- Argo CD health check for gpuyard.io/GPUPool (key resource.customizations.health.gpuyard.io_GPUPool).
--- Healthy when Ready=True for the current generation. Every Ready=False reason of a pool
--- (no matching nodes, none ready, no allocatable GPUs) needs a person, so it is Degraded;
--- an Accepted=False condition, should a pool ever get one, is Degraded too.
+-- It reads what Flux's kstatus reads: status.observedGeneration against the spec's
+-- generation, then the abnormal-true conditions gpuyard sets. A pool waiting for nodes (none
+-- matches, none is ready, none reports GPUs yet) is Reconciling=True: Progressing, since
+-- nodes may join, as a node group scaling from zero adds them. Ready=True is Healthy.
 local hs = {}
 
 local function condition(status, condition_type)
@@ -36,10 +37,16 @@ if generation ~= nil and status.observedGeneration < generation then
   return hs
 end
 
-local accepted = condition(status, "Accepted")
-if accepted ~= nil and accepted.status == "False" then
+local stalled = condition(status, "Stalled")
+if stalled ~= nil and stalled.status == "True" then
   hs.status = "Degraded"
-  hs.message = describe(accepted)
+  hs.message = describe(stalled)
+  return hs
+end
+local reconciling = condition(status, "Reconciling")
+if reconciling ~= nil and reconciling.status == "True" then
+  hs.status = "Progressing"
+  hs.message = describe(reconciling)
   return hs
 end
 
@@ -54,10 +61,10 @@ if ready.observedGeneration ~= nil and generation ~= nil and ready.observedGener
   hs.message = "Waiting for the Ready condition of generation " .. generation
   return hs
 end
+-- Ready=False or Unknown with neither Stalled nor Reconciling True is Progressing, as
+-- kstatus reads it.
 if ready.status == "True" then
   hs.status = "Healthy"
-elseif ready.status == "False" then
-  hs.status = "Degraded"
 else
   hs.status = "Progressing"
 end

@@ -18,7 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from kubernetes.client import ApiClient
@@ -308,3 +308,45 @@ def load(cluster: ClusterState) -> Iterator[Loads]:
     loads = Loads(cluster.dcgm_sim_url)
     yield loads
     loads.clear()
+
+
+class HealthCheck:
+    """gpuyard-health (hack/health): kstatus and Argo CD's Lua engine reading objects."""
+
+    #: The Argo CD health scripts docs/gitops.md ships, by kind.
+    SCRIPTS: ClassVar[dict[str, Path]] = {
+        "AIService": REPO_ROOT / "docs" / "argocd" / "health-aiservice.lua",
+        "GPUPool": REPO_ROOT / "docs" / "argocd" / "health-gpupool.lua",
+    }
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+
+    def read(self, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Per object, in order: its kind and name, kstatus's `{status, message}` and Argo
+        CD's `{status, message}`."""
+        scripts = [arg for kind, path in self.SCRIPTS.items() for arg in ("-lua", f"{kind}={path}")]
+        result = subprocess.run(
+            [self.binary, *scripts],
+            input=json.dumps(objects),
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        read: list[dict[str, Any]] = json.loads(result.stdout)
+        return read
+
+
+@pytest.fixture(scope="session")
+def health_check() -> HealthCheck:
+    """Built once per machine into ~/.cache/gpuyard (a cold build: about half a minute)."""
+    built = subprocess.run(
+        ["bash", str(REPO_ROOT / "hack" / "build-health-check.sh")],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    return HealthCheck(built.stdout.strip())

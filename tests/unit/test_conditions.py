@@ -10,14 +10,18 @@ from pydantic import ValidationError
 
 from gpuyard.logic.admission import AdmissionResult
 from gpuyard.logic.conditions import (
+    UNDER_WAY,
     ConditionUpdate,
     accepted_condition,
     apply_conditions,
     capacity_condition,
     find_condition,
+    kstatus_conditions,
     pods_refused,
+    pool_kstatus_conditions,
     pool_ready_condition,
     ready_condition,
+    service_kstatus_conditions,
     set_condition,
 )
 from gpuyard.logic.pool_accounting import PoolUsage
@@ -440,3 +444,116 @@ def test_refused_pods_do_not_matter_once_every_replica_is_ready() -> None:
     )
 
     assert condition.reason == "ReplicasReady"
+
+
+# --- Reconciling and Stalled, for kstatus ------------------------------------------------
+
+
+def _statuses(updates: list[ConditionUpdate]) -> dict[str, tuple[str, str]]:
+    return {update.type: (update.status, update.reason) for update in updates}
+
+
+def test_a_ready_service_neither_reconciles_nor_stalls() -> None:
+    ready = ConditionUpdate("Ready", "True", "ReplicasReady", "2/2 replicas ready")
+
+    assert _statuses(service_kstatus_conditions(ready)) == {
+        "Reconciling": ("False", "Reconciled"),
+        "Stalled": ("False", "NotStalled"),
+    }
+
+
+@pytest.mark.parametrize("reason", sorted(UNDER_WAY))
+def test_work_under_way_is_reconciling_with_readys_reason(reason: str) -> None:
+    ready = ConditionUpdate("Ready", "False", reason, "1/3 replicas ready")
+
+    reconciling, stalled = service_kstatus_conditions(ready)
+
+    assert reconciling == ConditionUpdate("Reconciling", "True", reason, "1/3 replicas ready")
+    assert (stalled.type, stalled.status) == ("Stalled", "False")
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        "PoolNotFound",
+        "NamespaceNotAllowed",
+        "GpusPerReplicaExceedNode",
+        "QuotaExceeded",
+        "PriorityClassNotAllowed",
+        "InvalidSpec",
+        "PodsRefused",
+    ],
+)
+def test_a_refusal_stalls_with_the_reason(reason: str) -> None:
+    ready = ConditionUpdate("Ready", "False", reason, "what to change")
+
+    reconciling, stalled = service_kstatus_conditions(ready)
+
+    assert stalled == ConditionUpdate("Stalled", "True", reason, "what to change")
+    assert (reconciling.type, reconciling.status, reconciling.reason) == (
+        "Reconciling",
+        "False",
+        "Stalled",
+    )
+
+
+def test_a_refused_service_stalls_from_its_ready_decision() -> None:
+    ready = ready_condition(
+        admission=REFUSED,
+        desired_replicas=0,
+        ready_replicas=0,
+        current_replicas=0,
+        updated_replicas=0,
+    )
+
+    assert _statuses(service_kstatus_conditions(ready))["Stalled"] == ("True", "PoolNotFound")
+
+
+def test_ready_unknown_is_reconciling() -> None:
+    ready = ConditionUpdate("Ready", "Unknown", "FirstReconcile", "not yet known")
+
+    assert _statuses(service_kstatus_conditions(ready))["Reconciling"] == (
+        "True",
+        "FirstReconcile",
+    )
+
+
+def test_stalled_takes_readys_reason_and_message() -> None:
+    ready = ConditionUpdate("Ready", "False", "PodsRefused", "forbidden")
+
+    assert kstatus_conditions(ready, stalled=True)[1] == ConditionUpdate(
+        "Stalled", "True", "PodsRefused", "forbidden"
+    )
+
+
+@pytest.mark.parametrize(
+    ("observed", "reconciling"),
+    [
+        (usage(0, 0, 0, 0), ("True", "NoMatchingNodes")),
+        (usage(2, 0, 0, 0), ("True", "NoReadyNodes")),
+        (usage(2, 2, 0, 0), ("True", "NoAllocatableGPUs")),
+        (usage(2, 2, 16, 16), ("False", "Reconciled")),
+    ],
+)
+def test_a_pool_waiting_for_nodes_reconciles_and_never_stalls(
+    observed: PoolUsage, reconciling: tuple[str, str]
+) -> None:
+    ready = pool_ready_condition(observed, resource_name="nvidia.com/gpu")
+
+    assert _statuses(pool_kstatus_conditions(ready)) == {
+        "Reconciling": reconciling,
+        "Stalled": ("False", "NotStalled"),
+    }
+
+
+def test_reconciling_and_stalled_are_valid_conditions() -> None:
+    # Through the model, as a status write goes: reasons CamelCase, messages short enough.
+    updates = [
+        *service_kstatus_conditions(ConditionUpdate("Ready", "True", "ReplicasReady", "2/2")),
+        *service_kstatus_conditions(ConditionUpdate("Ready", "False", "PoolNotFound", "none")),
+    ]
+
+    conditions = apply_conditions(None, updates, 1, T0)
+
+    assert [c["type"] for c in conditions] == ["Reconciling", "Stalled"]
+    assert [c["status"] for c in conditions] == ["False", "True"]

@@ -75,6 +75,18 @@ def test_a_deployment_status_update_without_new_replica_counts_is_not_read() -> 
     assert deployment_read(update) == deployment_read(live)
 
 
+def test_the_api_servers_refusal_of_the_pods_is_read() -> None:
+    # The ReplicaFailure condition comes in a status update of its own, replica counts
+    # unchanged: skipping it would leave Ready at ReplicasNotReady instead of PodsRefused
+    # (and Stalled unset) until some other event.
+    live = _deployment()
+    refused = copy.deepcopy(live)
+    refused["status"]["conditions"].append(
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": "no"}
+    )
+    assert deployment_read(refused) != deployment_read(live)
+
+
 def test_the_deployment_controllers_revision_annotation_is_not_read() -> None:
     live = _deployment()
     live["metadata"]["annotations"] = {"gpuyard.io/applied-hash": "abc"}

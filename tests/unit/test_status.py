@@ -53,7 +53,23 @@ def test_pool_status() -> None:
                 "lastTransitionTime": "2024-05-01T12:00:00Z",
                 "reason": "NodesReady",
                 "message": "2/3 nodes ready, 6/16 nvidia.com/gpu free",
-            }
+            },
+            {
+                "type": "Reconciling",
+                "status": "False",
+                "observedGeneration": 4,
+                "lastTransitionTime": "2024-05-01T12:00:00Z",
+                "reason": "Reconciled",
+                "message": "nothing is under way: Ready holds the outcome",
+            },
+            {
+                "type": "Stalled",
+                "status": "False",
+                "observedGeneration": 4,
+                "lastTransitionTime": "2024-05-01T12:00:00Z",
+                "reason": "NotStalled",
+                "message": "nothing that needs a person stops the reconcile",
+            },
         ],
     }
 
@@ -108,9 +124,13 @@ def test_pool_going_down_moves_the_transition_time() -> None:
         now=T0 + timedelta(seconds=30),
     )
 
-    [ready] = second["conditions"]
+    ready, reconciling, stalled = second["conditions"]
     assert (ready["status"], ready["reason"]) == ("False", "NoReadyNodes")
     assert ready["lastTransitionTime"] == "2024-05-01T12:00:30Z"
+    # Waiting for nodes is work under way to kstatus, never a stall.
+    assert (reconciling["status"], reconciling["reason"]) == ("True", "NoReadyNodes")
+    assert reconciling["lastTransitionTime"] == "2024-05-01T12:00:30Z"
+    assert (stalled["status"], stalled["lastTransitionTime"]) == ("False", "2024-05-01T12:00:00Z")
 
 
 def test_service_status_with_every_field() -> None:

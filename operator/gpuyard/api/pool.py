@@ -186,7 +186,8 @@ class GPUPoolStatus(ApiModel):
     largest_node_gpus: Count | None = None
     """Most allocatable GPUs on one ready node: the largest replica the pool can hold."""
     conditions: ConditionList | None = None
-    """Ready tells whether the pool has nodes to schedule on."""
+    """Ready tells whether the pool has nodes to schedule on; Reconciling (waiting for
+    nodes) and Stalled (never True) say it as kstatus (Flux) reads it."""
     billing: PoolBilling | None = None
     """Prices seen and unmanaged usage, kept by the meter."""
 

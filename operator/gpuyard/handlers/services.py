@@ -43,6 +43,7 @@ from gpuyard.logic.conditions import (
     pods_refused,
     quota_condition,
     ready_condition,
+    service_kstatus_conditions,
     usage_reported_condition,
 )
 from gpuyard.logic.drift import (
@@ -316,7 +317,7 @@ def _desired_status(op: Operator, it: _Accepted, applied: _Applied) -> dict[str,
     generation = it.body["metadata"].get("generation")
     conditions = apply_conditions(
         current_status.get("conditions"),
-        [accepted_condition(it.admission), ready, capacity]
+        [accepted_condition(it.admission), ready, *service_kstatus_conditions(ready), capacity]
         + ([quota] if quota is not None else [])
         + [c for c in scaling if c.type != capacity.type]
         + _usage_conditions(op, it.key),
@@ -359,17 +360,19 @@ async def _refuse(
         await op.io(op.kube.post_event, body, admission.reason, message, now, "Warning")
     current_status: dict[str, Any] = body.get("status") or {}
     generation = body["metadata"].get("generation")
+    ready = ready_condition(
+        admission=admission,
+        desired_replicas=0,
+        ready_replicas=0,
+        current_replicas=0,
+        updated_replicas=0,
+    )
     conditions = apply_conditions(
         current_status.get("conditions"),
         [
             accepted_condition(admission),
-            ready_condition(
-                admission=admission,
-                desired_replicas=0,
-                ready_replicas=0,
-                current_replicas=0,
-                updated_replicas=0,
-            ),
+            ready,
+            *service_kstatus_conditions(ready),
             *_usage_conditions(op, key),
         ],
         generation,

@@ -27,6 +27,9 @@ BUDGET_LIMITED = "BudgetLimited"
 QUOTA_LIMITED = "QuotaLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 USAGE_REPORTED = "UsageReported"
+# The abnormal-true pair that kstatus (Flux's health checks) reads before anything else.
+RECONCILING = "Reconciling"
+STALLED = "Stalled"
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 
@@ -260,6 +263,63 @@ def _not_ready(progress: str, capacity: ConditionUpdate | None) -> ConditionUpda
     if capacity is not None and capacity.status == "True":
         return ConditionUpdate(READY, "False", "WaitingForGPUs", f"{progress}; {capacity.message}")
     return ConditionUpdate(READY, "False", "ReplicasNotReady", progress)
+
+
+#: Ready=False reasons of an accepted service that clear without a person: replicas roll
+#: out, start, or wait for GPUs a full pool will free. Every other Ready=False (a spec the
+#: operator refuses, pods the API server refuses) lasts until someone changes something.
+UNDER_WAY = frozenset({"RollingOut", "ReplicasNotReady", "WaitingForGPUs"})
+
+
+def kstatus_conditions(ready: ConditionUpdate, *, stalled: bool) -> list[ConditionUpdate]:
+    """`Reconciling` and `Stalled`, as kstatus documents them, from the Ready decision.
+
+    kstatus reads a custom resource by these two abnormal-true conditions (after checking
+    status.observedGeneration): `Stalled=True` is Failed, `Reconciling=True` InProgress.
+    A Ready=False alone is InProgress to it, so without them a refused service would keep
+    a Flux Kustomization waiting for its whole timeout. `stalled` says that Ready=False
+    lasts until a person acts; otherwise a Ready that is not True is work under way. The
+    condition that is True carries Ready's reason and message; both are False when Ready
+    is True.
+    """
+    if ready.status == "True":
+        return [
+            ConditionUpdate(
+                RECONCILING, "False", "Reconciled", "nothing is under way: Ready holds the outcome"
+            ),
+            _NOT_STALLED,
+        ]
+    if stalled:
+        return [
+            ConditionUpdate(
+                RECONCILING,
+                "False",
+                "Stalled",
+                "nothing is under way until what Stalled names changes",
+            ),
+            ConditionUpdate(STALLED, "True", ready.reason, ready.message),
+        ]
+    return [ConditionUpdate(RECONCILING, "True", ready.reason, ready.message), _NOT_STALLED]
+
+
+_NOT_STALLED = ConditionUpdate(
+    STALLED, "False", "NotStalled", "nothing that needs a person stops the reconcile"
+)
+
+
+def service_kstatus_conditions(ready: ConditionUpdate) -> list[ConditionUpdate]:
+    """`Reconciling` and `Stalled` of an AIService: every Ready=False reason outside
+    `UNDER_WAY` (each refusal of admission, InvalidSpec, PodsRefused) is a stall."""
+    return kstatus_conditions(
+        ready, stalled=ready.status == "False" and ready.reason not in UNDER_WAY
+    )
+
+
+def pool_kstatus_conditions(ready: ConditionUpdate) -> list[ConditionUpdate]:
+    """`Reconciling` and `Stalled` of a GPUPool: a pool refuses nothing, and a Ready=False
+    pool waits for nodes (a node group scaling from zero, a node turning Ready, a device
+    plugin starting), so it reconciles and never stalls."""
+    return kstatus_conditions(ready, stalled=False)
 
 
 def pods_refused(deployment_status: Mapping[str, Any]) -> str | None:

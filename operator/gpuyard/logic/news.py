@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from gpuyard.logic.conditions import pods_refused
+
 #: Metadata the API server moves on every write; no reconcile reads it.
 _BOOKKEEPING = frozenset({"resourceVersion", "managedFields"})
 #: The fields of a Deployment's status the service reconcile reads (the replica counts its
@@ -39,8 +41,9 @@ def status_read(status: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def deployment_read(body: Mapping[str, Any]) -> tuple[Any, ...]:
     """What the service reconcile reads of its Deployment: the metadata (bookkeeping and
-    the Deployment controller's annotations aside), the spec and the replica counts of the
-    status."""
+    the Deployment controller's annotations aside), the spec, the replica counts of the
+    status, and the API server's refusal of its pods (the ReplicaFailure condition, which
+    Ready reports as PodsRefused)."""
     metadata = _metadata(body)
     annotations = metadata.get("annotations")
     if annotations:
@@ -51,7 +54,7 @@ def deployment_read(body: Mapping[str, Any]) -> tuple[Any, ...]:
         }
     status = body.get("status") or {}
     counts = tuple(status.get(field) for field in _DEPLOYMENT_STATUS_READ)
-    return (metadata, body.get("spec"), counts)
+    return (metadata, body.get("spec"), counts, pods_refused(status))
 
 
 def _metadata(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from gpuyard.api.service import (
     StartupStatus,
     UsageTotals,
 )
-from gpuyard.logic.conditions import apply_conditions, pool_ready_condition
+from gpuyard.logic.conditions import apply_conditions, pool_kstatus_conditions, pool_ready_condition
 from gpuyard.logic.pool_accounting import PoolUsage
 
 
@@ -33,11 +33,13 @@ def pool_status(
     resource_name: str,
     now: datetime,
 ) -> dict[str, Any]:
-    """The GPUPool status for `usage`, its Ready condition merged into `previous`'s."""
+    """The GPUPool status for `usage`, its Ready condition (and kstatus's Reconciling and
+    Stalled) merged into `previous`'s."""
     previous_conditions = (previous or {}).get("conditions")
+    ready = pool_ready_condition(usage, resource_name=resource_name)
     conditions = apply_conditions(
         previous_conditions,
-        [pool_ready_condition(usage, resource_name=resource_name)],
+        [ready, *pool_kstatus_conditions(ready)],
         observed_generation,
         now,
     )
