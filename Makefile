@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/hack
 CLUSTER := $(BIN)/python -m localcluster
 
-.PHONY: help venv binaries cluster-up cluster-down cluster-env crds dist chart-lint lint test test-unit demo report-image clean
+.PHONY: help venv binaries keda cluster-up cluster-down cluster-env crds dist chart-lint lint test test-unit demo report-image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,6 +28,9 @@ venv: $(BIN)/gpuyard ## create .venv with gpuyard, the dev tools and the report 
 
 binaries: ## build the pinned cluster binaries into ~/.cache/gpuyard (slow the first time)
 	bash hack/build-binaries.sh
+
+keda: ## build KEDA's operator and metrics adapter (KEDA_VERSION) into ~/.cache/gpuyard; only when asked
+	bash hack/build-keda.sh
 
 cluster-up: venv ## start the local cluster (prints `export` lines for KUBECONFIG & co.)
 	$(CLUSTER) up
