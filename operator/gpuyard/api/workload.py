@@ -7,8 +7,8 @@ namespace: environment from the namespace's Secrets and ConfigMaps, volumes of f
 (claims, empty directories such as a memory-backed `/dev/shm`, ConfigMaps, Secrets and
 per-pod claims), probes, pull secrets, a ServiceAccount, and a security context that can
 only take privilege away. What is absent cannot be asked for: the API server refuses an
-unknown field (kubectl and server-side apply validate strictly by default) and prunes it
-for a client that does not validate, so `hostPath`, `privileged`, added capabilities,
+unknown field for a client that validates strictly (kubectl does by default) and prunes
+it, with a warning, for one that does not, so `hostPath`, `privileged`, added capabilities,
 host namespaces, and a Secret of another namespace never reach a pod gpuyard builds.
 """
 
