@@ -516,6 +516,32 @@ def test_a_forgotten_decision_is_made_again() -> None:
     assert harness.decisions[key].desired_replicas == 1
 
 
+class ForgettingPrometheus(FakePrometheus):
+    """Answers as FakePrometheus, after the service reconcile of a deletion has run: the
+    service goes while the tick reads its metrics."""
+
+    def __init__(self, answers: dict[str, Answer], op: Operator, key: ServiceKey) -> None:
+        super().__init__(answers)
+        self.op, self.key = op, key
+
+    def query(self, promql: str) -> Body:
+        self.op.forget_service(self.key)
+        return super().query(promql)
+
+
+def test_a_service_deleted_while_the_tick_reads_its_metrics_is_skipped() -> None:
+    world = World()
+    world.pool("l4")
+    gone = world.service("ns", "gone", pool="l4", replicas=1, utilisation=[90.0])
+    kept = world.service("ns", "kept", pool="l4", replicas=1, utilisation=[90.0])
+    harness = world.operator({})
+    harness.prometheus = ForgettingPrometheus({UTIL_QUERY: world.gpu_answer()}, harness.op, gone)
+    harness.op.prometheus = cast(Prometheus, harness.prometheus)
+    harness.ticks()
+    assert gone not in harness.decisions
+    assert harness.decisions[kept].desired_replicas == 2
+
+
 def test_a_service_asleep_at_zero_is_decided_again_once_its_wake_metric_moves() -> None:
     world = World()
     world.pool("l4", nodes=4)

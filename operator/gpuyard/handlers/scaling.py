@@ -178,7 +178,8 @@ class ScalingBook:
     ) -> ScalingState | None:
         """The state to decide a tracked service from at ``now``, with the replica counts of
         its ``deployment`` and the number of its pods ``starting`` (bound, not ready, not
-        being deleted); None while its last decision repeats itself (nothing to decide).
+        being deleted); None while its last decision repeats itself (nothing to decide), and
+        for a service deleted while the tick read its metrics.
 
         A repeating decision holds while the service reads what it read when the decision
         was made, under the same policy and replica counts. Once it stops holding, the
@@ -186,7 +187,9 @@ class ScalingBook:
         (:func:`~gpuyard.logic.autoscale.repeated_state`), so that the next decision is the
         one that deciding on every tick would have made.
         """
-        scaling = self._services[key]
+        scaling = self._services.get(key)
+        if scaling is None:
+            return None
         if deployment is not scaling.deployment:
             scaling.deployment = deployment
             scaling.current_replicas = int(deployment["spec"].get("replicas") or 0)
@@ -220,8 +223,11 @@ class ScalingBook:
         reads: Mapping[MetricSpec, Read],
     ) -> bool:
         """Keep the tick's decision for a tracked service; whether status would show a
-        change (the service reconcile then has something to write)."""
-        scaling = self._services[key]
+        change (the service reconcile then has something to write); False for a service
+        deleted meanwhile, which keeps nothing."""
+        scaling = self._services.get(key)
+        if scaling is None:
+            return False
         shown = _visible(decision)
         changed = shown != scaling.shown
         scaling.decision, scaling.shown, scaling.state = decision, shown, decision.state
