@@ -20,11 +20,10 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from gpuyard.api.common import LabelSelector, Toleration
-from gpuyard.api.formats import InvalidValueError, parse_time
+from gpuyard.api.formats import InvalidValueError, parse_quantity, parse_time
 from gpuyard.api.names import POOL_LABEL, SERVICE_LABEL
 from gpuyard.api.pool import GPUPool
 
@@ -32,42 +31,12 @@ FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 #: Taint effects that keep new pods off a node; PreferNoSchedule only discourages.
 BLOCKING_EFFECTS = frozenset({"NoSchedule", "NoExecute"})
 
-_QUANTITY_SUFFIXES: dict[str, int] = {
-    "": 1,
-    "k": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "E": 10**18,
-    "Ki": 2**10,
-    "Mi": 2**20,
-    "Gi": 2**30,
-    "Ti": 2**40,
-    "Pi": 2**50,
-    "Ei": 2**60,
-}
-
 
 def parse_integer_quantity(value: object) -> int | None:
     """A Kubernetes quantity as a whole number, or None when it is not one (such as `500m`
     CPU) or does not parse. Extended resources are always whole numbers."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if not isinstance(value, str) or not value:
-        return None
-    number, suffix = value, ""
-    for candidate in sorted(_QUANTITY_SUFFIXES, key=len, reverse=True):
-        if candidate and value.endswith(candidate):
-            number, suffix = value[: -len(candidate)], candidate
-            break
-    try:
-        amount = Decimal(number) * _QUANTITY_SUFFIXES[suffix]
-    except InvalidOperation:
-        return None
-    if not amount.is_finite() or amount != amount.to_integral_value():
+    amount = parse_quantity(value)
+    if amount is None or amount != amount.to_integral_value():
         return None
     return int(amount)
 
