@@ -343,3 +343,23 @@ def test_the_generated_cel_allocates_what_the_python_matcher_counts(
         return seen if len(seen) == len(expected) else None
 
     assert wait_until(decided, timeout=90, what="the scheduler to decide every row") == expected
+
+
+def test_an_extended_resource_pool_counts_plugin_and_dra_nodes_once_each(
+    kubectl: Kubectl, namespace: str, rig: DraRig
+) -> None:
+    dra = rig.node(0, gpus=2)
+    plugin = f"gpu-{rig.stem}-plugin"
+    rig.nodes.append(plugin)
+    kubectl.apply(json.dumps(gpu_node(plugin, pool=rig.stem, gpus=4, gpu_type="h100-80gb")))
+    wait_until(lambda: rig.node_ready(plugin), what=f"node {plugin} to be Ready")
+    pool = rig.pool("extended", request="ExtendedResource")
+    wait_until(lambda: rig.counts(pool) == (6, 0, 6, 4), what="plugin 4 + DRA 2")
+
+    for node in (dra, plugin):
+        pod = pinned_pod(f"on-{node}", node, limits={GPU_RESOURCE: "1"})
+        pod["metadata"]["labels"] = {POOL_LABEL: pool}
+        kubectl.apply(json.dumps(pod), namespace)
+    # One GPU held on each node: the DRA one through the scheduler's claim, the other from
+    # the pod's request; neither counted twice.
+    wait_until(lambda: rig.counts(pool) == (6, 2, 4, 4), what="one GPU held on each node")
