@@ -47,6 +47,9 @@ class Inventory:
     def device_class(self, name: str) -> ClassSelection | None:
         return self.classes.get(name)
 
+    def all_device_classes(self) -> Iterable[ClassSelection]:
+        return self.classes.values()
+
     def add_node(self, node: str, gpus: int, gpu_type: str = "a100-80gb") -> None:
         info = slice_info_from_dict(resource_slice(node, gpus=gpus, gpu_type=gpu_type))
         assert info is not None
@@ -175,6 +178,25 @@ def test_a_missing_or_mismatched_class_is_reported() -> None:
     mismatched = compute_pool_usage(dra_pool(request="ExtendedResource"), [], [], inventory)
     assert mismatched.device_problem is not None
     assert mismatched.device_problem[0] == "DeviceClassMismatch"
+
+
+def test_a_class_created_later_for_the_same_resource_takes_it_over() -> None:
+    # KEP-5004: of two classes mapping one extended resource, the scheduler uses the later.
+    inventory = Inventory()
+    inventory.add_node("n1", 2)
+    later = {
+        **DEVICE_CLASS,
+        "metadata": {"name": "later", "creationTimestamp": "2099-01-01T00:00:00Z"},
+    }
+    inventory.classes["later"] = class_selection(later)
+    usage = compute_pool_usage(
+        dra_pool(request="ExtendedResource"), [dra_node("n1")], [], inventory
+    )
+    assert usage.device_problem is not None
+    assert usage.device_problem[0] == "DeviceClassMismatch"
+    assert "from DeviceClass later, not from gpu.nvidia.com" in usage.device_problem[1]
+    # The ClaimTemplate mode names its class in each claim: unaffected.
+    assert compute_pool_usage(dra_pool(), [dra_node("n1")], [], inventory).capacity == 2
 
 
 def test_no_matching_device_says_so() -> None:

@@ -128,6 +128,9 @@ class Caches:
     def device_class(self, name: str) -> ClassSelection | None:
         return _single(self.device_classes.get(name))
 
+    def all_device_classes(self) -> Iterable[ClassSelection]:
+        return [found for name in list(self.device_classes) if (found := self.device_class(name))]
+
 
 @dataclass
 class Operator:

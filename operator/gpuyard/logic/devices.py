@@ -169,6 +169,20 @@ class DeviceInventory(Protocol):
         """The DeviceClass `name` as read, or None when it does not exist."""
         ...
 
+    def all_device_classes(self) -> Iterable[ClassSelection]:
+        """Every DeviceClass of the cluster, as read."""
+        ...
+
+
+def serving_class(classes: Iterable[ClassSelection], resource: str) -> str | None:
+    """The name of the DeviceClass the scheduler serves `resource` from (KEP-5004): of the
+    classes mapping it, the one created last; of those created together, the first name."""
+    mapping = sorted(
+        (c for c in classes if c.extended_resource_name == resource), key=lambda c: c.name
+    )
+    # max() keeps the first of equal keys: the lexicographically first name among ties.
+    return max(mapping, key=lambda c: c.created).name if mapping else None
+
 
 def current_devices(slices: Iterable[SliceInfo]) -> list[tuple[DeviceKey, Device]]:
     """The devices of the slices, each pool at its newest generation only: while a driver
@@ -266,6 +280,9 @@ class ClassSelection:
     unsupported_expression: str | None = None
     """The first selector expression the operator cannot read; when set, nothing else
     here may be trusted."""
+    name: str = ""
+    created: str = ""
+    """metadata.creationTimestamp (RFC 3339 in UTC, so it sorts as text)."""
 
     def selects(self, device: Device) -> bool:
         """Whether the class takes `device` (never, when a selector could not be read)."""
@@ -323,11 +340,18 @@ def class_selection(device_class: Mapping[str, Any]) -> ClassSelection:
     spec = spec if isinstance(spec, Mapping) else {}
     extended = spec.get("extendedResourceName")
     extended_name = extended if isinstance(extended, str) and extended else None
+    metadata = device_class.get("metadata")
+    metadata = metadata if isinstance(metadata, Mapping) else {}
+    identity = {
+        "name": str(metadata.get("name", "")),
+        "created": str(metadata.get("creationTimestamp", "")),
+    }
     unsupported = ClassSelection(
         driver=None,
         attributes={},
         extended_resource_name=extended_name,
         unsupported_expression="",
+        **identity,
     )
     driver: str | None = None
     attributes: dict[str, str] = {}
@@ -353,5 +377,5 @@ def class_selection(device_class: Mapping[str, Any]) -> ClassSelection:
             else:
                 return replace(unsupported, unsupported_expression=expression)
     return ClassSelection(
-        driver=driver, attributes=attributes, extended_resource_name=extended_name
+        driver=driver, attributes=attributes, extended_resource_name=extended_name, **identity
     )

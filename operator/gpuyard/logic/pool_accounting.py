@@ -31,6 +31,7 @@ from gpuyard.logic.devices import (
     DeviceInventory,
     current_devices,
     device_matches,
+    serving_class,
 )
 
 FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
@@ -423,15 +424,16 @@ def _count_devices(
             ),
         )
     extended = devices.request == "ExtendedResource"
-    if extended and selection.extended_resource_name != resource:
+    served_from = serving_class(inventory.all_device_classes(), resource) if inventory else None
+    if extended and served_from != name:
         return replace(
             empty,
             problem=(
                 "DeviceClassMismatch",
-                f"spec.devices.request is ExtendedResource, but DeviceClass {name} maps "
-                f"{selection.extended_resource_name or 'no extended resource'}, not "
-                f"{resource}: set the class's spec.extendedResourceName to {resource}, or use "
-                "request ClaimTemplate",
+                f"spec.devices.request is ExtendedResource, but the scheduler serves {resource} "
+                f"from {f'DeviceClass {served_from}' if served_from else 'no DeviceClass'}, not "
+                f"from {name}: set spec.extendedResourceName of DeviceClass {name} to {resource} "
+                "(and remove it from any class created later), or use request ClaimTemplate",
             ),
         )
     on_node: dict[str, int] = {}
