@@ -363,3 +363,40 @@ def test_an_extended_resource_pool_counts_plugin_and_dra_nodes_once_each(
     # One GPU held on each node: the DRA one through the scheduler's claim, the other from
     # the pod's request; neither counted twice.
     wait_until(lambda: rig.counts(pool) == (6, 2, 4, 4), what="one GPU held on each node")
+
+
+@pytest.mark.parametrize(
+    ("devices", "complaint"),
+    [
+        (
+            {"request": "ExtendedResource", "selector": {"attributes": {"productName": "X"}}},
+            "devices.selector needs request ClaimTemplate",
+        ),
+        ({"selector": {"attributes": {"product-name": "X"}}}, "device attribute name"),
+        ({"selector": {"attributes": {"productName": "a\nb"}}}, "should match"),
+        ({"selector": {"minCapacity": {"memory": "lots"}}}, "should match"),
+        (
+            {"selector": {"attributes": {f"k{i}": "v" for i in range(9)}}},
+            "must have at most 8 items",
+        ),
+        ({"deviceClassName": "Not_A_Name"}, "should match"),
+    ],
+)
+def test_bad_device_pools_are_refused_by_the_api_server(
+    kubectl: Kubectl, rig: DraRig, devices: dict[str, Any], complaint: str
+) -> None:
+    # The platform team's typo stops at admission: no CEL is ever built from it.
+    manifest = {
+        "apiVersion": "gpuyard.io/v1alpha1",
+        "kind": "GPUPool",
+        "metadata": {"name": f"{rig.stem}-bad"},
+        "spec": {
+            "gpuType": "h100-80gb",
+            "nodeSelector": {POOL_LABEL: rig.stem},
+            "price": {"perGpuHour": "4.00"},
+            "devices": {"deviceClassName": DRA_DRIVER, **devices},
+        },
+    }
+    refused = kubectl.run("apply", "-f", "-", stdin=json.dumps(manifest), check=False)
+    assert refused.returncode != 0, refused.stdout
+    assert complaint in refused.stderr
