@@ -66,12 +66,12 @@ class DraRig:
         conditions = node["status"].get("conditions") or []
         return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
-    def pool(self, purpose: str, **devices: Any) -> str:
-        name = f"{self.stem}-{purpose}"
-        manifest = {
+    def pool_manifest(self, purpose: str, **devices: Any) -> dict[str, Any]:
+        """A DRA pool over this rig's nodes; `devices` adds to or overrides spec.devices."""
+        return {
             "apiVersion": "gpuyard.io/v1alpha1",
             "kind": "GPUPool",
-            "metadata": {"name": name},
+            "metadata": {"name": f"{self.stem}-{purpose}"},
             "spec": {
                 "gpuType": "h100-80gb",
                 "nodeSelector": {POOL_LABEL: self.stem},
@@ -80,9 +80,12 @@ class DraRig:
                 "devices": {"deviceClassName": DRA_DRIVER, **devices},
             },
         }
+
+    def pool(self, purpose: str, **devices: Any) -> str:
+        manifest = self.pool_manifest(purpose, **devices)
         self.kubectl.apply(json.dumps(manifest))
-        self.pools.append(name)
-        return name
+        self.pools.append(manifest["metadata"]["name"])
+        return str(manifest["metadata"]["name"])
 
     def pool_status(self, name: str) -> dict[str, Any]:
         body = self.objects.get_cluster_custom_object("gpuyard.io", "v1alpha1", "gpupools", name)
@@ -386,17 +389,7 @@ def test_bad_device_pools_are_refused_by_the_api_server(
     kubectl: Kubectl, rig: DraRig, devices: dict[str, Any], complaint: str
 ) -> None:
     # The platform team's typo stops at admission: no CEL is ever built from it.
-    manifest = {
-        "apiVersion": "gpuyard.io/v1alpha1",
-        "kind": "GPUPool",
-        "metadata": {"name": f"{rig.stem}-bad"},
-        "spec": {
-            "gpuType": "h100-80gb",
-            "nodeSelector": {POOL_LABEL: rig.stem},
-            "price": {"perGpuHour": "4.00"},
-            "devices": {"deviceClassName": DRA_DRIVER, **devices},
-        },
-    }
+    manifest = rig.pool_manifest("bad", **devices)
     refused = kubectl.run("apply", "-f", "-", stdin=json.dumps(manifest), check=False)
     assert refused.returncode != 0, refused.stdout
     assert complaint in refused.stderr
