@@ -25,6 +25,12 @@ and stopped)::
 ``examples/vllm.yaml`` (Secret env, volumes and mounts, three probes, pull secret,
 ServiceAccount, security context, pod labels) instead of a bare image.
 
+``--pool dra`` runs the services on a GPUPool of DRA nodes instead (``--dra-nodes`` of
+them, 8 GPUs each, each with its ResourceSlice as NVIDIA's DRA driver publishes it; the
+pool counts their devices through the DeviceClass gpu.nvidia.com), so that the operator
+also caches and watches ResourceSlices, ResourceClaims and DeviceClasses. Run it beside a
+default run to compare the two kinds of pool: the ratio and the peak RSS of each.
+
 ``--profile FILE`` runs the operator under cProfile (its event loop thread) and writes the
 statistics to FILE when it stops; ``--workers`` passes ``GPUYARD_WORKERS``.
 """
@@ -32,6 +38,7 @@ statistics to FILE when it stops; ``--workers`` passes ``GPUYARD_WORKERS``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -60,6 +67,7 @@ from localcluster.cluster import (
     ClusterState,
     cache_dir,
 )
+from localcluster.topology import DRA_DRIVER, dra_gpu_node, resource_slice
 
 IMAGE = "registry.example/llm:1"
 VLLM_EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "vllm.yaml"
@@ -115,18 +123,46 @@ def service_body(name: str, pool: str, surface: dict[str, Any]) -> dict[str, Any
     }
 
 
-def pool_body(name: str) -> dict[str, Any]:
+def pool_body(name: str, *, dra: bool = False) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "gpuType": "l4",
+        "nodeSelector": {"gpuyard.io/pool": "l4"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        "price": {"perGpuHour": "0.80"},
+    }
+    if dra:
+        spec |= {
+            "nodeSelector": {"gpuyard.io/pool": name},
+            "devices": {"deviceClassName": DRA_DRIVER},
+        }
     return {
         "apiVersion": "gpuyard.io/v1alpha1",
         "kind": "GPUPool",
         "metadata": {"name": name},
-        "spec": {
-            "gpuType": "l4",
-            "nodeSelector": {"gpuyard.io/pool": "l4"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
-            "price": {"perGpuHour": "0.80"},
-        },
+        "spec": spec,
     }
+
+
+@contextmanager
+def dra_nodes(client: ApiClient, pool: str, count: int) -> Iterator[None]:
+    """`count` DRA nodes of 8 GPUs for `pool`, with their ResourceSlices, removed after."""
+    core = kubernetes.client.CoreV1Api(client)
+    custom = kubernetes.client.CustomObjectsApi(client)
+    names = [f"bench-dra-{pool}-{index}" for index in range(count)]
+    for name in names:
+        core.create_node(dra_gpu_node(name, pool=pool, gpus=8, gpu_type="l4"))
+        custom.create_cluster_custom_object(
+            "resource.k8s.io", "v1", "resourceslices", resource_slice(name, gpus=8, gpu_type="l4")
+        )
+    log(f"{count} DRA nodes of 8 GPUs for pool {pool}")
+    try:
+        yield
+    finally:
+        for name in names:
+            core.delete_node(name)
+            custom.delete_cluster_custom_object(
+                "resource.k8s.io", "v1", "resourceslices", f"{name}-{DRA_DRIVER}"
+            )
 
 
 def direct_deployment(
@@ -402,18 +438,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="cProfile the operator into this file")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument(
+        "--pool",
+        choices=("device-plugin", "dra"),
+        default="device-plugin",
+        help="the services' GPUPool: the l4 nodes' device plugin, or DRA nodes of its own",
+    )
+    parser.add_argument("--dra-nodes", type=int, default=50, help="DRA nodes of --pool dra")
+    parser.add_argument(
         "--template", choices=sorted(TEMPLATES), default="minimal", help="the services' pod surface"
     )
     args = parser.parse_args(argv)
     surface = TEMPLATES[args.template]()
     rounds = args.n or [100, 1000]
 
-    with cluster() as state:
+    with cluster() as state, contextlib.ExitStack() as stack:
         client = kubernetes.config.new_client_from_config(config_file=state.kubeconfig)
         client.configuration.connection_pool_maxsize = CLIENT_CONCURRENCY * 2
         install_crds(state)
         custom = kubernetes.client.CustomObjectsApi(client)
-        pool = pool_body(f"bench-{secrets.token_hex(3)}")
+        dra = args.pool == "dra"
+        pool = pool_body(f"bench-{secrets.token_hex(3)}", dra=dra)
+        pool_name = pool["metadata"]["name"]
+        nodes = dra_nodes(client, pool_name, args.dra_nodes) if dra else contextlib.nullcontext()
+        stack.enter_context(nodes)
         custom.create_cluster_custom_object("gpuyard.io", "v1alpha1", "gpupools", pool)
         env = {}
         if args.workers:
@@ -438,17 +485,21 @@ def main(argv: list[str] | None = None) -> int:
             custom.delete_cluster_custom_object(
                 "gpuyard.io", "v1alpha1", "gpupools", pool["metadata"]["name"]
             )
-    report(results, state, args.template)
+    report(
+        results, state, args.template, f"{args.pool} ({args.dra_nodes} nodes)" if dra else args.pool
+    )
     if args.json:
         print(json.dumps(results, indent=2))
     return 0
 
 
-def report(results: list[dict[str, Any]], state: ClusterState, template: str) -> None:
+def report(
+    results: list[dict[str, Any]], state: ClusterState, template: str, pool_kind: str
+) -> None:
     print(f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, Kubernetes {state.kubernetes_version}")
     print(
         f"# client concurrency {CLIENT_CONCURRENCY}; services in mode Off with 0 replicas; "
-        f"pod template {template}"
+        f"pod template {template}; pool {pool_kind}"
     )
     print(f"# {os.cpu_count()} CPUs, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     header = (

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument(
         "--topology",
         default=DEFAULT_TOPOLOGY,
-        help="GPU pools as POOL=NODESxGPUS:TYPE,... (default: %(default)s)",
+        help="GPU pools as POOL=NODESxGPUS:TYPE[:dra],... (default: %(default)s)",
     )
     up.add_argument("--scrape-seconds", type=int, default=1, help="Prometheus scrape interval")
     commands.add_parser("down", help="stop every process and remove the state directory")

@@ -747,6 +747,17 @@ POOL_REJECTIONS = [
         pool_spec(tolerations=[{"operator": "Exists"}] * 17),
         "at most 16 items",
     ),
+    (
+        "device-selector-with-extended-resource",
+        pool_spec(
+            devices={
+                "deviceClassName": "gpu.nvidia.com",
+                "request": "ExtendedResource",
+                "selector": {"attributes": {"productName": "NVIDIA H100"}},
+            }
+        ),
+        "devices.selector needs request ClaimTemplate",
+    ),
 ]
 
 

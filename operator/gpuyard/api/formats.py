@@ -18,6 +18,44 @@ class InvalidValueError(ValueError):
 
 # --- decimals ------------------------------------------------------------------------------
 
+_QUANTITY_SUFFIXES: dict[str, int] = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "E": 10**18,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+    "Ei": 2**60,
+}
+
+
+def parse_quantity(value: object) -> Decimal | None:
+    """A Kubernetes quantity (`80Gi`, `2`, `1.5k`) as an exact decimal, or None when it does
+    not parse. Milli quantities (`500m`) are not read: no GPU count or device capacity the
+    operator reads is one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return Decimal(value)
+    if not isinstance(value, str) or not value:
+        return None
+    number, suffix = value, ""
+    for candidate in sorted(_QUANTITY_SUFFIXES, key=len, reverse=True):
+        if candidate and value.endswith(candidate):
+            number, suffix = value[: -len(candidate)], candidate
+            break
+    try:
+        amount = Decimal(number) * _QUANTITY_SUFFIXES[suffix]
+    except InvalidOperation:
+        return None
+    return amount if amount.is_finite() else None
+
 
 def parse_decimal(text: object, *, name: str = "decimal") -> Decimal:
     """The exact value of a decimal string (or an int); floats are refused, since they are

@@ -15,6 +15,7 @@ from pydantic import Field, StringConstraints
 
 from gpuyard.api.common import (
     DNS1123_LABEL_PATTERN,
+    DNS1123_SUBDOMAIN_PATTERN,
     DNS_LABEL_MAX_LENGTH,
     AmountString,
     ApiModel,
@@ -35,6 +36,7 @@ from gpuyard.api.common import (
 )
 from gpuyard.api.formats import parse_decimal
 from gpuyard.api.names import DEFAULT_RESOURCE_NAME
+from gpuyard.api.workload import Quantity
 
 KIND: Final = "GPUPool"
 PLURAL = "gpupools"
@@ -76,6 +78,89 @@ class Price(ApiModel):
         return parse_decimal(self.per_gpu_hour)
 
 
+#: A device attribute or capacity name as DRA spells it (resource.k8s.io/v1 QualifiedName):
+#: a C identifier of at most 32 characters, optionally after a DNS-subdomain domain and a
+#: slash. A short name is read in the driver's own domain, as the API server does in CEL.
+DEVICE_ATTRIBUTE_NAME_PATTERN = (
+    rf"^({DNS1123_SUBDOMAIN_PATTERN.strip('^$')}/)?[A-Za-z_][A-Za-z0-9_]{{0,31}}$"
+)
+#: 63 characters of domain, the slash, 32 of identifier.
+DEVICE_ATTRIBUTE_NAME_MAX_LENGTH = 96
+#: Printable ASCII only: the value lands inside a CEL string literal, and with no control
+#: characters or non-ASCII text the only characters to escape are the quote and the backslash.
+#: DRA bounds a string attribute to 64 characters, so a longer value could never match.
+DEVICE_ATTRIBUTE_VALUE_PATTERN = r"^[ -~]*$"
+DEVICE_ATTRIBUTE_VALUE_MAX_LENGTH = 64
+#: Few keys, so the generated CEL (and its cost in the API server) stays small.
+MAX_DEVICE_SELECTOR_KEYS = 8
+
+DeviceAttributeName = Annotated[
+    str,
+    StringConstraints(
+        max_length=DEVICE_ATTRIBUTE_NAME_MAX_LENGTH, pattern=DEVICE_ATTRIBUTE_NAME_PATTERN
+    ),
+    Field(description="a device attribute name"),
+]
+DeviceAttributeValue = Annotated[
+    str,
+    StringConstraints(
+        max_length=DEVICE_ATTRIBUTE_VALUE_MAX_LENGTH, pattern=DEVICE_ATTRIBUTE_VALUE_PATTERN
+    ),
+]
+
+
+class DeviceSelector(ApiModel):
+    """Which of the class's devices the pool's services may get, by attribute and capacity."""
+
+    attributes: (
+        Annotated[
+            dict[DeviceAttributeName, DeviceAttributeValue],
+            Field(min_length=1, max_length=MAX_DEVICE_SELECTOR_KEYS),
+        ]
+        | None
+    ) = None
+    """String attributes a device must have with exactly these values, such as
+    productName: NVIDIA H100 80GB HBM3. A short name is in the driver's domain
+    (gpu.nvidia.com for NVIDIA's driver); a name with a domain prefix is used as written."""
+    min_capacity: (
+        Annotated[
+            dict[DeviceAttributeName, Quantity],
+            Field(min_length=1, max_length=MAX_DEVICE_SELECTOR_KEYS),
+        ]
+        | None
+    ) = None
+    """Least capacity a device must have, such as memory: 40Gi; same naming as attributes."""
+
+
+def _selector_only_with_claim_template(devices: DevicePool) -> bool:
+    return devices.request != "ExtendedResource" or devices.selector is None
+
+
+class DevicePool(ApiModel):
+    """The pool's GPUs come from Dynamic Resource Allocation: devices in ResourceSlices."""
+
+    cel_rules = (
+        CelRule(
+            rule="self.request != 'ExtendedResource' || !has(self.selector)",
+            message="devices.selector needs request ClaimTemplate: with ExtendedResource the "
+            "scheduler makes the claim from the DeviceClass alone and cannot narrow it",
+            holds=_selector_only_with_claim_template,
+            field_path=".selector",
+        ),
+    )
+
+    device_class_name: DnsSubdomain
+    """The DeviceClass whose devices make the pool, such as gpu.nvidia.com."""
+    request: Literal["ClaimTemplate", "ExtendedResource"] = "ClaimTemplate"
+    """How the pool's pods get devices. ClaimTemplate: each pod gets a ResourceClaim from a
+    ResourceClaimTemplate the operator writes for the service. ExtendedResource: pods request
+    resourceName in their limits and the scheduler serves it from the DeviceClass whose
+    extendedResourceName it is (Kubernetes DRAExtendedResource)."""
+    selector: DeviceSelector | None = None
+    """Narrows the class's devices (ClaimTemplate only); absent means every device of the
+    class on the pool's nodes."""
+
+
 def _outside_kubernetes_io(spec: GPUPoolSpec) -> bool:
     domain = spec.resource_name.split("/", 1)[0]
     return domain != "kubernetes.io" and not domain.endswith(".kubernetes.io")
@@ -99,7 +184,11 @@ class GPUPoolSpec(ApiModel):
     """GPU model of the pool's nodes, such as a100-80gb; shown to users and in usage records."""
     resource_name: ExtendedResourceName = DEFAULT_RESOURCE_NAME
     """Extended resource the pods request: nvidia.com/gpu, or a MIG resource such as
-    nvidia.com/mig-1g.10gb."""
+    nvidia.com/mig-1g.10gb. With devices.request ExtendedResource, the name the DeviceClass
+    maps; with ClaimTemplate, unused."""
+    devices: DevicePool | None = None
+    """The pool's GPUs are DRA devices of a DeviceClass; absent means a device-plugin pool
+    whose nodes advertise resourceName in their allocatable."""
     node_selector: Annotated[LabelMap, Field(min_length=1, max_length=16)]
     """Labels that select the pool's nodes; also the pods' nodeSelector."""
     tolerations: Annotated[list[Toleration], Field(max_length=16)] | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
@@ -18,6 +18,7 @@ from gpuyard.io.kube import Kube
 from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import MultiSink
+from gpuyard.logic.devices import ClaimHolder, ClassSelection, DeviceKey, SliceInfo
 from gpuyard.logic.metering import Account, PricePoint, ServiceMark
 from gpuyard.logic.news import deployment_read, service_read, status_read
 from gpuyard.logic.pool_accounting import NodeInfo, PoolUsage
@@ -49,6 +50,12 @@ class Caches:
     metered_pods: Any
     replicasets: Any
     deployment_owners: Any
+    #: DRA: ResourceSlices by node, allocated devices by (driver, pool, device), and
+    #: DeviceClasses by name. Empty where nothing indexes them (unit tests, benchmarks of
+    #: device-plugin pools), which is a cluster with no DRA devices.
+    resource_slices: Any = field(default_factory=dict)
+    allocated_devices: Any = field(default_factory=dict)
+    device_classes: Any = field(default_factory=dict)
 
     def pool(self, name: str) -> dict[str, Any] | None:
         return _single(self.pools.get(name))
@@ -109,6 +116,20 @@ class Caches:
     def all_gpu_pods(self) -> Iterator[Any]:
         for node in list(self.gpu_pods):
             yield from list(self.gpu_pods.get(node, ()))
+
+    # The DeviceInventory of gpuyard.logic.devices: pool accounting reads DRA through these.
+
+    def slices_on(self, node: str) -> Iterable[SliceInfo]:
+        return list(self.resource_slices.get(node, ()))
+
+    def holder(self, device: DeviceKey) -> ClaimHolder | None:
+        return _single(self.allocated_devices.get(device))
+
+    def device_class(self, name: str) -> ClassSelection | None:
+        return _single(self.device_classes.get(name))
+
+    def all_device_classes(self) -> Iterable[ClassSelection]:
+        return [found for name in list(self.device_classes) if (found := self.device_class(name))]
 
 
 @dataclass
