@@ -18,6 +18,7 @@ from gpuyard.io.kube import Kube
 from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import MultiSink
+from gpuyard.logic.claimed_devices import HeldDevice
 from gpuyard.logic.metering import Account, PricePoint, ServiceMark
 from gpuyard.logic.news import deployment_read, service_read, status_read
 from gpuyard.logic.pool_accounting import NodeInfo, PoolUsage
@@ -49,6 +50,11 @@ class Caches:
     metered_pods: Any
     replicasets: Any
     deployment_owners: Any
+    #: The services' ResourceClaimTemplates, by service: a service has several while a
+    #: rollout moves its pods from one claim spec to the next.
+    claim_templates_by_service: Any
+    resource_claims: Any
+    slice_devices: Any
 
     def pool(self, name: str) -> dict[str, Any] | None:
         return _single(self.pools.get(name))
@@ -64,6 +70,15 @@ class Caches:
 
     def disruption_budget(self, key: ServiceKey) -> dict[str, Any] | None:
         return _single(self.disruption_budgets.get(key))
+
+    def claim_templates(self, key: ServiceKey) -> list[dict[str, Any]]:
+        return list(self.claim_templates_by_service.get(key, ()))
+
+    def resource_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return _single(self.resource_claims.get((namespace, name)))
+
+    def device_attributes(self, driver: str, pool: str, device: str) -> dict[str, Any] | None:
+        return _single(self.slice_devices.get((driver, pool, device)))
 
     def namespace_labels(self, name: str) -> dict[str, str] | None:
         return _single(self.namespaces.get(name))
@@ -142,6 +157,9 @@ class Operator:
     pod_pools: dict[str, str] = field(default_factory=dict)
     #: The AIService each metered pod is billed to (None: unmanaged), decided once.
     pod_services: dict[str, str | None] = field(default_factory=dict)
+    #: The DRA devices each metered pod holds, by DeviceClass, fixed once seen allocated:
+    #: its claims may go before its last second is billed (they are deleted with the pod).
+    pod_devices: dict[str, dict[str, tuple[HeldDevice, ...]]] = field(default_factory=dict)
     #: When each metered pod was first seen Ready: its start ended there (its records'
     #: starting GPU-seconds stop there, whatever its readiness later).
     pod_ready: dict[str, datetime] = field(default_factory=dict)

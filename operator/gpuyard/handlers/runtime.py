@@ -67,6 +67,9 @@ CACHE_IDS = (
     "metered_pods",
     "replicasets",
     "deployment_owners",
+    "claim_templates_by_service",
+    "resource_claims",
+    "slice_devices",
 )
 #: How long a standby keeps the last state of a deleted pod for its own first meter tick
 #: as leader: a pod the leader had not billed yet when it died is billed from this.
@@ -130,6 +133,78 @@ def index_gpu_pod(body: Any, spec: Any, **_: Any) -> dict[str, Any]:
 
 def index_child(namespace: str | None, name: str, body: Any, **_: Any) -> dict[ServiceKey, Any]:
     return {(namespace or "", name): dict(body)}
+
+
+def index_claim_template(
+    namespace: str | None, labels: Any, body: Any, **_: Any
+) -> dict[ServiceKey, Any]:
+    """A service's claim templates by service: their names end in a hash of the claim."""
+    service = labels.get(SERVICE_LABEL)
+    return {(namespace or "", service): dict(body)} if service else {}
+
+
+def may_hold_gpus(spec: Any, **_: Any) -> bool:
+    """A pod the meter must see: one asking for an extended resource (a device plugin's GPU,
+    or one a DeviceClass maps to DRA devices) or naming ResourceClaims (DRA devices)."""
+    return holds_extended_resource(spec) or bool(spec.get("resourceClaims"))
+
+
+def index_resource_claim(
+    namespace: str | None, name: str, body: Any, **_: Any
+) -> dict[tuple[str, str], Any]:
+    """The parts of a ResourceClaim that say what it holds: which class each request
+    asked for, and what the scheduler allocated."""
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    return {
+        (namespace or "", name): {
+            "spec": {"devices": {"requests": (spec.get("devices") or {}).get("requests") or []}},
+            "status": {
+                "allocation": {
+                    "devices": {
+                        "results": ((status.get("allocation") or {}).get("devices") or {}).get(
+                            "results"
+                        )
+                        or []
+                    }
+                },
+                "reservedFor": status.get("reservedFor") or [],
+            },
+        }
+    }
+
+
+def index_slice_devices(spec: Any, **_: Any) -> dict[tuple[str, str, str], Any]:
+    """Each published device's attributes, by the (driver, pool, device) allocations name."""
+    driver = str(spec.get("driver") or "")
+    pool = str((spec.get("pool") or {}).get("name") or "")
+    return {
+        (driver, pool, str(device.get("name"))): dict(device.get("attributes") or {})
+        for device in spec.get("devices") or ()
+        if device.get("name")
+    }
+
+
+def register_dra_reads(r: kopf.OperatorRegistry) -> None:
+    """ResourceClaims and ResourceSlices: what a pod on a DRA pool holds, and each device's
+    identity (its UUID), for the meter."""
+    kopf.index("resource.k8s.io", "v1", "resourceclaims", id="resource_claims", registry=r)(
+        index_resource_claim
+    )
+    kopf.index("resource.k8s.io", "v1", "resourceslices", id="slice_devices", registry=r)(
+        index_slice_devices
+    )
+
+
+def register_claim_children(r: kopf.OperatorRegistry) -> None:
+    """The ResourceClaimTemplates gpuyard makes for services on ClaimTemplate DRA pools."""
+    kopf.index(
+        "resource.k8s.io", "v1", "resourceclaimtemplates", labels=MANAGED,
+        id="claim_templates_by_service", registry=r,
+    )(index_claim_template)  # fmt: skip
+    kopf.on.event("resource.k8s.io", "v1", "resourceclaimtemplates", labels=MANAGED, registry=r)(
+        on_child_event
+    )
 
 
 def index_namespace(name: str, labels: Any, **_: Any) -> dict[str, dict[str, str]]:
@@ -472,11 +547,14 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.index("", "v1", "namespaces", id="namespaces", registry=r)(index_namespace)
     # Every pod that may hold a pool's GPUs is metered, labelled or not: billing must not
     # depend on anything a tenant can write.
-    kopf.index("", "v1", "pods", when=holds_extended_resource, id="metered_pods", registry=r)(
+    kopf.index("", "v1", "pods", when=may_hold_gpus, id="metered_pods", registry=r)(
         index_metered_pod
     )
     kopf.index("apps", "v1", "replicasets", id="replicasets", registry=r)(index_owner_links)
     kopf.index("apps", "v1", "deployments", id="deployment_owners", registry=r)(index_owner_links)
+
+    register_claim_children(r)
+    register_dra_reads(r)
 
     kopf.on.login(registry=r)(login)
     kopf.on.startup(registry=r)(startup)
@@ -494,7 +572,7 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.on.event("", "v1", "nodes", registry=r)(on_capacity_event)
     kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_capacity_event)
     kopf.on.event("", "v1", "namespaces", registry=r)(on_namespace_event)
-    kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_metered_pod_event)
+    kopf.on.event("", "v1", "pods", when=may_hold_gpus, registry=r)(on_metered_pod_event)
     return registry
 
 
