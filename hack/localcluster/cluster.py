@@ -37,7 +37,13 @@ from typing import Any, Final
 import yaml
 
 from localcluster import postgres
-from localcluster.topology import DEFAULT_TOPOLOGY, node_manifests, parse_topology
+from localcluster.topology import (
+    DEFAULT_TOPOLOGY,
+    DEVICE_CLASS,
+    node_manifests,
+    parse_topology,
+    resource_slice_manifests,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-binaries.sh"
@@ -531,9 +537,13 @@ class LocalCluster:
         self.kubectl(
             bins, kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(node_manifests(pools))
         )
-        described = (f"{p.pool} {p.nodes}x{p.gpus_per_node} {p.gpu_type}" for p in pools)
+        described = (
+            f"{p.pool} {p.nodes}x{p.gpus_per_node} {p.gpu_type}{' (DRA)' if p.dra else ''}"
+            for p in pools
+        )
         log(f"nodes: {', '.join(described)}")
         self._wait_nodes_ready(bins, kubeconfig, 1 + sum(p.nodes for p in pools))
+        self._publish_dra_devices(bins, kubeconfig, pools)
 
         log(f"DCGM exporter simulator on {state.dcgm_sim_url}")
         sim_address = state.dcgm_sim_url.removeprefix("http://")
@@ -581,6 +591,16 @@ class LocalCluster:
         state.postgres_dsn = server.dsn
         state.save()
         log(f"postgresql on {server.dsn}")
+
+    def _publish_dra_devices(self, bins: Path, kubeconfig: Path, pools: list[Any]) -> None:
+        """The DeviceClass gpu.nvidia.com (always: tests add DRA nodes of their own) and the
+        ResourceSlices of the DRA pools' nodes, as NVIDIA's DRA driver would publish them. No
+        kubelet plugin runs: kwok's pods never touch a device, and the scheduler allocates
+        from slices alone."""
+        manifests = [DEVICE_CLASS, *resource_slice_manifests(pools)]
+        self.kubectl(bins, kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(manifests))
+        slices = len(manifests) - 1
+        log(f"DeviceClass {DEVICE_CLASS['metadata']['name']}, {slices} ResourceSlice(s)")
 
     @staticmethod
     def kubectl(bins: Path, kubeconfig: Path, *args: str, stdin: str | None = None) -> str:

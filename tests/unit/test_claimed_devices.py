@@ -17,6 +17,7 @@ from gpuyard.logic.claimed_devices import (
     devices_to_text,
     pod_claim_names,
 )
+from gpuyard.logic.devices import device_from_dict
 from gpuyard.logic.metering import (
     PoolPricing,
     PricePoint,
@@ -122,11 +123,16 @@ def test_a_pods_claims_come_from_its_spec_its_templates_and_its_extended_resourc
     assert pod_claim_names(pod) == ["team-gpus", "llama-0-gpus-x7", "llama-0-extended-resources-q2"]
 
 
-def test_the_uuid_attribute_is_read_short_or_qualified() -> None:
-    assert device_uuid({"uuid": {"string": "GPU-1"}}, "gpu.nvidia.com") == "GPU-1"
-    assert device_uuid({"gpu.nvidia.com/uuid": {"string": "GPU-2"}}, "gpu.nvidia.com") == "GPU-2"
-    assert device_uuid({"uuid": {"int": 3}}, "gpu.nvidia.com") == ""
-    assert device_uuid(None, "gpu.nvidia.com") == ""
+def test_the_uuid_attribute_is_read_from_the_published_device() -> None:
+    published = device_from_dict(
+        {"name": "gpu-0", "attributes": {"uuid": {"string": "GPU-1"}, "index": {"int": 0}}},
+        "gpu.nvidia.com",
+    )
+    assert published is not None
+    assert device_uuid(published) == "GPU-1"
+    bare = device_from_dict({"name": "gpu-1", "attributes": {"uuid": {"int": 3}}}, "gpu.nvidia.com")
+    assert bare is not None
+    assert device_uuid(bare) == ""
 
 
 def test_devices_round_trip_as_text_and_refuse_junk() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from device_selector_table import SELECTOR_TABLE
 from gpuyard.api.pool import DevicePool, DeviceSelector
 from gpuyard.logic.devices import (
     Device,
@@ -41,23 +42,6 @@ def pool(**selector: Any) -> DevicePool:
         if selector
         else {"deviceClassName": DRIVER}
     )
-
-
-#: (selector, matches H100): the same rows drive the matcher and the CEL of the cluster test.
-SELECTOR_TABLE: list[tuple[dict[str, Any], bool]] = [
-    ({"attributes": {"productName": "NVIDIA H100 80GB HBM3"}}, True),
-    ({"attributes": {"productName": "NVIDIA A100"}}, False),
-    ({"attributes": {"gpu.nvidia.com/productName": "NVIDIA H100 80GB HBM3"}}, True),
-    ({"attributes": {"resource.kubernetes.io/pcieRoot": "pci0000:00"}}, True),
-    ({"attributes": {"missing": "x"}}, False),
-    # An int attribute never equals a string, in CEL as here.
-    ({"attributes": {"index": "0"}}, False),
-    ({"minCapacity": {"memory": "40Gi"}}, True),
-    ({"minCapacity": {"memory": "80Gi"}}, True),
-    ({"minCapacity": {"memory": "81Gi"}}, False),
-    ({"minCapacity": {"cores": "1"}}, False),
-    ({"attributes": {"productName": 'say "hi" \\ bye'}}, False),
-]
 
 
 @pytest.mark.parametrize(("selector", "expected"), SELECTOR_TABLE)

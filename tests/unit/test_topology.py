@@ -11,6 +11,7 @@ from localcluster.topology import (
     PoolTopology,
     node_manifests,
     parse_topology,
+    resource_slice_manifests,
 )
 
 
@@ -51,3 +52,26 @@ def test_nodes_carry_pool_labels_gpu_capacity_and_the_gpu_taint() -> None:
     cpu = by_name["cpu-0"]
     assert GPU_RESOURCE not in cpu["status"]["capacity"]
     assert cpu["spec"]["taints"] == []
+
+
+def test_a_dra_pool_has_no_gpu_in_allocatable_and_a_slice_per_node() -> None:
+    pools = parse_topology("a100=1x8:a100-80gb,h100=2x2:h100-80gb:dra")
+    assert pools[1] == PoolTopology("h100", 2, 2, "h100-80gb", dra=True)
+    by_name = {node["metadata"]["name"]: node for node in node_manifests(pools)}
+    dra_node = by_name["gpu-h100-0"]
+    assert GPU_RESOURCE not in dra_node["status"]["allocatable"]
+    assert dra_node["spec"]["taints"] == by_name["gpu-a100-0"]["spec"]["taints"]
+    slices = resource_slice_manifests(pools)
+    assert [s["spec"]["nodeName"] for s in slices] == ["gpu-h100-0", "gpu-h100-1"]
+    first = slices[0]["spec"]
+    assert first["driver"] == "gpu.nvidia.com"
+    assert first["pool"]["name"] == "gpu-h100-0"
+    assert [d["name"] for d in first["devices"]] == ["gpu-0", "gpu-1"]
+    device = first["devices"][0]
+    assert device["attributes"]["productName"] == {"string": "NVIDIA H100 80GB HBM3"}
+    assert device["attributes"]["uuid"]["string"].startswith("GPU-")
+    assert device["capacity"] == {"memory": {"value": "80Gi"}}
+    # Stable across runs, distinct across devices and nodes.
+    uuids = {d["attributes"]["uuid"]["string"] for s in slices for d in s["spec"]["devices"]}
+    assert len(uuids) == 4
+    assert resource_slice_manifests(pools) == slices

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
@@ -18,7 +18,8 @@ from gpuyard.io.kube import Kube
 from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import MultiSink
-from gpuyard.logic.claimed_devices import HeldDevice
+from gpuyard.logic.claimed_devices import HeldDevice, device_uuid
+from gpuyard.logic.devices import ClaimHolder, ClassSelection, DeviceKey, SliceInfo
 from gpuyard.logic.metering import Account, PricePoint, ServiceMark
 from gpuyard.logic.news import deployment_read, service_read, status_read
 from gpuyard.logic.pool_accounting import NodeInfo, PoolUsage
@@ -52,9 +53,14 @@ class Caches:
     deployment_owners: Any
     #: The services' ResourceClaimTemplates, by service: a service has several while a
     #: rollout moves its pods from one claim spec to the next.
-    claim_templates_by_service: Any
-    resource_claims: Any
-    slice_devices: Any
+    claim_templates_by_service: Any = field(default_factory=dict)
+    resource_claims: Any = field(default_factory=dict)
+    #: DRA: ResourceSlices by node, allocated devices by (driver, pool, device), and
+    #: DeviceClasses by name. Empty where nothing indexes them (unit tests, benchmarks of
+    #: device-plugin pools), which is a cluster with no DRA devices.
+    resource_slices: Any = field(default_factory=dict)
+    allocated_devices: Any = field(default_factory=dict)
+    device_classes: Any = field(default_factory=dict)
 
     def pool(self, name: str) -> dict[str, Any] | None:
         return _single(self.pools.get(name))
@@ -77,8 +83,14 @@ class Caches:
     def resource_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
         return _single(self.resource_claims.get((namespace, name)))
 
-    def device_attributes(self, driver: str, pool: str, device: str) -> dict[str, Any] | None:
-        return _single(self.slice_devices.get((driver, pool, device)))
+    def device_uuid(self, node: str, driver: str, pool: str, device: str) -> str:
+        """The `uuid` attribute of a device in `node`'s ResourceSlices ("" without one)."""
+        for info in self.slices_on(node):
+            if (info.driver, info.pool) == (driver, pool):
+                for published in info.devices:
+                    if published.name == device:
+                        return device_uuid(published)
+        return ""
 
     def namespace_labels(self, name: str) -> dict[str, str] | None:
         return _single(self.namespaces.get(name))
@@ -124,6 +136,17 @@ class Caches:
     def all_gpu_pods(self) -> Iterator[Any]:
         for node in list(self.gpu_pods):
             yield from list(self.gpu_pods.get(node, ()))
+
+    # The DeviceInventory of gpuyard.logic.devices: pool accounting reads DRA through these.
+
+    def slices_on(self, node: str) -> Iterable[SliceInfo]:
+        return list(self.resource_slices.get(node, ()))
+
+    def holder(self, device: DeviceKey) -> ClaimHolder | None:
+        return _single(self.allocated_devices.get(device))
+
+    def device_class(self, name: str) -> ClassSelection | None:
+        return _single(self.device_classes.get(name))
 
 
 @dataclass

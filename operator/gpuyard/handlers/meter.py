@@ -43,7 +43,6 @@ from gpuyard.logic.claimed_devices import (
     ClaimedDeviceError,
     HeldDevice,
     allocated_devices,
-    device_uuid,
     devices_from_text,
     devices_to_text,
     pod_claim_names,
@@ -437,10 +436,11 @@ def _pod_devices(
     if not classes or not names:
         return {}
     namespace = pod["metadata"].get("namespace") or ""
+    node = pod["spec"].get("nodeName") or ""
     claims = [op.caches.resource_claim(namespace, name) for name in names]
 
     def uuid_of(driver: str, pool: str, device: str) -> str:
-        return device_uuid(op.caches.device_attributes(driver, pool, device), driver)
+        return op.caches.device_uuid(node, driver, pool, device)
 
     if all(claim is not None for claim in claims):
         found = {

@@ -28,7 +28,7 @@ async def reconcile_pool(op: Operator, name: str) -> None:
         # stricter version of gpuyard, and it must not stop the others.
         logger.error("GPUPool %s does not validate, skipped: %s", name, error)
         return
-    usage = compute_pool_usage(pool, op.caches.all_nodes(), op.caches.all_gpu_pods())
+    usage = compute_pool_usage(pool, op.caches.all_nodes(), op.caches.all_gpu_pods(), op.caches)
     previous_usage = op.pool_usage.get(name)
     op.pool_usage[name] = usage
     current = body.get("status") or {}

@@ -49,6 +49,11 @@ from gpuyard.io.sinks import (
     StdoutSink,
     UsageSink,
 )
+from gpuyard.logic.devices import (
+    claim_allocations_from_dict,
+    class_selection,
+    slice_info_from_dict,
+)
 from gpuyard.logic.pool_accounting import node_info_from_dict, pod_info_from_dict
 
 logger = logging.getLogger("gpuyard")
@@ -69,7 +74,9 @@ CACHE_IDS = (
     "deployment_owners",
     "claim_templates_by_service",
     "resource_claims",
-    "slice_devices",
+    "resource_slices",
+    "allocated_devices",
+    "device_classes",
 )
 #: How long a standby keeps the last state of a deleted pod for its own first meter tick
 #: as leader: a pod the leader had not billed yet when it died is billed from this.
@@ -131,6 +138,24 @@ def index_gpu_pod(body: Any, spec: Any, **_: Any) -> dict[str, Any]:
     return {spec.get("nodeName") or "": pod_info_from_dict(dict(body))}
 
 
+# DRA objects are cached as the few fields accounting reads (a slice's devices keep their
+# attributes and capacity, a claim only the devices it holds): a cluster has a slice per
+# GPU node and a claim per GPU pod, and whole bodies would cost as much as the pods do.
+
+
+def index_resource_slice(body: Any, **_: Any) -> dict[str, Any]:
+    info = slice_info_from_dict(dict(body))
+    return {info.node_name: info} if info is not None else {}
+
+
+def index_allocated_devices(body: Any, **_: Any) -> dict[Any, Any]:
+    return dict(claim_allocations_from_dict(dict(body)))
+
+
+def index_device_class(name: str, body: Any, **_: Any) -> dict[str, Any]:
+    return {name: class_selection(dict(body))}
+
+
 def index_child(namespace: str | None, name: str, body: Any, **_: Any) -> dict[ServiceKey, Any]:
     return {(namespace or "", name): dict(body)}
 
@@ -174,25 +199,12 @@ def index_resource_claim(
     }
 
 
-def index_slice_devices(spec: Any, **_: Any) -> dict[tuple[str, str, str], Any]:
-    """Each published device's attributes, by the (driver, pool, device) allocations name."""
-    driver = str(spec.get("driver") or "")
-    pool = str((spec.get("pool") or {}).get("name") or "")
-    return {
-        (driver, pool, str(device.get("name"))): dict(device.get("attributes") or {})
-        for device in spec.get("devices") or ()
-        if device.get("name")
-    }
-
-
 def register_dra_reads(r: kopf.OperatorRegistry) -> None:
-    """ResourceClaims and ResourceSlices: what a pod on a DRA pool holds, and each device's
-    identity (its UUID), for the meter."""
+    """ResourceClaims by name, for the meter: what a pod on a DRA pool holds, by request (the
+    pool accounting's `allocated_devices` keys them by device, without their requests).
+    Each device's UUID comes from the slices accounting indexes (`resource_slices`)."""
     kopf.index("resource.k8s.io", "v1", "resourceclaims", id="resource_claims", registry=r)(
         index_resource_claim
-    )
-    kopf.index("resource.k8s.io", "v1", "resourceslices", id="slice_devices", registry=r)(
-        index_slice_devices
     )
 
 
@@ -462,7 +474,8 @@ async def on_pool_event(name: str, memo: Any, **_: Any) -> None:
 
 
 async def on_capacity_event(memo: Any, **_: Any) -> None:
-    """A node or a GPU pod changed: every pool recounts (the queue folds bursts)."""
+    """A node, a GPU pod or a DRA object changed: every pool recounts (the queue folds
+    bursts)."""
     operator = started(memo)
     for pool in operator.caches.pool_names():
         operator.pool_queue.add(pool)
@@ -550,6 +563,12 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.index("", "v1", "pods", when=may_hold_gpus, id="metered_pods", registry=r)(
         index_metered_pod
     )
+    dra = "resource.k8s.io"
+    kopf.index(dra, "v1", "resourceslices", id="resource_slices", registry=r)(index_resource_slice)
+    kopf.index(dra, "v1", "resourceclaims", id="allocated_devices", registry=r)(
+        index_allocated_devices
+    )
+    kopf.index(dra, "v1", "deviceclasses", id="device_classes", registry=r)(index_device_class)
     kopf.index("apps", "v1", "replicasets", id="replicasets", registry=r)(index_owner_links)
     kopf.index("apps", "v1", "deployments", id="deployment_owners", registry=r)(index_owner_links)
 
@@ -571,6 +590,9 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.on.event(API_GROUP, API_VERSION, "gpupools", registry=r)(on_pool_event)
     kopf.on.event("", "v1", "nodes", registry=r)(on_capacity_event)
     kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_capacity_event)
+    # A slice, a claim's allocation or a class changes what DRA pools have and hold.
+    for plural in ("resourceslices", "resourceclaims", "deviceclasses"):
+        kopf.on.event(dra, "v1", plural, registry=r)(on_capacity_event)
     kopf.on.event("", "v1", "namespaces", registry=r)(on_namespace_event)
     kopf.on.event("", "v1", "pods", when=may_hold_gpus, registry=r)(on_metered_pod_event)
     return registry

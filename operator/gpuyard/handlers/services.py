@@ -532,7 +532,7 @@ def _pool_usage(op: Operator, pool: GPUPool) -> PoolUsage:
     # only covers a service reconciled before its pool's first reconcile.
     usage = op.pool_usage.get(pool.name)
     if usage is None:
-        usage = compute_pool_usage(pool, op.caches.all_nodes(), op.caches.all_gpu_pods())
+        usage = compute_pool_usage(pool, op.caches.all_nodes(), op.caches.all_gpu_pods(), op.caches)
         op.pool_usage[pool.name] = usage
     return usage
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from gpuyard.api.pool import GPUPool, GPUPoolStatus
 from gpuyard.api.service import AIService
-from gpuyard.logic.pool_accounting import namespace_matches
+from gpuyard.logic.pool_accounting import namespace_matches, pool_unit
 
 ACCEPTED = "Accepted"
 POOL_NOT_FOUND = "PoolNotFound"
@@ -79,7 +79,7 @@ def check_service(
             "spec.priorityClassName or ask the cluster administrator to list it",
         )
     gpus = spec.gpus_per_replica
-    resource = pool.spec.resource_name
+    resource = pool_unit(pool)
     largest = pool_status.largest_node_gpus if pool_status is not None else None
     ready_nodes = pool_status.ready_nodes if pool_status is not None else None
     # With no ready node at all the pool is down, not too small: CapacityLimited says so,

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from gpuyard.logic.devices import Device
+
 
 class ClaimedDeviceError(ValueError):
     """A device list that cannot be read back (a hand-edited annotation, a bad record)."""
@@ -120,14 +122,11 @@ def allocated_devices(
     return devices
 
 
-def device_uuid(attributes: Mapping[str, Any] | None, driver: str) -> str:
-    """A slice device's `uuid` string attribute, written short or with the driver's domain
-    (resource.k8s.io/v1 qualified names: a short name is in the driver's domain)."""
-    for name in ("uuid", f"{driver}/uuid"):
-        value = _get(attributes, name, "string")
-        if isinstance(value, str) and value:
-            return value
-    return ""
+def device_uuid(device: Device) -> str:
+    """A published device's `uuid` string attribute ("" without one). The slice index keeps
+    attribute names qualified by the driver's domain, as DRA reads a short name."""
+    value = device.attributes.get(f"{device.driver}/uuid")
+    return value if isinstance(value, str) else ""
 
 
 def devices_to_text(devices: Iterable[HeldDevice]) -> str:

@@ -333,6 +333,9 @@ def pods_refused(deployment_status: Mapping[str, Any]) -> str | None:
 
 def pool_ready_condition(usage: PoolUsage, *, resource_name: str) -> ConditionUpdate:
     """`Ready` of a GPUPool: whether any node can take the pool's pods."""
+    if usage.device_problem is not None:
+        reason, message = usage.device_problem
+        return ConditionUpdate(READY, "False", reason, message)
     if usage.nodes == 0:
         return ConditionUpdate(
             READY,
@@ -348,6 +351,15 @@ def pool_ready_condition(usage: PoolUsage, *, resource_name: str) -> ConditionUp
             f"none of the {_plural(usage.nodes, 'matching node')} can take pods: each is "
             "NotReady, cordoned, or has a NoSchedule/NoExecute taint the pool does not tolerate",
         )
+    unit = usage.unit or resource_name
+    if usage.capacity == 0 and unit != resource_name:
+        return ConditionUpdate(
+            READY,
+            "False",
+            "NoMatchingDevices",
+            f"no ready node has {unit}: check that the DRA driver publishes ResourceSlices "
+            "for the nodes, or the pool's spec.devices",
+        )
     if usage.capacity == 0:
         return ConditionUpdate(
             READY,
@@ -361,7 +373,7 @@ def pool_ready_condition(usage: PoolUsage, *, resource_name: str) -> ConditionUp
         "True",
         "NodesReady",
         f"{usage.ready_nodes}/{usage.nodes} nodes ready, {usage.available}/{usage.capacity} "
-        f"{resource_name} free",
+        f"{unit} free",
     )
 
 

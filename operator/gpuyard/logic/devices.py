@@ -17,12 +17,13 @@ clauses. Any other expression is reported, never guessed at.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from gpuyard.api.formats import parse_quantity
+from gpuyard.api.names import SERVICE_LABEL
 from gpuyard.api.pool import DevicePool, DeviceSelector
 
 #: An attribute value as the operator keeps it: the one typed member of the API's
@@ -75,6 +76,115 @@ def device_from_dict(obj: Mapping[str, Any], driver: str) -> Device | None:
         if amount is not None:
             capacity[qualified_name(str(key), driver)] = amount
     return Device(name=name, driver=driver, attributes=attributes, capacity=capacity)
+
+
+#: A device's identity across the cluster: (driver, pool, device), as claims name it.
+DeviceKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """What accounting keeps of a ResourceSlice: its node, pool generation and devices."""
+
+    node_name: str
+    driver: str
+    pool: str
+    generation: int
+    devices: tuple[Device, ...]
+
+
+def slice_info_from_dict(obj: Mapping[str, Any]) -> SliceInfo | None:
+    """The node-local devices of a ResourceSlice; None for a slice of no single node (a
+    network-attached pool), which no GPUPool's node can own."""
+    spec = obj.get("spec")
+    spec = spec if isinstance(spec, Mapping) else {}
+    node, driver = spec.get("nodeName"), spec.get("driver")
+    pool = spec.get("pool")
+    pool = pool if isinstance(pool, Mapping) else {}
+    if not isinstance(node, str) or not node or not isinstance(driver, str):
+        return None
+    generation = pool.get("generation")
+    raw_devices = spec.get("devices")
+    devices = tuple(
+        device
+        for raw in (raw_devices if isinstance(raw_devices, Sequence) else [])
+        if isinstance(raw, Mapping) and (device := device_from_dict(raw, driver)) is not None
+    )
+    return SliceInfo(
+        node_name=node,
+        driver=driver,
+        pool=str(pool.get("name", "")),
+        generation=generation if isinstance(generation, int) else 0,
+        devices=devices,
+    )
+
+
+@dataclass(frozen=True)
+class ClaimHolder:
+    """The claim an allocated device belongs to: its namespace and, for a claim made from
+    an AIService's template, the service (the `gpuyard.io/service` label)."""
+
+    namespace: str
+    claim: str
+    service: str | None = None
+
+
+def claim_allocations_from_dict(obj: Mapping[str, Any]) -> dict[DeviceKey, ClaimHolder]:
+    """Every device a ResourceClaim's status.allocation holds, with the claim holding it."""
+    metadata = obj.get("metadata")
+    metadata = metadata if isinstance(metadata, Mapping) else {}
+    labels = metadata.get("labels")
+    service = labels.get(SERVICE_LABEL) if isinstance(labels, Mapping) else None
+    holder = ClaimHolder(
+        namespace=str(metadata.get("namespace", "")),
+        claim=str(metadata.get("name", "")),
+        service=service if isinstance(service, str) else None,
+    )
+    status = obj.get("status")
+    allocation = status.get("allocation") if isinstance(status, Mapping) else None
+    devices = allocation.get("devices") if isinstance(allocation, Mapping) else None
+    results = devices.get("results") if isinstance(devices, Mapping) else None
+    held: dict[DeviceKey, ClaimHolder] = {}
+    for result in results if isinstance(results, Sequence) else []:
+        if not isinstance(result, Mapping):
+            continue
+        key = (result.get("driver"), result.get("pool"), result.get("device"))
+        if all(isinstance(part, str) for part in key):
+            held[(str(key[0]), str(key[1]), str(key[2]))] = holder
+    return held
+
+
+class DeviceInventory(Protocol):
+    """The DRA objects accounting reads, as the operator's caches hold them."""
+
+    def slices_on(self, node: str) -> Iterable[SliceInfo]:
+        """Every ResourceSlice published for `node`."""
+        ...
+
+    def holder(self, device: DeviceKey) -> ClaimHolder | None:
+        """The claim `device` is allocated to, if any."""
+        ...
+
+    def device_class(self, name: str) -> ClassSelection | None:
+        """The DeviceClass `name` as read, or None when it does not exist."""
+        ...
+
+
+def current_devices(slices: Iterable[SliceInfo]) -> list[tuple[DeviceKey, Device]]:
+    """The devices of the slices, each pool at its newest generation only: while a driver
+    rewrites a pool, slices of the old generation are stale (resource.k8s.io/v1
+    ResourceSlice: consumers must ignore all but the highest generation)."""
+    slices = list(slices)
+    newest: dict[tuple[str, str], int] = {}
+    for item in slices:
+        pool = (item.driver, item.pool)
+        newest[pool] = max(newest.get(pool, item.generation), item.generation)
+    return [
+        ((item.driver, item.pool, device.name), device)
+        for item in slices
+        if item.generation == newest[(item.driver, item.pool)]
+        for device in item.devices
+    ]
 
 
 # --- The pool's selector ---------------------------------------------------------------------

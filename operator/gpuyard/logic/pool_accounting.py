@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -26,6 +26,12 @@ from gpuyard.api.common import LabelSelector, Toleration
 from gpuyard.api.formats import InvalidValueError, parse_quantity, parse_time
 from gpuyard.api.names import POOL_LABEL, SERVICE_LABEL
 from gpuyard.api.pool import GPUPool
+from gpuyard.logic.devices import (
+    ClaimHolder,
+    DeviceInventory,
+    current_devices,
+    device_matches,
+)
 
 FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 #: Taint effects that keep new pods off a node; PreferNoSchedule only discourages.
@@ -344,6 +350,11 @@ class PoolUsage:
     #: GPUs an AIService's pods hold on the pool's nodes (bound pods only): its placed
     #: replicas, as opposed to those still waiting for a node.
     bound_by_service: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    #: What the pool counts, for messages: its resourceName, or its DeviceClass's devices
+    #: (a label, not a number: left out of comparisons).
+    unit: str = field(default="", compare=False)
+    #: Why a DRA pool's devices cannot be counted (reason, message); None when they can.
+    device_problem: tuple[str, str] | None = None
 
     def namespace_allocated(self, namespace: str, *, excluding_service: str | None = None) -> int:
         """GPUs `namespace` holds in the pool, leaving out one service's own pods (so a
@@ -361,31 +372,138 @@ class PoolUsage:
         return sum(free // gpus_per_replica for free in self.free_gpus_by_node.values())
 
 
+def pool_unit(pool: GPUPool) -> str:
+    """What the pool's numbers count, as messages name it."""
+    devices = pool.spec.devices
+    if devices is None:
+        return pool.spec.resource_name
+    matching = " matching spec.devices.selector" if devices.selector is not None else ""
+    return f"devices of DeviceClass {devices.device_class_name}{matching}"
+
+
+@dataclass(frozen=True)
+class _DeviceCount:
+    """A DRA pool's devices on each node: how many it may use, and which claims hold them."""
+
+    on_node: Mapping[str, int]
+    held_on_node: Mapping[str, int]
+    holders: tuple[ClaimHolder, ...]
+    #: Nodes whose extended resource the device plugin serves, not DRA (KEP-5004).
+    plugin_nodes: frozenset[str]
+    problem: tuple[str, str] | None = None
+
+
+def _count_devices(
+    pool: GPUPool, pool_nodes: Mapping[str, NodeInfo], inventory: DeviceInventory | None
+) -> _DeviceCount:
+    devices = pool.spec.devices
+    assert devices is not None
+    resource = pool.spec.resource_name
+    name = devices.device_class_name
+    selection = inventory.device_class(name) if inventory is not None else None
+    empty = _DeviceCount(on_node={}, held_on_node={}, holders=(), plugin_nodes=frozenset())
+    if selection is None:
+        return replace(
+            empty,
+            problem=(
+                "DeviceClassNotFound",
+                f"DeviceClass {name} does not exist: install the DRA driver's DeviceClass or fix "
+                "spec.devices.deviceClassName",
+            ),
+        )
+    if selection.unsupported_expression is not None:
+        return replace(
+            empty,
+            problem=(
+                "DeviceClassUnsupported",
+                f"gpuyard cannot count the devices of DeviceClass {name}: its selector "
+                f"{selection.unsupported_expression!r} is not of the form device.driver == "
+                '"<driver>" (optionally && device.attributes["<domain>"].<name> == "<value>"); '
+                "use a DeviceClass of that form for the pool",
+            ),
+        )
+    extended = devices.request == "ExtendedResource"
+    if extended and selection.extended_resource_name != resource:
+        return replace(
+            empty,
+            problem=(
+                "DeviceClassMismatch",
+                f"spec.devices.request is ExtendedResource, but DeviceClass {name} maps "
+                f"{selection.extended_resource_name or 'no extended resource'}, not "
+                f"{resource}: set the class's spec.extendedResourceName to {resource}, or use "
+                "request ClaimTemplate",
+            ),
+        )
+    on_node: dict[str, int] = {}
+    held_on_node: dict[str, int] = {}
+    holders: list[ClaimHolder] = []
+    plugin_nodes = set()
+    for node_name, node in pool_nodes.items():
+        # KEP-5004: the scheduler serves an extended resource from the device plugin on a
+        # node that advertises it in allocatable, and from the class's devices elsewhere.
+        if extended and node.allocatable.get(resource, 0) > 0:
+            plugin_nodes.add(node_name)
+            continue
+        count = held = 0
+        for key, device in current_devices(inventory.slices_on(node_name) if inventory else ()):
+            if not selection.selects(device) or not device_matches(device, devices.selector):
+                continue
+            count += 1
+            holder = inventory.holder(key) if inventory is not None else None
+            if holder is not None:
+                held += 1
+                holders.append(holder)
+        on_node[node_name], held_on_node[node_name] = count, held
+    return _DeviceCount(
+        on_node=on_node,
+        held_on_node=held_on_node,
+        holders=tuple(holders),
+        plugin_nodes=frozenset(plugin_nodes),
+    )
+
+
 def compute_pool_usage(
-    pool: GPUPool, nodes: Iterable[NodeInfo], pods: Iterable[PodInfo]
+    pool: GPUPool,
+    nodes: Iterable[NodeInfo],
+    pods: Iterable[PodInfo],
+    devices: DeviceInventory | None = None,
 ) -> PoolUsage:
-    """The pool's usage from every Node and every (GPU-requesting) Pod of the cluster.
+    """The pool's usage from every Node and every (GPU-requesting) Pod of the cluster, and
+    for a DRA pool (spec.devices) from the ResourceSlices and ResourceClaims in `devices`.
 
     Pods count against a namespace once bound to one of the pool's nodes, or, while still
     pending, when labelled for the pool: a quota must also hold the replicas waiting for
     GPUs, or a namespace could queue past it.
+
+    A DRA pool's node offers the devices of its slices that the DeviceClass and the pool's
+    selector take; a device is allocated while any claim (of any namespace) holds it. With
+    request ExtendedResource the pods still ask for resourceName and count per namespace
+    as above, but their GPUs on DRA nodes are counted from the claims the scheduler made
+    for them, not twice. With ClaimTemplate the claims also give the namespace split.
     """
     resource = pool.spec.resource_name
     pool_nodes = {node.name: node for node in nodes if node_in_pool(node, pool)}
     usable = {name for name, node in pool_nodes.items() if node_accepts_pool_pods(node, pool)}
+    dra = _count_devices(pool, pool_nodes, devices) if pool.spec.devices is not None else None
 
     held_on_node: dict[str, int] = defaultdict(int)
     by_namespace: dict[str, int] = defaultdict(int)
     by_service: dict[tuple[str, str], int] = defaultdict(int)
     bound_by_service: dict[tuple[str, str], int] = defaultdict(int)
-    for pod in pods:
+    counts_pods = (
+        dra is None
+        or pool.spec.devices is None
+        or (pool.spec.devices.request == "ExtendedResource")
+    )
+    for pod in pods if counts_pods else ():
         amount = pod.requests.get(resource, 0)
         if amount <= 0 or pod.phase in FINISHED_PHASES:
             continue
         if pod.node_name is not None:
             if pod.node_name not in pool_nodes:
                 continue
-            held_on_node[pod.node_name] += amount
+            if dra is None or pod.node_name in dra.plugin_nodes:
+                held_on_node[pod.node_name] += amount
         elif pod.pool != pool.name:
             continue
         by_namespace[pod.namespace] += amount
@@ -394,7 +512,19 @@ def compute_pool_usage(
             if pod.node_name is not None:
                 bound_by_service[(pod.namespace, pod.service)] += amount
 
-    allocatable = {name: pool_nodes[name].allocatable.get(resource, 0) for name in usable}
+    allocatable = {
+        name: dra.on_node.get(name, 0)
+        if dra is not None and name not in dra.plugin_nodes
+        else pool_nodes[name].allocatable.get(resource, 0)
+        for name in usable
+    }
+    for name, held in dra.held_on_node.items() if dra is not None else ():
+        held_on_node[name] += held
+    for holder in dra.holders if dra is not None and not counts_pods else ():
+        by_namespace[holder.namespace] += 1
+        if holder.service is not None:
+            by_service[(holder.namespace, holder.service)] += 1
+            bound_by_service[(holder.namespace, holder.service)] += 1
     free = {name: max(0, allocatable[name] - held_on_node[name]) for name in usable}
     return PoolUsage(
         nodes=len(pool_nodes),
@@ -407,4 +537,6 @@ def compute_pool_usage(
         allocated_by_namespace=dict(by_namespace),
         allocated_by_service=dict(by_service),
         bound_by_service=dict(bound_by_service),
+        unit=pool_unit(pool),
+        device_problem=dra.problem if dra is not None else None,
     )
