@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import OperatorProcess
+from conftest import Loads, OperatorProcess
 from gpuyard.api.formats import parse_time
 from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import AIService
@@ -188,13 +189,17 @@ def rig(cluster: ClusterState, operator: OperatorProcess, tmp_path: Path) -> Ite
 
 
 def test_both_request_modes_are_billed_per_device_across_an_operator_killed_mid_way(
-    kubectl: Kubectl, namespace: str, dra: list[DraRig], rig: Rig
+    kubectl: Kubectl, namespace: str, dra: list[DraRig], rig: Rig, load: Loads
 ) -> None:
     claims_rig, extended_rig = dra
     claims_rig.node(0, gpus=2)
     extended_rig.node(0, gpus=2)
     claims_pool = claims_rig.pool("claims")
     extended_pool = extended_rig.pool("extended", request="ExtendedResource")
+    # Both GPUs of llama's replica fully busy, embed's at half: the simulator serves them by
+    # the UUIDs their slices publish, and the meter joins utilisation on those.
+    load.set(namespace, "llama", 200)
+    load.set(namespace, "embed", 50)
     with rig.operator(window_seconds=1) as operator:
         services = [aiservice("llama", claims_pool, 2, 1), aiservice("embed", extended_pool, 1, 1)]
         kubectl.apply(
@@ -229,6 +234,12 @@ def test_both_request_modes_are_billed_per_device_across_an_operator_killed_mid_
             )
 
         wait_until(annotated, what="the meter's finalizer and device annotation on both pods")
+
+        def measured() -> bool:
+            found = {r.pod_uid for r in ledger_copies(rig.ledger) if r.avg_utilization}
+            return found >= set(devices)
+
+        wait_until(measured, timeout=30, what="records of both pods measured by their GPUs' UUIDs")
         # Killed; the services go, their pods end and their claims are deleted meanwhile.
         operator.kill()
         for service in ("llama", "embed"):
@@ -277,4 +288,7 @@ def test_both_request_modes_are_billed_per_device_across_an_operator_killed_mid_
         )
         assert all(r.gpus == len(held) and list(r.devices) == held for r in mine)
         assert all(device.uuid.startswith("GPU-") for device in held)
+        utilisation = [r.avg_utilization for r in mine if r.avg_utilization is not None]
+        busy = {"llama": Decimal(100), "embed": Decimal(50)}
+        assert max(utilisation) == busy[pod["metadata"]["labels"]["gpuyard.io/service"]]
     assert {r.pod_uid for r in records} == set(last_states)
