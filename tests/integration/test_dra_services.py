@@ -28,7 +28,7 @@ from localcluster.cluster import ClusterState
 from localcluster.topology import DRA_PRODUCTS, gpu_uuid
 from metering_support import IMAGE, Rig, ledger_copies, open_rig
 from support import Kubectl, wait_until
-from test_dra_pools import DraRig
+from test_dra_pools import DraRig, claim, pinned_pod
 
 GPU = "nvidia.com/gpu"
 TENANT = "dra-tenant"
@@ -82,6 +82,11 @@ def held_devices(kubectl: Kubectl, namespace: str, pod: dict[str, Any]) -> list[
     names = [s["resourceClaimName"] for s in status.get("resourceClaimStatuses") or ()]
     extended = (status.get("extendedResourceClaimStatus") or {}).get("resourceClaimName")
     names += [extended] if extended else []
+    names += [
+        c["resourceClaimName"]
+        for c in pod["spec"].get("resourceClaims") or ()
+        if "resourceClaimName" in c
+    ]
     devices = []
     for name in names:
         body = kubectl.json("get", "resourceclaim", "-n", namespace, name)
@@ -192,7 +197,7 @@ def test_both_request_modes_are_billed_per_device_across_an_operator_killed_mid_
     kubectl: Kubectl, namespace: str, dra: list[DraRig], rig: Rig, load: Loads
 ) -> None:
     claims_rig, extended_rig = dra
-    claims_rig.node(0, gpus=2)
+    claims_node = claims_rig.node(0, gpus=3)
     extended_rig.node(0, gpus=2)
     claims_pool = claims_rig.pool("claims")
     extended_pool = extended_rig.pool("extended", request="ExtendedResource")
@@ -202,12 +207,14 @@ def test_both_request_modes_are_billed_per_device_across_an_operator_killed_mid_
     load.set(namespace, "embed", 50)
     with rig.operator(window_seconds=1) as operator:
         services = [aiservice("llama", claims_pool, 2, 1), aiservice("embed", extended_pool, 1, 1)]
-        kubectl.apply(
-            json.dumps({"apiVersion": "v1", "kind": "List", "items": services}), namespace
-        )
+        # A tenant's own claim and bare pod on the pool's third device: unmanaged usage.
+        own = pinned_pod("own", claims_node, claims=[{"name": "gpu", "resourceClaimName": "own"}])
+        own["metadata"]["labels"] = {"gpuyard.io/service": "own"}  # found like a service's
+        items = [*services, claim("own"), own]
+        kubectl.apply(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}), namespace)
 
         def both_running() -> dict[str, dict[str, Any]] | None:
-            pods = {s: service_pods(kubectl, namespace, s) for s in ("llama", "embed")}
+            pods = {s: service_pods(kubectl, namespace, s) for s in ("llama", "embed", "own")}
             if not all(
                 len(p) == 1 and p[0]["status"].get("phase") == "Running" for p in pods.values()
             ):
@@ -223,13 +230,13 @@ def test_both_request_modes_are_billed_per_device_across_an_operator_killed_mid_
         assert GPU not in llama["spec"]["containers"][0]["resources"].get("limits", {})
         devices = {uid: held_devices(kubectl, namespace, pod) for pod in pods.values()
                    if (uid := pod["metadata"]["uid"])}  # fmt: skip
-        assert sorted(len(d) for d in devices.values()) == [1, 2]
+        assert sorted(len(d) for d in devices.values()) == [1, 1, 2]
 
         # The meter bills them, and has written their devices beside its finalizer.
         def annotated() -> bool:
             return all(
                 "gpuyard.io/billed-devices" in (p["metadata"].get("annotations") or {})
-                for s in ("llama", "embed")
+                for s in ("llama", "embed", "own")
                 for p in service_pods(kubectl, namespace, s)
             )
 
@@ -237,13 +244,15 @@ def test_both_request_modes_are_billed_per_device_across_an_operator_killed_mid_
 
         def measured() -> bool:
             found = {r.pod_uid for r in ledger_copies(rig.ledger) if r.avg_utilization}
-            return found >= set(devices)
+            return found >= {pod["metadata"]["uid"] for pod in (embed, llama)}
 
         wait_until(measured, timeout=30, what="records of both pods measured by their GPUs' UUIDs")
         # Killed; the services go, their pods end and their claims are deleted meanwhile.
         operator.kill()
         for service in ("llama", "embed"):
             kubectl("delete", "aiservice", service, "-n", namespace, "--wait=false")
+        kubectl("delete", "pod", "own", "-n", namespace, "--wait=false")
+        kubectl("delete", "resourceclaim", "own", "-n", namespace, "--wait=false")
 
         def claims_gone() -> bool:
             return not kubectl.json("get", "resourceclaims", "-n", namespace)["items"]
@@ -288,7 +297,12 @@ def test_both_request_modes_are_billed_per_device_across_an_operator_killed_mid_
         )
         assert all(r.gpus == len(held) and list(r.devices) == held for r in mine)
         assert all(device.uuid.startswith("GPU-") for device in held)
+        service = pod["metadata"]["labels"]["gpuyard.io/service"]
+        if service == "own":
+            # Billed all the same, to its namespace (the meter never reads the label).
+            assert all(r.unmanaged and r.service == "" for r in mine)
+            continue
         utilisation = [r.avg_utilization for r in mine if r.avg_utilization is not None]
         busy = {"llama": Decimal(100), "embed": Decimal(50)}
-        assert max(utilisation) == busy[pod["metadata"]["labels"]["gpuyard.io/service"]]
+        assert max(utilisation) == busy[service]
     assert {r.pod_uid for r in records} == set(last_states)
