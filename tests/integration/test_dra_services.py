@@ -26,7 +26,7 @@ from gpuyard.logic.claimed_devices import HeldDevice
 from gpuyard.logic.metering import epoch_floor
 from localcluster.cluster import ClusterState
 from localcluster.topology import DRA_PRODUCTS, gpu_uuid
-from metering_support import IMAGE, Rig, ledger_copies, open_rig
+from metering_support import Rig, aiservice, ledger_copies, open_rig
 from support import Kubectl, wait_until
 from test_dra_pools import DraRig, claim, pinned_pod
 
@@ -45,23 +45,6 @@ def dra(kubectl: Kubectl, namespace: str, cluster: ClusterState) -> Iterator[lis
     finally:
         for rig in rigs:
             rig.cleanup()
-
-
-def aiservice(name: str, pool: str, gpus: int, replicas: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "gpuyard.io/v1alpha1",
-        "kind": "AIService",
-        "metadata": {"name": name},
-        "spec": {
-            "pool": pool,
-            "gpusPerReplica": gpus,
-            "container": {"image": IMAGE},
-            "minReplicas": 0,
-            "maxReplicas": 4,
-            "replicas": replicas,
-            "autoscaling": {"mode": "Off"},
-        },
-    }
 
 
 def service_pods(kubectl: Kubectl, namespace: str, service: str) -> list[dict[str, Any]]:

@@ -57,7 +57,9 @@ class HeldDevice:
         return cls(**fields)
 
 
-def _get(mapping: Any, *path: str) -> Any:
+def nested(mapping: Any, *path: str) -> Any:
+    """The value at `path` in nested mappings, or None where any step is missing (API
+    objects read as JSON: a field may be absent at any depth)."""
     current = mapping
     for key in path:
         if not isinstance(current, Mapping):
@@ -72,11 +74,11 @@ def pod_claim_names(pod: Mapping[str, Any]) -> list[str]:
     (`status.resourceClaimStatuses`), and the one the scheduler made for its extended
     resources (`status.extendedResourceClaimStatus`)."""
     names: list[str] = []
-    for entry in _get(pod, "spec", "resourceClaims") or ():
-        names.append(_get(entry, "resourceClaimName") or "")
-    for entry in _get(pod, "status", "resourceClaimStatuses") or ():
-        names.append(_get(entry, "resourceClaimName") or "")
-    names.append(_get(pod, "status", "extendedResourceClaimStatus", "resourceClaimName") or "")
+    for entry in nested(pod, "spec", "resourceClaims") or ():
+        names.append(nested(entry, "resourceClaimName") or "")
+    for entry in nested(pod, "status", "resourceClaimStatuses") or ():
+        names.append(nested(entry, "resourceClaimName") or "")
+    names.append(nested(pod, "status", "extendedResourceClaimStatus", "resourceClaimName") or "")
     unique: list[str] = []
     for name in names:
         if name and name not in unique:
@@ -88,13 +90,13 @@ def _request_classes(claim: Mapping[str, Any]) -> dict[str, str]:
     """The DeviceClass of each request of a claim, by the name its results carry: `name`
     for a request with `exactly`, `name/sub` for each alternative of `firstAvailable`."""
     classes: dict[str, str] = {}
-    for request in _get(claim, "spec", "devices", "requests") or ():
-        name = str(_get(request, "name") or "")
-        exactly = _get(request, "exactly")
+    for request in nested(claim, "spec", "devices", "requests") or ():
+        name = str(nested(request, "name") or "")
+        exactly = nested(request, "exactly")
         if isinstance(exactly, Mapping):
             classes[name] = str(exactly.get("deviceClassName") or "")
-        for sub in _get(request, "firstAvailable") or ():
-            classes[f"{name}/{_get(sub, 'name')}"] = str(_get(sub, "deviceClassName") or "")
+        for sub in nested(request, "firstAvailable") or ():
+            classes[f"{name}/{nested(sub, 'name')}"] = str(nested(sub, "deviceClassName") or "")
     return classes
 
 
@@ -107,13 +109,13 @@ def allocated_devices(
     gives each one's UUID (or "") from the ResourceSlices."""
     classes = _request_classes(claim)
     devices: list[HeldDevice] = []
-    for result in _get(claim, "status", "allocation", "devices", "results") or ():
-        if _get(result, "adminAccess") is True:
+    for result in nested(claim, "status", "allocation", "devices", "results") or ():
+        if nested(result, "adminAccess") is True:
             continue
-        if classes.get(str(_get(result, "request") or "")) != device_class:
+        if classes.get(str(nested(result, "request") or "")) != device_class:
             continue
         driver, pool, device = (
-            str(_get(result, key) or "") for key in ("driver", "pool", "device")
+            str(nested(result, key) or "") for key in ("driver", "pool", "device")
         )
         if not (driver and pool and device):
             continue

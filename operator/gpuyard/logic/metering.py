@@ -63,6 +63,7 @@ from gpuyard.api.formats import (
 )
 from gpuyard.api.names import DEFAULT_RESOURCE_NAME
 from gpuyard.logic.claimed_devices import ClaimedDeviceError, HeldDevice
+from gpuyard.logic.claimed_devices import nested as _get
 
 DEFAULT_WINDOW_SECONDS = 60
 MIN_WINDOW_SECONDS = 1
@@ -394,15 +395,6 @@ class PodLifetime:
         if self.ended_at is not None:
             end = min(end, epoch_floor(self.ended_at))
         return max(0, end - epoch_floor(self.bound_at))
-
-
-def _get(mapping: Any, *path: str) -> Any:
-    current = mapping
-    for key in path:
-        if not isinstance(current, Mapping):
-            return None
-        current = current.get(key)
-    return current
 
 
 def _optional_time(value: Any) -> datetime | None:
