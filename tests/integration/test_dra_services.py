@@ -289,3 +289,36 @@ def test_both_request_modes_are_billed_per_device_across_an_operator_killed_mid_
         busy = {"llama": Decimal(100), "embed": Decimal(50)}
         assert max(utilisation) == busy[service]
     assert {r.pod_uid for r in records} == set(last_states)
+
+
+def test_the_autoscaler_asks_a_dra_pool_for_no_more_devices_than_it_has(
+    kubectl: Kubectl, namespace: str, dra: list[DraRig], running_operator: OperatorProcess,
+    load: Loads,
+) -> None:  # fmt: skip
+    rig = dra[0]
+    rig.node(0, gpus=2)
+    pool = rig.pool("auto")
+    load.set(namespace, "hungry", 800)  # eight GPUs' worth: every replica at 100 %
+    service = aiservice("hungry", pool, gpus=1, replicas=1)
+    service["spec"].update(minReplicas=1, maxReplicas=8)
+    del service["spec"]["replicas"]
+    service["spec"]["autoscaling"] = {
+        "mode": "Auto",
+        "metrics": [{"type": "GPUUtilization", "targetPercent": 50}],
+        "scaleUp": {"maxStepReplicas": 8},
+    }
+    kubectl.apply(json.dumps(service), namespace)
+
+    def capped() -> dict[str, Any] | None:
+        found: dict[str, Any] = kubectl.json("get", "aiservice", "-n", namespace, "hungry")
+        recommendation = (found.get("status") or {}).get("recommendation") or {}
+        if recommendation.get("limitedBy") != "Capacity":
+            return None
+        return found
+
+    found = wait_until(capped, timeout=60, what="the recommendation limited by Capacity")
+    # Two devices, two replicas: the pool's devices, not the eight the load asks for.
+    assert found["status"]["desiredReplicas"] == 2
+    deployment = kubectl.json("get", "deployment", "-n", namespace, "hungry")
+    assert deployment["spec"]["replicas"] == 2
+    assert all(p["spec"].get("nodeName") for p in service_pods(kubectl, namespace, "hungry"))

@@ -547,9 +547,7 @@ def build_registry() -> kopf.OperatorRegistry:
         index_service_by_pool
     )
     kopf.index("", "v1", "nodes", id="nodes", registry=r)(index_node)
-    kopf.index("", "v1", "pods", when=holds_extended_resource, id="gpu_pods", registry=r)(
-        index_gpu_pod
-    )
+    kopf.index("", "v1", "pods", when=may_hold_gpus, id="gpu_pods", registry=r)(index_gpu_pod)
     kopf.index("apps", "v1", "deployments", labels=MANAGED, id="deployments", registry=r)(
         index_child
     )
@@ -589,7 +587,7 @@ def build_registry() -> kopf.OperatorRegistry:
     )
     kopf.on.event(API_GROUP, API_VERSION, "gpupools", registry=r)(on_pool_event)
     kopf.on.event("", "v1", "nodes", registry=r)(on_capacity_event)
-    kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_capacity_event)
+    kopf.on.event("", "v1", "pods", when=may_hold_gpus, registry=r)(on_capacity_event)
     # A slice, a claim's allocation or a class changes what DRA pools have and hold.
     for plural in ("resourceslices", "resourceclaims", "deviceclasses"):
         kopf.on.event(dra, "v1", plural, registry=r)(on_capacity_event)
