@@ -307,7 +307,26 @@ def test_the_autoscaler_asks_a_dra_pool_for_no_more_devices_than_it_has(
         "metrics": [{"type": "GPUUtilization", "targetPercent": 50}],
         "scaleUp": {"maxStepReplicas": 8},
     }
+    # A namespace whose quota allows no claim template: no Deployment (never half-made
+    # children), and the service says why; once the quota goes, the retry makes both.
+    quota = {
+        "apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-templates"},
+        "spec": {"hard": {"count/resourceclaimtemplates.resource.k8s.io": "0"}},
+    }  # fmt: skip
+    kubectl.apply(json.dumps(quota), namespace)
     kubectl.apply(json.dumps(service), namespace)
+    refused = wait_until(
+        lambda: (
+            condition(kubectl, namespace, "hungry", "Accepted").get("reason")
+            == "ClaimTemplateRefused"
+            and condition(kubectl, namespace, "hungry", "Accepted")
+        ),
+        what="Accepted=False ClaimTemplateRefused",
+    )
+    assert refused["status"] == "False"
+    assert "exceeded quota" in refused["message"], refused
+    assert kubectl.run("get", "deployment", "hungry", "-n", namespace, check=False).returncode
+    kubectl("delete", "resourcequota", "no-templates", "-n", namespace)
 
     def capped() -> dict[str, Any] | None:
         found: dict[str, Any] = kubectl.json("get", "aiservice", "-n", namespace, "hungry")

@@ -220,6 +220,9 @@ async def _apply_children(op: Operator, it: _Accepted) -> _Applied:
 #: Create refusals of a ResourceClaimTemplate that a retry will not mend: the condition says
 #: why (no RBAC for the kind, an invalid CEL selector, a namespace quota on claims).
 _LASTING_REFUSALS = frozenset({400, 403, 404, 422})
+#: How soon a refused template is tried again: no watch event says that a quota was raised
+#: or a role granted, and the refusal must not wait for the periodic resync.
+CLAIM_TEMPLATE_RETRY_SECONDS = 10.0
 
 
 async def _make_claim_template(op: Operator, it: _Accepted) -> AdmissionResult | None:
@@ -247,6 +250,7 @@ async def _make_claim_template(op: Operator, it: _Accepted) -> AdmissionResult |
         if error.status not in _LASTING_REFUSALS:
             raise
         message = f"ResourceClaimTemplate {name} cannot be created: {_api_message(error)}"
+        op.service_queue.add_after(it.key, CLAIM_TEMPLATE_RETRY_SECONDS)
         return AdmissionResult(False, "ClaimTemplateRefused", message)
     return None
 
