@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -33,6 +34,7 @@ from gpuyard.logic.promql import (
     gpu_utilization_by_uuid_query,
     parse_uuid_matrix_response,
 )
+from gpuyard.logic.usage_report import summarize
 
 CLASS = "gpu.nvidia.com"
 H100 = PoolPricing(
@@ -215,3 +217,16 @@ def test_the_uuid_query_needs_an_identified_exporter_and_names_no_device() -> No
         },
     }
     assert parse_uuid_matrix_response(body) == {"GPU-aaaa": {60: 75.0}}
+
+
+def test_a_report_groups_by_the_devices_behind_the_gpus() -> None:
+    life = pod_lifetime_from_dict(dra_pod(), H100, service="llama", cluster_id="c", devices=DEVICES)
+    assert life is not None
+    records = cut_records(life, None, datetime(2024, 5, 1, 12, 2, tzinfo=UTC))
+    plugin = [replace(r, devices=(), pod_uid="p") for r in records]
+    [dra_row, plugin_row] = sorted(
+        summarize(records + plugin, ("devices",)).rows, key=lambda row: row.group, reverse=True
+    )
+    assert dra_row.group == ("GPU-aaaa,GPU-bbbb",)
+    assert plugin_row.group == ("",)
+    assert dra_row.gpu_seconds == 240
