@@ -133,6 +133,18 @@ def test_a_claim_template_service_claims_its_devices_runs_out_and_rolls_to_a_new
         return running if len(pods) == 3 and len(running) == 2 else None
 
     running = wait_until(placed, what="two of three replicas placed")
+    # The session's operator runs as the chart's ServiceAccount, under its admission policy:
+    # that policy lets it hold each pod with the devices it bills written beside.
+
+    def held() -> bool:
+        pods = [p for p in service_pods(kubectl, namespace, "llama") if p["spec"].get("nodeName")]
+        return len(pods) == 2 and all(
+            "gpuyard.io/metering" in (p["metadata"].get("finalizers") or ())
+            and "gpuyard.io/billed-devices" in (p["metadata"].get("annotations") or {})
+            for p in pods
+        )
+
+    wait_until(held, what="the finalizer and device annotation on both placed replicas")
     for pod in running:
         assert pod["spec"]["nodeName"] == node
         [container] = pod["spec"]["containers"]
