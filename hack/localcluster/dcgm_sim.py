@@ -21,6 +21,14 @@ overrides the framebuffer size). A pod holds one device per unit of any ``nvidia
 extended resource in its containers' limits (requests when limits are absent). Devices get
 indices on their node that a pod keeps while it lives; freed indices are reused, lowest
 first. UUIDs are derived from node name and index, so they are stable across restarts.
+
+A GPU held through a ResourceClaim (DRA, NVIDIA's driver ``gpu.nvidia.com``) is the device
+the claim's allocation names: the simulator follows ResourceClaims and ResourceSlices too,
+and serves such a device with the ``uuid`` attribute its slice publishes as ``UUID`` and the
+number in its name (``gpu-N``) as ``gpu``, labelled with the pod and namespace of the pod
+whose claims hold it, as dcgm-exporter does with pod mapping on. A pod whose
+``nvidia.com/gpu`` the scheduler served from DRA devices (KEP-5004) shows those devices
+only, not also a device-plugin GPU per unit of its limit.
 A MIG resource such as ``nvidia.com/mig-1g.10gb`` is simulated as its own device with the
 slice's framebuffer and ``GPU_I_PROFILE``/``GPU_I_ID`` labels.
 
@@ -209,6 +217,15 @@ class GpuRequest:
 
 
 @dataclass(frozen=True)
+class ClaimedGpu:
+    """A DRA device a pod's claims hold: its number on the node, UUID and container."""
+
+    index: int
+    uuid: str
+    container: str
+
+
+@dataclass(frozen=True)
 class GpuPod:
     """A Running pod on a fake GPU node that holds at least one device."""
 
@@ -221,10 +238,17 @@ class GpuPod:
     created: str = ""
     #: False while the pod is starting (Ready False): it holds GPUs but serves no load.
     serving: bool = True
+    #: DRA devices held through the pod's claims (their numbers are the slice's own).
+    claimed: tuple[ClaimedGpu, ...] = ()
+
+    @property
+    def plugin_devices(self) -> int:
+        """Devices of a device plugin, to be given numbers on the node."""
+        return sum(r.count for r in self.requests)
 
     @property
     def total(self) -> int:
-        return sum(r.count for r in self.requests)
+        return self.plugin_devices + len(self.claimed)
 
 
 def service_of(pod: Mapping[str, Any]) -> str | None:
@@ -262,8 +286,77 @@ def _gpu_requests(spec: Mapping[str, Any]) -> tuple[GpuRequest, ...]:
     return tuple(found)
 
 
-def gpu_pods(pods: Iterable[Mapping[str, Any]], nodes: Mapping[str, FakeNode]) -> list[GpuPod]:
+#: The DRA driver whose devices the simulator serves (NVIDIA's).
+DRA_DRIVER: Final = "gpu.nvidia.com"
+
+
+def published_gpus(slices: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], tuple[int, str]]:
+    """(pool, device) -> (number, UUID) of every device NVIDIA's driver publishes."""
+    found: dict[tuple[str, str], tuple[int, str]] = {}
+    for item in slices:
+        spec = item.get("spec") or {}
+        if spec.get("driver") != DRA_DRIVER:
+            continue
+        pool = str((spec.get("pool") or {}).get("name") or "")
+        for device in spec.get("devices") or ():
+            name = str(device.get("name") or "")
+            uuid_value = ((device.get("attributes") or {}).get("uuid") or {}).get("string")
+            number = name.rsplit("-", 1)[-1]
+            if name and isinstance(uuid_value, str) and number.isdigit():
+                found[(pool, name)] = (int(number), uuid_value)
+    return found
+
+
+def _claim_container(spec: Mapping[str, Any]) -> str:
+    """The container that uses the pod's claims: the first that names one, else the first
+    that asks for an NVIDIA resource (an extended resource served from DRA), else the first."""
+    containers = list(spec.get("containers") or ())
+    for container in containers:
+        if (container.get("resources") or {}).get("claims"):
+            return str(container.get("name", ""))
+    for container in containers:
+        limits = (container.get("resources") or {}).get("limits") or {}
+        if any(str(name).startswith(NVIDIA_RESOURCE_PREFIX) for name in limits):
+            return str(container.get("name", ""))
+    return str(containers[0].get("name", "")) if containers else ""
+
+
+def claimed_gpus(
+    pod: Mapping[str, Any],
+    claims: Mapping[tuple[str, str], Mapping[str, Any]],
+    published: Mapping[tuple[str, str], tuple[int, str]],
+) -> tuple[ClaimedGpu, ...]:
+    """The published GPUs the pod's allocated claims hold (from its status, where the
+    claim controller and the scheduler name them)."""
+    namespace = (pod.get("metadata") or {}).get("namespace", "")
+    status = pod.get("status") or {}
+    names = [entry.get("resourceClaimName") for entry in status.get("resourceClaimStatuses") or ()]
+    names.append((status.get("extendedResourceClaimStatus") or {}).get("resourceClaimName"))
+    names += [
+        e.get("resourceClaimName") for e in (pod.get("spec") or {}).get("resourceClaims") or ()
+    ]
+    container = _claim_container(pod.get("spec") or {})
+    held: dict[str, ClaimedGpu] = {}
+    for name in names:
+        claim = claims.get((namespace, str(name))) if name else None
+        allocation = ((claim or {}).get("status") or {}).get("allocation") or {}
+        for result in (allocation.get("devices") or {}).get("results") or ():
+            if result.get("driver") != DRA_DRIVER or result.get("adminAccess"):
+                continue
+            known = published.get((str(result.get("pool")), str(result.get("device"))))
+            if known is not None:
+                held[known[1]] = ClaimedGpu(known[0], known[1], container)
+    return tuple(sorted(held.values(), key=lambda gpu: gpu.index))
+
+
+def gpu_pods(
+    pods: Iterable[Mapping[str, Any]],
+    nodes: Mapping[str, FakeNode],
+    claims: Mapping[tuple[str, str], Mapping[str, Any]] | None = None,
+    slices: Iterable[Mapping[str, Any]] = (),
+) -> list[GpuPod]:
     """The Running pods on fake GPU nodes that hold devices, in allocation order."""
+    published = published_gpus(slices)
     result: list[GpuPod] = []
     for pod in pods:
         metadata = pod.get("metadata") or {}
@@ -271,8 +364,10 @@ def gpu_pods(pods: Iterable[Mapping[str, Any]], nodes: Mapping[str, FakeNode]) -
         node = str(spec.get("nodeName") or "")
         if (pod.get("status") or {}).get("phase") != "Running" or node not in nodes:
             continue
-        requests = _gpu_requests(spec)
-        if not requests:
+        claimed = claimed_gpus(pod, claims or {}, published)
+        # An nvidia.com/gpu the scheduler served from DRA devices is those devices.
+        requests = () if claimed else _gpu_requests(spec)
+        if not requests and not claimed:
             continue
         namespace, name = metadata.get("namespace", ""), metadata.get("name", "")
         result.append(
@@ -285,6 +380,7 @@ def gpu_pods(pods: Iterable[Mapping[str, Any]], nodes: Mapping[str, FakeNode]) -
                 requests=requests,
                 created=metadata.get("creationTimestamp") or "",
                 serving=is_serving(pod),
+                claimed=claimed,
             )
         )
     # RFC 3339 timestamps in UTC sort as strings; older pods get the lower indices.
@@ -322,7 +418,7 @@ def assign_gpus(previous: Allocation, pods: Sequence[GpuPod]) -> dict[str, Slot]
         if (
             old is not None
             and old.node == pod.node
-            and len(old.indices) == pod.total
+            and len(old.indices) == pod.plugin_devices
             and taken.isdisjoint(old.indices)
         ):
             allocation[pod.key] = old
@@ -333,7 +429,7 @@ def assign_gpus(previous: Allocation, pods: Sequence[GpuPod]) -> dict[str, Slot]
         taken = used[pod.node]
         indices: list[int] = []
         candidate = 0
-        while len(indices) < pod.total:
+        while len(indices) < pod.plugin_devices:
             if candidate not in taken:
                 indices.append(candidate)
             candidate += 1
@@ -362,10 +458,11 @@ class GpuDevice:
     service_gpus: int = 0  # devices held by all serving pods of the same service
     mig_profile: str | None = None
     serving: bool = True  # False while its pod is starting: it shows no load
+    published_uuid: str = ""  # a DRA device's UUID, as its ResourceSlice publishes it
 
     @property
     def uuid(self) -> str:
-        return gpu_uuid(self.node, self.index)
+        return self.published_uuid or gpu_uuid(self.node, self.index)
 
 
 def _device_shape(model: GpuModel, resource: str) -> tuple[GpuModel, str | None]:
@@ -412,6 +509,22 @@ def gpu_devices(
                         serving=pod.serving,
                     )
                 )
+        for gpu in pod.claimed:
+            devices.append(
+                GpuDevice(
+                    node=pod.node,
+                    index=gpu.index,
+                    model=nodes[pod.node].model,
+                    resource=DRA_DRIVER,
+                    namespace=pod.namespace,
+                    pod=pod.name,
+                    container=gpu.container,
+                    service=pod.service,
+                    service_gpus=service_gpus.get((pod.namespace, pod.service or ""), 0),
+                    serving=pod.serving,
+                    published_uuid=gpu.uuid,
+                )
+            )
     devices.sort(key=lambda d: (d.node, d.index))
     return devices
 
@@ -587,11 +700,20 @@ def render_cluster(
     *,
     options: RenderOptions | None = None,
     now: float = 0.0,
+    claims: Iterable[Mapping[str, Any]] = (),
+    slices: Iterable[Mapping[str, Any]] = (),
 ) -> tuple[str, dict[str, Slot]]:
     """API dicts and loads -> (exposition text, allocation to pass in next time)."""
     options = options or RenderOptions()
     fake = fake_gpu_nodes(nodes)
-    holders = gpu_pods(pods, fake)
+    by_name = {
+        (
+            (c.get("metadata") or {}).get("namespace", ""),
+            (c.get("metadata") or {}).get("name", ""),
+        ): c
+        for c in claims
+    }
+    holders = gpu_pods(pods, fake, by_name, slices)
     allocation = assign_gpus(previous, holders)
     devices = gpu_devices(holders, fake, allocation)
     readings = device_readings(devices, loads, now=now, jitter=options.jitter)
@@ -772,7 +894,9 @@ class SimulatorState:
         self.options = options or RenderOptions()
         self.loads = LoadTable()
         self._lock = threading.Lock()
-        self._caches = {"pods": ObjectCache(), "nodes": ObjectCache()}
+        self._caches = {
+            kind: ObjectCache() for kind in ("pods", "nodes", "resourceclaims", "resourceslices")
+        }
         self._allocation: dict[str, Slot] = {}
 
     def replace(self, kind: str, items: Iterable[Mapping[str, Any]]) -> None:
@@ -785,8 +909,10 @@ class SimulatorState:
 
     @property
     def synced(self) -> bool:
+        # Pods and nodes only: a cluster without DRA (no resource.k8s.io/v1) serves its
+        # device-plugin GPUs all the same, and claims only add devices once listed.
         with self._lock:
-            return all(c.synced for c in self._caches.values())
+            return self._caches["pods"].synced and self._caches["nodes"].synced
 
     def render(self, now: float) -> str:
         loads = self.loads.snapshot()
@@ -798,6 +924,8 @@ class SimulatorState:
                 self._allocation,
                 options=self.options,
                 now=now,
+                claims=self._caches["resourceclaims"].values(),
+                slices=self._caches["resourceslices"].values(),
             )
         return text
 
@@ -954,22 +1082,27 @@ def run_informer(
 def start_informers(
     state: SimulatorState, kubeconfig: str | None, stop: threading.Event
 ) -> list[threading.Thread]:
-    """Start the Pod and Node watchers as daemon threads."""
+    """Start the Node, Pod, ResourceClaim and ResourceSlice watchers as daemon threads."""
     # Imported here so the pure functions and their tests do not pay for the client.
     from kubernetes import client, config  # noqa: PLC0415
 
     threads = []
-    watched: list[tuple[str, str, dict[str, str]]] = [
-        ("nodes", "list_node", {}),
-        ("pods", "list_pod_for_all_namespaces", {"field_selector": "status.phase=Running"}),
-    ]
-    for kind, method, kwargs in watched:
+    watched: list[tuple[str, str, str, dict[str, str]]] = [
+        ("nodes", "CoreV1Api", "list_node", {}),
+        (
+            "pods", "CoreV1Api", "list_pod_for_all_namespaces",
+            {"field_selector": "status.phase=Running"},
+        ),
+        ("resourceclaims", "ResourceV1Api", "list_resource_claim_for_all_namespaces", {}),
+        ("resourceslices", "ResourceV1Api", "list_resource_slice", {}),
+    ]  # fmt: skip
+    for kind, api_class, method, kwargs in watched:
         # One client per thread: urllib3 pools are shared state best kept apart.
         api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        api = client.CoreV1Api(api_client)
+        list_fn = getattr(getattr(client, api_class)(api_client), method)
         thread = threading.Thread(
             target=run_informer,
-            args=(getattr(api, method), kind, state, stop),
+            args=(list_fn, kind, state, stop),
             kwargs=kwargs,
             name=f"dcgm-sim-{kind}",
             daemon=True,

@@ -946,6 +946,12 @@ def test_operator_policies_match_every_write_the_clusterrole_allows_on_shared_ki
                 "operations": ["CREATE", "UPDATE", "DELETE"],
                 "resources": ["poddisruptionbudgets"],
             },
+            {
+                "apiGroups": ["resource.k8s.io"],
+                "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE", "DELETE"],
+                "resources": ["resourceclaimtemplates"],
+            },
         ],
         "gpuyard-operator-finalizers": [
             {

@@ -35,6 +35,7 @@ from gpuyard.io.pgledger import (
     stored_ids,
 )
 from gpuyard.io.sinks import LedgerFileSink, SinkUnavailableError
+from gpuyard.logic.claimed_devices import HeldDevice
 from gpuyard.logic.metering import UsageRecord
 from gpuyard.logic.usage_report import ReportFilter
 from gpuyard.usage_cli import usage_command
@@ -121,6 +122,26 @@ def test_starting_gpu_seconds_are_a_column_and_survive_the_round_trip(pg_dsn: st
     assert rows == [("c1", 40), ("w1", 0)]
     stored = read_usage(ConnectionSource(dsn=pg_dsn), ReportFilter()).records
     assert sorted(stored, key=lambda r: r.pod_uid) == cold + warm
+
+
+def test_dra_devices_are_a_queryable_column_and_survive_the_round_trip(pg_dsn: str) -> None:
+    gpu = HeldDevice("gpu.nvidia.com", "h100-0", "gpu-1", "GPU-5f2c")
+    dra = [replace(r, devices=(gpu,)) for r in pod_records(uid="d1", minutes=1)]
+    plugin = pod_records(uid="p1", minutes=1)
+    asyncio.run(emit_all(sink_for(pg_dsn, OperatorMetrics(), migrate=True), dra + plugin))
+
+    with psycopg.connect(pg_dsn) as conn:
+        rows = conn.execute(
+            "SELECT pod_uid FROM gpuyard_usage_records WHERE devices @> %s::jsonb",
+            ('[{"uuid": "GPU-5f2c"}]',),
+        ).fetchall()
+        empty = conn.execute(
+            "SELECT count(*) FROM gpuyard_usage_records WHERE devices = '[]'::jsonb"
+        ).fetchone()
+    assert rows == [("d1",)] * len(dra)
+    assert empty == (len(plugin),)
+    stored = read_usage(ConnectionSource(dsn=pg_dsn), ReportFilter()).records
+    assert sorted(stored, key=lambda r: r.pod_uid) == dra + plugin
 
 
 def test_copies_within_one_batch_are_stored_once(pg_dsn: str) -> None:

@@ -18,6 +18,7 @@ from gpuyard.io.kube import Kube
 from gpuyard.io.metrics import OperatorMetrics
 from gpuyard.io.prometheus import Prometheus
 from gpuyard.io.sinks import MultiSink
+from gpuyard.logic.claimed_devices import HeldDevice, device_uuid
 from gpuyard.logic.devices import ClaimHolder, ClassSelection, DeviceKey, SliceInfo
 from gpuyard.logic.metering import Account, PricePoint, ServiceMark
 from gpuyard.logic.news import deployment_read, service_read, status_read
@@ -50,6 +51,10 @@ class Caches:
     metered_pods: Any
     replicasets: Any
     deployment_owners: Any
+    #: The services' ResourceClaimTemplates, by service: a service has several while a
+    #: rollout moves its pods from one claim spec to the next.
+    claim_templates_by_service: Any = field(default_factory=dict)
+    resource_claims: Any = field(default_factory=dict)
     #: DRA: ResourceSlices by node, allocated devices by (driver, pool, device), and
     #: DeviceClasses by name. Empty where nothing indexes them (unit tests, benchmarks of
     #: device-plugin pools), which is a cluster with no DRA devices.
@@ -71,6 +76,21 @@ class Caches:
 
     def disruption_budget(self, key: ServiceKey) -> dict[str, Any] | None:
         return _single(self.disruption_budgets.get(key))
+
+    def claim_templates(self, key: ServiceKey) -> list[dict[str, Any]]:
+        return list(self.claim_templates_by_service.get(key, ()))
+
+    def resource_claim(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return _single(self.resource_claims.get((namespace, name)))
+
+    def device_uuid(self, node: str, driver: str, pool: str, device: str) -> str:
+        """The `uuid` attribute of a device in `node`'s ResourceSlices ("" without one)."""
+        for info in self.slices_on(node):
+            if (info.driver, info.pool) == (driver, pool):
+                for published in info.devices:
+                    if published.name == device:
+                        return device_uuid(published)
+        return ""
 
     def namespace_labels(self, name: str) -> dict[str, str] | None:
         return _single(self.namespaces.get(name))
@@ -163,6 +183,9 @@ class Operator:
     pod_pools: dict[str, str] = field(default_factory=dict)
     #: The AIService each metered pod is billed to (None: unmanaged), decided once.
     pod_services: dict[str, str | None] = field(default_factory=dict)
+    #: The DRA devices each metered pod holds, by DeviceClass, fixed once seen allocated:
+    #: its claims may go before its last second is billed (they are deleted with the pod).
+    pod_devices: dict[str, dict[str, tuple[HeldDevice, ...]]] = field(default_factory=dict)
     #: When each metered pod was first seen Ready: its start ended there (its records'
     #: starting GPU-seconds stop there, whatever its readiness later).
     pod_ready: dict[str, datetime] = field(default_factory=dict)

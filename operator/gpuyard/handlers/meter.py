@@ -39,6 +39,14 @@ from gpuyard.api.pool import GPUPool
 from gpuyard.handlers.context import Operator
 from gpuyard.io.prometheus import PrometheusUnavailableError
 from gpuyard.io.sinks import MultiSink, MultiSinkError, SinkRejectedError
+from gpuyard.logic.claimed_devices import (
+    ClaimedDeviceError,
+    HeldDevice,
+    allocated_devices,
+    devices_from_text,
+    devices_to_text,
+    pod_claim_names,
+)
 from gpuyard.logic.metering import (
     Account,
     MeterConfig,
@@ -49,6 +57,7 @@ from gpuyard.logic.metering import (
     ServiceMark,
     UsageRecord,
     advance_mark,
+    device_mean,
     epoch_floor,
     is_fully_reported,
     mark_from_status,
@@ -68,8 +77,10 @@ from gpuyard.logic.promql import (
     GpuSeries,
     PodKey,
     PrometheusResponseError,
+    gpu_utilization_by_uuid_query,
     gpu_utilization_query,
     parse_matrix_response,
+    parse_uuid_matrix_response,
 )
 
 logger = logging.getLogger(__name__)
@@ -85,6 +96,21 @@ OWNER_WAIT_SECONDS = 30
 #: the ReplicaSet and Deployment of a deleted service, whose pods may still be unbilled
 #: when the operator restarts. Read only when those owners are gone.
 BILLED_TO_ANNOTATION = "gpuyard.io/billed-to"
+#: The DRA devices a pod is billed for (JSON, see gpuyard.logic.claimed_devices), written
+#: with the finalizer: a pod's claims are deleted with it, possibly before a restarted
+#: operator has read them. Read only when the claims are gone; the pods admission policy
+#: keeps tenants from writing gpuyard.io/ annotations.
+BILLED_DEVICES_ANNOTATION = "gpuyard.io/billed-devices"
+
+
+#: The parts of a pod's status the meter reads: its lifecycle, and the claims it holds.
+_METERED_POD_STATUS = (
+    "phase",
+    "conditions",
+    "containerStatuses",
+    "resourceClaimStatuses",
+    "extendedResourceClaimStatus",
+)
 
 
 def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,6 +126,7 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
         "metadata": {key: metadata.get(key) for key in kept_metadata},
         "spec": {
             "nodeName": spec.get("nodeName"),
+            "resourceClaims": spec.get("resourceClaims") or [],
             "containers": [
                 {"resources": c.get("resources", {})} for c in spec.get("containers", [])
             ],
@@ -108,7 +135,7 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
                 for c in spec.get("initContainers", [])
             ],
         },
-        "status": {key: status.get(key) for key in ("phase", "conditions", "containerStatuses")},
+        "status": {key: status.get(key) for key in _METERED_POD_STATUS},
     }
 
 
@@ -246,6 +273,7 @@ async def _pools(op: Operator, now: datetime) -> dict[str, PoolPricing]:
             prices=prices,
             resource_name=pool.spec.resource_name,
             node_selector=tuple(sorted(pool.spec.node_selector.items())),
+            device_class=pool.spec.devices.device_class_name if pool.spec.devices else None,
         )
     return pricing
 
@@ -305,7 +333,7 @@ async def _pods(op: Operator, pools: Mapping[str, PoolPricing], now: datetime) -
     # What was decided about a pod is kept while the pod is seen (a released pod may stay
     # in the cache a moment: it must not be decided anew and billed again elsewhere).
     seen = {pod["metadata"]["uid"] for pod, _ in cached}
-    for remembered in (op.pod_pools, op.pod_services, op.owner_wait, op.pod_ready):
+    for remembered in (op.pod_pools, op.pod_services, op.owner_wait, op.pod_ready, op.pod_devices):
         for uid in remembered.keys() - seen:
             del remembered[uid]
     return pods
@@ -355,11 +383,14 @@ def _lifetime(
     """
     uid = pod["metadata"]["uid"]
     node = op.caches.node(pod["spec"]["nodeName"])
+    devices = _pod_devices(op, pod, pools)
     pool = pools.get(op.pod_pools.get(uid) or "")
     if pool is None:  # the pod's first tick (or its pool went): decide it now
         preferred = _service_pool(op, pod["metadata"].get("namespace") or "", service)
         if node is not None:
-            held = pool_holding(node.labels, pod["spec"], pools.values(), preferred=preferred)
+            held = pool_holding(
+                node.labels, pod["spec"], pools.values(), preferred=preferred, devices=devices
+            )
             if held is None:
                 return None
             pool = held[0]
@@ -379,6 +410,7 @@ def _lifetime(
         gone_at=gone_at,
         node=down,
         first_ready_at=op.pod_ready.get(uid),
+        devices=devices.get(pool.device_class or "", ()),
     )
     if lifetime is not None:
         op.pod_pools[uid] = pool.name
@@ -387,6 +419,55 @@ def _lifetime(
             # (a kubelet stopping it does so) was not starting then.
             op.pod_ready.setdefault(uid, lifetime.ready_at)
     return lifetime
+
+
+def _pod_devices(
+    op: Operator, pod: Mapping[str, Any], pools: Mapping[str, PoolPricing]
+) -> dict[str, tuple[HeldDevice, ...]]:
+    """The DRA devices a pod holds, by the DeviceClass of each DRA pool, read when the pod
+    is first seen with its claims allocated and fixed then (an allocation never changes
+    while the pod lives). The claims go with the pod, possibly before its last second is
+    billed: the devices are kept in memory, and in the pod's annotation for a restart."""
+    uid = pod["metadata"]["uid"]
+    if uid in op.pod_devices:
+        return op.pod_devices[uid]
+    classes = {pool.device_class for pool in pools.values() if pool.device_class is not None}
+    names = pod_claim_names(pod)
+    if not classes or not names:
+        return {}
+    namespace = pod["metadata"].get("namespace") or ""
+    node = pod["spec"].get("nodeName") or ""
+    claims = [op.caches.resource_claim(namespace, name) for name in names]
+
+    def uuid_of(driver: str, pool: str, device: str) -> str:
+        return op.caches.device_uuid(node, driver, pool, device)
+
+    if all(claim is not None for claim in claims):
+        found = {
+            device_class: tuple(
+                sorted(
+                    device
+                    for claim in claims
+                    if claim is not None
+                    for device in allocated_devices(claim, device_class, uuid_of)
+                )
+            )
+            for device_class in classes
+        }
+        if any(found.values()):
+            op.pod_devices[uid] = found
+            return found
+    # A claim is gone (or not allocated yet as far as the cache knows): what the meter wrote
+    # on the pod when it first billed it, if it did.
+    written = (pod["metadata"].get("annotations") or {}).get(BILLED_DEVICES_ANNOTATION)
+    if written:
+        try:
+            recorded = devices_from_text(written)
+        except ClaimedDeviceError as error:
+            logger.error("pod %s has an unreadable %s: %s", uid, BILLED_DEVICES_ANNOTATION, error)
+            return {}
+        return dict.fromkeys(classes, recorded)
+    return {}
 
 
 def _service_pool(op: Operator, namespace: str, service: str | None) -> str | None:
@@ -408,8 +489,10 @@ async def _hold(op: Operator, pods: _Pods) -> None:
             continue
         if lifetime.pod_uid in op.gone_pods:
             continue
-        billed_to = {BILLED_TO_ANNOTATION: lifetime.service} if lifetime.service else None
-        await _set_finalizers(op, pod, [*finalizers, METERING_FINALIZER], billed_to)
+        marks = {BILLED_TO_ANNOTATION: lifetime.service} if lifetime.service else {}
+        if lifetime.devices:
+            marks[BILLED_DEVICES_ANNOTATION] = devices_to_text(lifetime.devices)
+        await _set_finalizers(op, pod, [*finalizers, METERING_FINALIZER], marks or None)
 
 
 def _over(pod: Mapping[str, Any], gone: bool) -> bool:
@@ -562,21 +645,35 @@ async def _with_utilization(op: Operator, batches: list[ServiceBatch]) -> list[S
     if op.prometheus is None or span is None:
         return batches
     series_of_pool = _utilization_series_by_pool(op)
+    exporter = op.settings.gpu_exporter_matchers
     readings: dict[str, dict[PodKey, dict[int, float]]] = {}
+    by_gpu: dict[str, dict[str, dict[int, float]]] = {}
     for series in {series_of_pool.get(record.pool, GpuSeries.GPU_UTIL) for record in records}:
-        query = gpu_utilization_query(
-            GpuSeries(series), window_seconds=width, exporter=op.settings.gpu_exporter_matchers
+        query = gpu_utilization_query(GpuSeries(series), window_seconds=width, exporter=exporter)
+        uuid_query = gpu_utilization_by_uuid_query(
+            GpuSeries(series), window_seconds=width, exporter=exporter
         )
         try:
             body = await op.io(op.prometheus.query_range, query, *span, width)
             readings[series] = parse_matrix_response(body)
+            if uuid_query is not None and any(record.devices for record in records):
+                body = await op.io(op.prometheus.query_range, uuid_query, *span, width)
+                by_gpu[series] = parse_uuid_matrix_response(body)
         except (PrometheusUnavailableError, PrometheusResponseError) as error:
             op.metrics.meter_errors.labels(stage="utilization").inc()
             logger.warning("usage goes out without utilisation: %s", error)
 
     def reading(record: UsageRecord) -> float | None:
-        by_pod = readings.get(series_of_pool.get(record.pool, GpuSeries.GPU_UTIL), {})
-        return by_pod.get((record.namespace, record.pod), {}).get(epoch_floor(record.end))
+        series = series_of_pool.get(record.pool, GpuSeries.GPU_UTIL)
+        at = epoch_floor(record.end)
+        uuids = [device.uuid for device in record.devices if device.uuid]
+        if uuids and series in by_gpu:
+            # The devices' own series, by the UUIDs their slices give: a pod label (which
+            # the exporter may not map for DRA devices) is not needed, and no series of
+            # a GPU the pod does not hold can count for it.
+            return device_mean(by_gpu[series], uuids, at)
+        by_pod = readings.get(series, {})
+        return by_pod.get((record.namespace, record.pod), {}).get(at)
 
     return [
         replace(batch, records=tuple(measured(record, reading(record)) for record in batch.records))

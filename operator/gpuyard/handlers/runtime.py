@@ -72,6 +72,8 @@ CACHE_IDS = (
     "metered_pods",
     "replicasets",
     "deployment_owners",
+    "claim_templates_by_service",
+    "resource_claims",
     "resource_slices",
     "allocated_devices",
     "device_classes",
@@ -156,6 +158,65 @@ def index_device_class(name: str, body: Any, **_: Any) -> dict[str, Any]:
 
 def index_child(namespace: str | None, name: str, body: Any, **_: Any) -> dict[ServiceKey, Any]:
     return {(namespace or "", name): dict(body)}
+
+
+def index_claim_template(
+    namespace: str | None, labels: Any, body: Any, **_: Any
+) -> dict[ServiceKey, Any]:
+    """A service's claim templates by service: their names end in a hash of the claim."""
+    service = labels.get(SERVICE_LABEL)
+    return {(namespace or "", service): dict(body)} if service else {}
+
+
+def may_hold_gpus(spec: Any, **_: Any) -> bool:
+    """A pod the meter must see: one asking for an extended resource (a device plugin's GPU,
+    or one a DeviceClass maps to DRA devices) or naming ResourceClaims (DRA devices)."""
+    return holds_extended_resource(spec) or bool(spec.get("resourceClaims"))
+
+
+def index_resource_claim(
+    namespace: str | None, name: str, body: Any, **_: Any
+) -> dict[tuple[str, str], Any]:
+    """The parts of a ResourceClaim that say what it holds: which class each request
+    asked for, and what the scheduler allocated."""
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    return {
+        (namespace or "", name): {
+            "spec": {"devices": {"requests": (spec.get("devices") or {}).get("requests") or []}},
+            "status": {
+                "allocation": {
+                    "devices": {
+                        "results": ((status.get("allocation") or {}).get("devices") or {}).get(
+                            "results"
+                        )
+                        or []
+                    }
+                },
+                "reservedFor": status.get("reservedFor") or [],
+            },
+        }
+    }
+
+
+def register_dra_reads(r: kopf.OperatorRegistry) -> None:
+    """ResourceClaims by name, for the meter: what a pod on a DRA pool holds, by request (the
+    pool accounting's `allocated_devices` keys them by device, without their requests).
+    Each device's UUID comes from the slices accounting indexes (`resource_slices`)."""
+    kopf.index("resource.k8s.io", "v1", "resourceclaims", id="resource_claims", registry=r)(
+        index_resource_claim
+    )
+
+
+def register_claim_children(r: kopf.OperatorRegistry) -> None:
+    """The ResourceClaimTemplates gpuyard makes for services on ClaimTemplate DRA pools."""
+    kopf.index(
+        "resource.k8s.io", "v1", "resourceclaimtemplates", labels=MANAGED,
+        id="claim_templates_by_service", registry=r,
+    )(index_claim_template)  # fmt: skip
+    kopf.on.event("resource.k8s.io", "v1", "resourceclaimtemplates", labels=MANAGED, registry=r)(
+        on_child_event
+    )
 
 
 def index_namespace(name: str, labels: Any, **_: Any) -> dict[str, dict[str, str]]:
@@ -486,9 +547,7 @@ def build_registry() -> kopf.OperatorRegistry:
         index_service_by_pool
     )
     kopf.index("", "v1", "nodes", id="nodes", registry=r)(index_node)
-    kopf.index("", "v1", "pods", when=holds_extended_resource, id="gpu_pods", registry=r)(
-        index_gpu_pod
-    )
+    kopf.index("", "v1", "pods", when=may_hold_gpus, id="gpu_pods", registry=r)(index_gpu_pod)
     kopf.index("apps", "v1", "deployments", labels=MANAGED, id="deployments", registry=r)(
         index_child
     )
@@ -499,7 +558,7 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.index("", "v1", "namespaces", id="namespaces", registry=r)(index_namespace)
     # Every pod that may hold a pool's GPUs is metered, labelled or not: billing must not
     # depend on anything a tenant can write.
-    kopf.index("", "v1", "pods", when=holds_extended_resource, id="metered_pods", registry=r)(
+    kopf.index("", "v1", "pods", when=may_hold_gpus, id="metered_pods", registry=r)(
         index_metered_pod
     )
     dra = "resource.k8s.io"
@@ -510,6 +569,9 @@ def build_registry() -> kopf.OperatorRegistry:
     kopf.index(dra, "v1", "deviceclasses", id="device_classes", registry=r)(index_device_class)
     kopf.index("apps", "v1", "replicasets", id="replicasets", registry=r)(index_owner_links)
     kopf.index("apps", "v1", "deployments", id="deployment_owners", registry=r)(index_owner_links)
+
+    register_claim_children(r)
+    register_dra_reads(r)
 
     kopf.on.login(registry=r)(login)
     kopf.on.startup(registry=r)(startup)
@@ -525,12 +587,12 @@ def build_registry() -> kopf.OperatorRegistry:
     )
     kopf.on.event(API_GROUP, API_VERSION, "gpupools", registry=r)(on_pool_event)
     kopf.on.event("", "v1", "nodes", registry=r)(on_capacity_event)
-    kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_capacity_event)
+    kopf.on.event("", "v1", "pods", when=may_hold_gpus, registry=r)(on_capacity_event)
     # A slice, a claim's allocation or a class changes what DRA pools have and hold.
     for plural in ("resourceslices", "resourceclaims", "deviceclasses"):
         kopf.on.event(dra, "v1", plural, registry=r)(on_capacity_event)
     kopf.on.event("", "v1", "namespaces", registry=r)(on_namespace_event)
-    kopf.on.event("", "v1", "pods", when=holds_extended_resource, registry=r)(on_metered_pod_event)
+    kopf.on.event("", "v1", "pods", when=may_hold_gpus, registry=r)(on_metered_pod_event)
     return registry
 
 

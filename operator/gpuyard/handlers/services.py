@@ -10,11 +10,13 @@ namespace's quota on the pool caps the replicas applied at every change (``handl
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from kubernetes.client import ApiException
 from pydantic import ValidationError
 
 from gpuyard import FIELD_MANAGER
@@ -27,11 +29,14 @@ from gpuyard.handlers.quota import NamespaceOnPool, namespace_on_pool
 from gpuyard.logic.admission import AdmissionResult, check_service
 from gpuyard.logic.autoscale import Decision, Mode
 from gpuyard.logic.children import (
+    DRA_API_VERSION,
+    build_claim_template,
     build_deployment,
     build_disruption_budget,
     build_service,
     owner_reference,
     selector_string,
+    stale_claim_templates,
 )
 from gpuyard.logic.conditions import (
     QUOTA_LIMITED,
@@ -139,6 +144,12 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
     op.remember_deployment(key, live)
     decision = _decision(op, key, service=service, pool=pool, live=live, now=now)
     accepted = _Accepted(key, body, service, pool, usage, admission, decision, live, now, tenant)
+    refused = await _make_claim_template(op, accepted)
+    if refused is not None:
+        # Never half-made children: a Deployment whose pods name a template that does not
+        # exist would leave every new pod Pending. What runs keeps running as it is.
+        await _refuse(op, key, body, refused, now, stop=False)
+        return
     applied = await _apply_children(op, accepted)
     replicas = applied.replicas
     ready = int(((accepted.live or {}).get("status") or {}).get("readyReplicas") or 0)
@@ -202,7 +213,75 @@ async def _apply_children(op: Operator, it: _Accepted) -> _Applied:
         op, it.key, build_disruption_budget(it.service, it.pool, owner),
         op.caches.disruption_budget(it.key), api_version="policy/v1", kind="PodDisruptionBudget",
     )  # fmt: skip
+    await _delete_stale_claim_templates(op, it)
     return _Applied(replicas=replicas, wanted=claim, quota=quota, cut_by_quota=replicas < wanted)
+
+
+#: Create refusals of a ResourceClaimTemplate that a retry will not mend: the condition says
+#: why (no RBAC for the kind, an invalid CEL selector, a namespace quota on claims).
+_LASTING_REFUSALS = frozenset({400, 403, 404, 422})
+#: How soon a refused template is tried again: no watch event says that a quota was raised
+#: or a role granted, and the refusal must not wait for the periodic resync.
+CLAIM_TEMPLATE_RETRY_SECONDS = 10.0
+
+
+async def _make_claim_template(op: Operator, it: _Accepted) -> AdmissionResult | None:
+    """Create the service's ResourceClaimTemplate, before the Deployment that names it;
+    None when it exists (or none is needed), else why it could not be made."""
+    template = build_claim_template(it.service, it.pool, owner_reference(it.service))
+    if template is None:
+        return None
+    name = template["metadata"]["name"]
+    live = next(
+        (t for t in op.caches.claim_templates(it.key) if t["metadata"]["name"] == name), None
+    )
+    if live is not None:
+        if _ours(live, template):
+            return None
+        # A namesake that someone with `edit` made, labelled as gpuyard's: its claims would
+        # take whatever it asks. It goes, and this service's own takes its place.
+        logger.warning("ResourceClaimTemplate %s/%s is not gpuyard's; replacing it", *it.key)
+        await op.io(op.kube.delete, DRA_API_VERSION, "ResourceClaimTemplate", it.key[0], name)
+    try:
+        await op.io(op.kube.create, template)
+    except ApiException as error:
+        if error.status == 409:  # made by an earlier reconcile; the cache is behind
+            return None
+        if error.status not in _LASTING_REFUSALS:
+            raise
+        message = f"ResourceClaimTemplate {name} cannot be created: {_api_message(error)}"
+        op.service_queue.add_after(it.key, CLAIM_TEMPLATE_RETRY_SECONDS)
+        return AdmissionResult(False, "ClaimTemplateRefused", message)
+    return None
+
+
+async def _delete_stale_claim_templates(op: Operator, it: _Accepted) -> None:
+    """Delete the templates of earlier claim specs once the rollout no longer needs them."""
+    wanted = build_claim_template(it.service, it.pool, owner_reference(it.service))
+    names = [live["metadata"]["name"] for live in op.caches.claim_templates(it.key)]
+    wanted_name = wanted["metadata"]["name"] if wanted is not None else None
+    for name in stale_claim_templates(wanted_name, names, it.live):
+        await op.io(op.kube.delete, DRA_API_VERSION, "ResourceClaimTemplate", it.key[0], name)
+
+
+def _ours(live: dict[str, Any], desired: dict[str, Any]) -> bool:
+    """Whether a stored template is the one gpuyard made: owned by the service (same uid)
+    and holding exactly the claim it builds. Exactly: a field added beside gpuyard's (an
+    `adminAccess`, a driver `config`) would change what every replica's claim gets."""
+    owners = live["metadata"].get("ownerReferences") or ()
+    uid = desired["metadata"]["ownerReferences"][0]["uid"]
+    owned = any(owner.get("uid") == uid and owner.get("controller") for owner in owners)
+    return owned and (live.get("spec") or {}).get("spec") == desired["spec"]["spec"]
+
+
+def _api_message(error: ApiException) -> str:
+    """The API server's own message of a refusal (its Status body), else its reason."""
+    try:
+        body = json.loads(error.body or "{}")
+    except ValueError:
+        body = {}
+    message = body.get("message") if isinstance(body, dict) else None
+    return str(message or error.reason or error.status)[:500]
 
 
 async def _apply_optional(
@@ -340,11 +419,17 @@ def _desired_status(op: Operator, it: _Accepted, applied: _Applied) -> dict[str,
 
 
 async def _refuse(
-    op: Operator, key: ServiceKey, body: dict[str, Any], admission: AdmissionResult, now: datetime
+    op: Operator,
+    key: ServiceKey,
+    body: dict[str, Any],
+    admission: AdmissionResult,
+    now: datetime,
+    *,
+    stop: bool = True,
 ) -> None:
-    """Say why in the status, and scale a Deployment the service already has to zero (a
-    revoked admission stops its GPUs); create, delete and change nothing else, so that a
-    re-grant brings it back as its spec and load ask."""
+    """Say why in the status, and (`stop`) scale a Deployment the service already has to
+    zero (a revoked admission stops its GPUs); create, delete and change nothing else, so
+    that a re-grant brings it back as its spec and load ask."""
     op.remember_deployment(key, None)  # not read: each of its events reconciles
     op.quota_wants[key] = 0
     if op.not_accepted.get(key) != admission.reason:
@@ -354,7 +439,7 @@ async def _refuse(
     op.set_refused(key, admission.reason)
     live = op.caches.deployment(key)
     running = int(((live or {}).get("spec") or {}).get("replicas") or 0)
-    if live is not None and running > 0:
+    if stop and live is not None and running > 0:
         await op.io(op.kube.scale_deployment, key[0], key[1], 0)
         message = f"{running} -> 0 replicas: not accepted: {admission.message}"
         await op.io(op.kube.post_event, body, admission.reason, message, now, "Warning")

@@ -372,6 +372,7 @@ _PLURALS = {
     "Service": "services",
     "ConfigMap": "configmaps",
     "PodDisruptionBudget": "poddisruptionbudgets",
+    "ResourceClaimTemplate": "resourceclaimtemplates",
 }
 
 

@@ -105,6 +105,15 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE gpuyard_usage_records
         ADD COLUMN starting_gpu_seconds bigint NOT NULL DEFAULT 0;
     """,
+    # The DRA devices behind a record's GPUs (driver, pool, device, uuid; docs/dra.md), so
+    # that "who held GPU-<uuid> when" is one indexed query (`devices @> '[{"uuid": ...}]'`).
+    # Rows stored before it, and GPUs of a device plugin, have none: an empty array.
+    """
+    ALTER TABLE gpuyard_usage_records
+        ADD COLUMN devices jsonb NOT NULL DEFAULT '[]'::jsonb;
+    CREATE INDEX gpuyard_usage_records_devices
+        ON gpuyard_usage_records USING gin (devices jsonb_path_ops);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -112,34 +121,34 @@ SCHEMA_VERSION = len(MIGRATIONS)
 # fraction of a second), then inserted from there in one statement. The temporary table
 # lives as long as the session; ON COMMIT DELETE ROWS empties it at each COMMIT, and IF NOT
 # EXISTS makes it on whichever server session a pooler hands us. Its name changes with its
-# columns (v2: starting_gpu_seconds), so a pooled session that an older gpuyard left its
-# table in is no trap for a newer one.
+# columns (v2: starting_gpu_seconds, v3: devices), so a pooled session that an older
+# gpuyard left its table in is no trap for a newer one.
 _COLUMNS = (
     "id, cluster_id, namespace, service, pool, gpu_type, pod, pod_uid, gpus, window_start, "
     "window_end, seconds, gpu_seconds, unit_price, cost, currency, avg_utilization, "
-    "idle_gpu_seconds, starting_gpu_seconds, record"
+    "idle_gpu_seconds, starting_gpu_seconds, devices, record"
 )
 _CREATE_INCOMING = """
-    CREATE TEMPORARY TABLE IF NOT EXISTS gpuyard_incoming_v2 (
+    CREATE TEMPORARY TABLE IF NOT EXISTS gpuyard_incoming_v3 (
         id text, cluster_id text, namespace text, service text, pool text, gpu_type text,
         pod text, pod_uid text, gpus integer, window_start timestamptz,
         window_end timestamptz, seconds integer, gpu_seconds numeric, unit_price numeric,
         cost numeric, currency text, avg_utilization numeric, idle_gpu_seconds bigint,
-        starting_gpu_seconds bigint, record jsonb
+        starting_gpu_seconds bigint, devices jsonb, record jsonb
     ) ON COMMIT DELETE ROWS
 """
-_COPY_INCOMING = "COPY gpuyard_incoming_v2 (" + _COLUMNS + ") FROM STDIN"
+_COPY_INCOMING = "COPY gpuyard_incoming_v3 (" + _COLUMNS + ") FROM STDIN"
 _INSERT = """
     INSERT INTO gpuyard_usage_records (
         id, cluster_id, namespace, service, pool, gpu_type, pod, pod_uid, gpus,
         window_start, window_end, seconds, gpu_seconds, unit_price, cost, currency,
-        avg_utilization, idle_gpu_seconds, starting_gpu_seconds, record
+        avg_utilization, idle_gpu_seconds, starting_gpu_seconds, devices, record
     )
     SELECT
         id, cluster_id, namespace, service, pool, gpu_type, pod, pod_uid, gpus,
         window_start, window_end, seconds, gpu_seconds, unit_price, cost, currency,
-        avg_utilization, idle_gpu_seconds, starting_gpu_seconds, record
-    FROM gpuyard_incoming_v2
+        avg_utilization, idle_gpu_seconds, starting_gpu_seconds, devices, record
+    FROM gpuyard_incoming_v3
     ON CONFLICT (id) DO NOTHING
     RETURNING id
 """
@@ -149,7 +158,7 @@ _INSERT = """
 _SET_ASIDE_CONFLICTS = """
     WITH differing AS (
         SELECT i.id, i.record
-        FROM gpuyard_incoming_v2 i JOIN gpuyard_usage_records r ON r.id = i.id
+        FROM gpuyard_incoming_v3 i JOIN gpuyard_usage_records r ON r.id = i.id
         WHERE (i.namespace, i.service, i.pool, i.pod_uid, i.gpus, i.window_start,
                i.window_end, i.gpu_seconds, i.unit_price, i.cost, i.currency)
               IS DISTINCT FROM
@@ -324,6 +333,7 @@ def _rows(records: Sequence[UsageRecord]) -> Iterator[tuple[Any, ...]]:
             record.end, record.seconds, record.gpu_seconds, record.unit_price, record.cost,
             record.currency, record.avg_utilization, record.idle_gpu_seconds,
             record.starting_gpu_seconds,
+            json.dumps([device.to_json() for device in record.devices], separators=(",", ":")),
             json.dumps(record_to_json(record), separators=(",", ":")),
         )  # fmt: skip
 

@@ -19,6 +19,8 @@ Security choices for pods the operator creates on a tenant's behalf:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from gpuyard import API_GROUP, API_VERSION, FIELD_MANAGER
@@ -27,6 +29,7 @@ from gpuyard.api.pool import GPUPool
 from gpuyard.api.service import KIND as SERVICE_KIND
 from gpuyard.api.service import AIService, ContainerSpec
 from gpuyard.api.workload import Probe
+from gpuyard.logic.devices import device_selector_cel
 
 #: Name of the single container in every replica.
 CONTAINER_NAME = "inference"
@@ -38,6 +41,13 @@ NAME_LABEL = "app.kubernetes.io/name"
 INSTANCE_LABEL = "app.kubernetes.io/instance"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+
+#: The pod's one ResourceClaim (from the service's ResourceClaimTemplate), the request in
+#: that claim, and what the GPU container names in resources.claims: one name for all three.
+CLAIM_NAME = "gpus"
+#: Hex digits of the claim spec's hash in the template's name (see `claim_template_name`).
+CLAIM_TEMPLATE_HASH_DIGITS = 10
+DRA_API_VERSION = "resource.k8s.io/v1"
 
 #: Old ReplicaSets only serve rollbacks; a few suffice, and each one is an object in etcd.
 REVISION_HISTORY_LIMIT = 3
@@ -91,13 +101,18 @@ def _metadata(service: AIService, pool: GPUPool, owner: dict[str, Any]) -> dict[
     }
 
 
-def _resources(service: AIService, pool: GPUPool) -> dict[str, dict[str, str]]:
+def _resources(service: AIService, pool: GPUPool) -> dict[str, Any]:
     # Requests equal limits: an extended resource must be requested exactly as limited
     # anyway, and equal CPU and memory make the pod Guaranteed, so the kubelet evicts it last
     # under node pressure; evicting a pod that holds GPUs wastes the most money.
     # Quantities are strings, as the API server returns them, so a built object compares
     # equal to the one read back.
-    amounts = {pool.spec.resource_name: str(service.spec.gpus_per_replica)}
+    # A ClaimTemplate pool's GPUs come through the pod's ResourceClaim, not an extended
+    # resource; an ExtendedResource pool's are asked for by name, exactly as a device
+    # plugin's (the scheduler serves the name from the DeviceClass that maps it).
+    amounts = {}
+    if claim_template_name(service, pool) is None:
+        amounts[pool.spec.resource_name] = str(service.spec.gpus_per_replica)
     resources = service.spec.container.resources
     if resources is not None:
         if resources.cpu is not None:
@@ -106,7 +121,10 @@ def _resources(service: AIService, pool: GPUPool) -> dict[str, dict[str, str]]:
             amounts["memory"] = resources.memory
         if resources.ephemeral_storage is not None:
             amounts["ephemeral-storage"] = resources.ephemeral_storage
-    return {"limits": dict(amounts), "requests": dict(amounts)}
+    built: dict[str, Any] = {"limits": dict(amounts), "requests": dict(amounts)}
+    if claim_template_name(service, pool) is not None:
+        built["claims"] = [{"name": CLAIM_NAME}]
+    return built
 
 
 def _probe(probe: Probe | None, container: ContainerSpec) -> dict[str, Any] | None:
@@ -208,6 +226,9 @@ def _pod_spec(service: AIService, pool: GPUPool) -> dict[str, Any]:
         "enableServiceLinks": False,
         "securityContext": _pod_security_context(service),
     }
+    template = claim_template_name(service, pool)
+    if template is not None:
+        pod["resourceClaims"] = [{"name": CLAIM_NAME, "resourceClaimTemplateName": template}]
     if pool.spec.tolerations:
         pod["tolerations"] = [toleration.to_json() for toleration in pool.spec.tolerations]
     if spec.volumes:
@@ -313,3 +334,90 @@ def build_disruption_budget(
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
+
+
+def _claim_spec(service: AIService, pool: GPUPool) -> dict[str, Any] | None:
+    """What each replica's ResourceClaim asks for, or None when the pool's pods get their
+    GPUs without a template (a device-plugin pool, or DRA through an extended resource)."""
+    devices = pool.spec.devices
+    if devices is None or devices.request != "ClaimTemplate":
+        return None
+    exactly: dict[str, Any] = {
+        "deviceClassName": devices.device_class_name,
+        "allocationMode": "ExactCount",
+        "count": service.spec.gpus_per_replica,
+    }
+    expression = device_selector_cel(devices)
+    if expression is not None:
+        exactly["selectors"] = [{"cel": {"expression": expression}}]
+    return {"devices": {"requests": [{"name": CLAIM_NAME, "exactly": exactly}]}}
+
+
+def claim_template_name(service: AIService, pool: GPUPool) -> str | None:
+    """The name of the service's ResourceClaimTemplate, or None when it needs none.
+
+    A template's spec is immutable, so a change of what a replica claims (GPUs per replica,
+    the pool's class or selector) is a new template: the name ends in a hash of the claim,
+    the pod template names the new one, the Deployment rolls out, and the old template is
+    deleted once no pod of the old revision can come back (see `stale_claim_templates`).
+    """
+    claim = _claim_spec(service, pool)
+    if claim is None:
+        return None
+    canonical = json.dumps(claim, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:CLAIM_TEMPLATE_HASH_DIGITS]
+    return f"{service.name}-{digest}"
+
+
+def build_claim_template(
+    service: AIService, pool: GPUPool, owner: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The ResourceClaimTemplate each replica's claim is made from, or None when the pool's
+    pods need none. Owned by the service (garbage-collected with it) and labelled like every
+    child, so the operator's cache, its admission policy and `kubectl -l` find it."""
+    claim = _claim_spec(service, pool)
+    name = claim_template_name(service, pool)
+    if claim is None or name is None:
+        return None
+    labels = child_labels(service, pool)
+    return {
+        "apiVersion": DRA_API_VERSION,
+        "kind": "ResourceClaimTemplate",
+        "metadata": {**_metadata(service, pool, owner), "name": name},
+        # The claims carry the service's labels too: `kubectl get resourceclaims -l` finds
+        # a service's claims, and so can a cluster administrator's quota or audit tooling.
+        "spec": {"metadata": {"labels": labels}, "spec": claim},
+    }
+
+
+def _template_in_use(deployment: dict[str, Any]) -> str | None:
+    pod = ((deployment.get("spec") or {}).get("template") or {}).get("spec") or {}
+    for claim in pod.get("resourceClaims") or ():
+        if claim.get("name") == CLAIM_NAME:
+            return str(claim.get("resourceClaimTemplateName") or "") or None
+    return None
+
+
+def rollout_complete(deployment: dict[str, Any], template: str | None) -> bool:
+    """Whether every pod of `deployment` is of a pod template that names the claim template
+    `template` (None: no template): the stored Deployment names it, its controller saw that
+    generation, and no replica of an older ReplicaSet is left."""
+    if _template_in_use(deployment) != template:
+        return False
+    status = deployment.get("status") or {}
+    generation = (deployment.get("metadata") or {}).get("generation")
+    if generation is None or int(status.get("observedGeneration") or 0) < int(generation):
+        return False
+    return int(status.get("updatedReplicas") or 0) >= int(status.get("replicas") or 0)
+
+
+def stale_claim_templates(
+    wanted: str | None, live_names: list[str], deployment: dict[str, Any] | None
+) -> list[str]:
+    """The service's templates to delete: every one but `wanted`, once the Deployment has
+    rolled out to `wanted`. Not before: a pod of an older ReplicaSet that is recreated
+    meanwhile (evicted, its node lost) needs its own template for its claim."""
+    stale = sorted(name for name in live_names if name != wanted)
+    if not stale or deployment is None or not rollout_complete(deployment, wanted):
+        return []
+    return stale

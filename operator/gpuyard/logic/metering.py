@@ -62,6 +62,8 @@ from gpuyard.api.formats import (
     require_utc,
 )
 from gpuyard.api.names import DEFAULT_RESOURCE_NAME
+from gpuyard.logic.claimed_devices import ClaimedDeviceError, HeldDevice
+from gpuyard.logic.claimed_devices import nested as _get
 
 DEFAULT_WINDOW_SECONDS = 60
 MIN_WINDOW_SECONDS = 1
@@ -188,6 +190,17 @@ class PoolPricing:
     resource_name: str = DEFAULT_RESOURCE_NAME
     #: The pool's nodeSelector as sorted pairs: the nodes whose GPUs it prices.
     node_selector: tuple[tuple[str, str], ...] = ()
+    #: A DRA pool's DeviceClass: its pods' GPUs are their claims' devices of this class
+    #: (see gpuyard.logic.claimed_devices), whatever their limits say.
+    device_class: str | None = None
+
+    def gpus_held(self, pod_spec: Mapping[str, Any], devices: Mapping[str, Sequence[Any]]) -> int:
+        """How many of the pool's GPUs a pod holds: its devices of the pool's class on a DRA
+        pool (an ExtendedResource pod's limit names the same GPUs: counted once), else its
+        request of the pool's resource."""
+        if self.device_class is not None:
+            return len(devices.get(self.device_class, ()))
+        return gpu_request(pod_spec, self.resource_name)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prices", _check_schedule(self.prices))
@@ -253,9 +266,11 @@ def pool_holding(
     pools: Iterable[PoolPricing],
     *,
     preferred: str | None = None,
+    devices: Mapping[str, Sequence[HeldDevice]] | None = None,
 ) -> tuple[PoolPricing, int] | None:
     """The pool whose nodes hold the pod's GPUs, with the number of GPUs it holds; None
     when no pool selects the pod's node, or none of those pools' resource is requested.
+    `devices` are the pod's allocated DRA devices by DeviceClass (see `PoolPricing.gpus_held`).
 
     Pools may overlap (two selectors matching one node). The pod's own AIService's pool
     wins among the matches (`preferred`; a tenant can only choose among pools that really
@@ -269,7 +284,7 @@ def pool_holding(
     holding = [
         (pool, gpus)
         for pool in pools
-        if pool.selects(node_labels) and (gpus := gpu_request(pod_spec, pool.resource_name)) >= 1
+        if pool.selects(node_labels) and (gpus := pool.gpus_held(pod_spec, devices or {})) >= 1
     ]
     return min(holding, key=lambda match: rank(match[0]), default=None)
 
@@ -351,6 +366,9 @@ class PodLifetime:
     #: When the pod's start ended (it first turned Ready); None while it is still starting.
     #: The GPU-seconds held before are its cold start's (`starting_gpu_seconds`).
     ready_at: datetime | None = None
+    #: The DRA devices the pod holds on a DRA pool (their number is `gpus`); empty on a
+    #: device-plugin pool, whose GPUs have no identity in the API.
+    devices: tuple[HeldDevice, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bound_at", _utc(self.bound_at, "bound_at"))
@@ -377,15 +395,6 @@ class PodLifetime:
         if self.ended_at is not None:
             end = min(end, epoch_floor(self.ended_at))
         return max(0, end - epoch_floor(self.bound_at))
-
-
-def _get(mapping: Any, *path: str) -> Any:
-    current = mapping
-    for key in path:
-        if not isinstance(current, Mapping):
-            return None
-        current = current.get(key)
-    return current
 
 
 def _optional_time(value: Any) -> datetime | None:
@@ -496,6 +505,7 @@ def pod_lifetime_from_dict(
     gone_at: datetime | None = None,
     node: NodeDown | None = None,
     first_ready_at: datetime | None = None,
+    devices: Sequence[HeldDevice] = (),
 ) -> PodLifetime | None:
     """The billable lifetime of a Pod (Kubernetes JSON) whose GPUs `pool` holds (see
     `pool_holding`), billed to `service` (None: unmanaged usage of its namespace); None
@@ -516,11 +526,18 @@ def pod_lifetime_from_dict(
        deleted keeps its GPUs until its containers stop).
     A `node` lost past its grace ends the pod at the moment the node left Ready, unless
     it ended earlier; a node down within the grace holds the pod's windows from then on.
+    On a DRA pool the pod's GPUs are `devices` (its claims' devices of the pool's class),
+    and a pod with none is not billed yet (its claim is not seen allocated).
     """
     bound_at = _bound_at(pod)
     if bound_at is None:
         return None
-    gpus = gpu_request(_get(pod, "spec") or {}, pool.resource_name)
+    held = tuple(sorted(devices)) if pool.device_class is not None else ()
+    gpus = (
+        len(held)
+        if pool.device_class is not None
+        else gpu_request(_get(pod, "spec") or {}, pool.resource_name)
+    )
     if gpus < 1:
         return None
     uid = _get(pod, "metadata", "uid")
@@ -547,6 +564,7 @@ def pod_lifetime_from_dict(
         currency=pool.currency,
         held_from=held_from,
         ready_at=first_ready_at or ready_at(pod),
+        devices=held,
     )
 
 
@@ -579,6 +597,9 @@ class UsageRecord:
     #: The part of `gpu_seconds` held while the pod was starting (bound, not ready yet):
     #: what its cold start cost. Information, like utilisation: not a billed quantity.
     starting_gpu_seconds: int = 0
+    #: The DRA devices behind `gpus` (driver, pool, device, UUID), sorted; empty for GPUs of
+    #: a device plugin. Identity, not a billed quantity: `gpus` is what is billed.
+    devices: tuple[HeldDevice, ...] = ()
 
     @property
     def account(self) -> Account:
@@ -663,6 +684,7 @@ def _record(
         cost=window_cost(gpu_seconds, price),
         currency=lifetime.currency,
         starting_gpu_seconds=starting * lifetime.gpus,
+        devices=lifetime.devices,
     )
 
 
@@ -692,6 +714,17 @@ def utilization_span(records: Iterable[UsageRecord], window_seconds: int) -> tup
     last = max(ends)
     oldest = last - (MAX_UTILIZATION_WINDOWS - 1) * check_window_seconds(window_seconds)
     return max(min(ends), oldest), last
+
+
+def device_mean(
+    readings: Mapping[str, Mapping[int, float]], uuids: Sequence[str], at: int
+) -> float | None:
+    """The mean utilisation at `at` of the GPUs `uuids` (a pod's devices), or None unless
+    every one of them has a reading: a mean of some would pass one GPU's load off as all's."""
+    values = [readings.get(uuid, {}).get(at) for uuid in uuids]
+    if not values or any(value is None for value in values):
+        return None
+    return sum(value for value in values if value is not None) / len(values)
 
 
 def measured(record: UsageRecord, percent: float | None) -> UsageRecord:
@@ -734,6 +767,8 @@ def record_to_json(record: UsageRecord) -> dict[str, Any]:
         data["idle_gpu_seconds"] = record.idle_gpu_seconds
     if record.starting_gpu_seconds:
         data["starting_gpu_seconds"] = record.starting_gpu_seconds
+    if record.devices:
+        data["devices"] = [device.to_json() for device in record.devices]
     return data
 
 
@@ -753,6 +788,14 @@ def record_from_json(data: Mapping[str, Any]) -> UsageRecord:
     unmanaged = data.get("unmanaged", not data.get("service"))
     if unmanaged is not (not data.get("service")):
         raise MeteringError("a record is unmanaged exactly when it names no service")
+    # Records written before devices were recorded have none: GPUs of a device plugin.
+    listed = data.get("devices", [])
+    if not isinstance(listed, list):
+        raise MeteringError(f"record field 'devices' must be a list, got {listed!r}")
+    try:
+        devices = tuple(sorted(HeldDevice.from_json(item) for item in listed))
+    except ClaimedDeviceError as error:
+        raise MeteringError(str(error)) from error
     return UsageRecord(
         id=_field(data, "id", str),
         cluster_id=_field(data, "cluster_id", str),
@@ -773,6 +816,7 @@ def record_from_json(data: Mapping[str, Any]) -> UsageRecord:
         avg_utilization=None if util is None else _decimal(util, "avg_utilization"),
         idle_gpu_seconds=None if idle is None else _field(data, "idle_gpu_seconds", int),
         starting_gpu_seconds=starting and _field(data, "starting_gpu_seconds", int),
+        devices=devices,
     )
 
 

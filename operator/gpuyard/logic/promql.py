@@ -336,6 +336,48 @@ def gpu_utilization_query(
     return _keyed_by_pod(inner, exporter)
 
 
+def gpu_utilization_by_uuid_query(
+    source: GpuSeries = GpuSeries.GPU_UTIL,
+    *,
+    window_seconds: int = DEFAULT_WINDOW_SECONDS,
+    exporter: GpuExporter,
+) -> str | None:
+    """Average GPU utilisation per GPU, by the exporter's ``UUID`` label: how records of a
+    pod on DRA devices are measured (the meter knows each device's UUID from its
+    ResourceSlice, so the join needs no pod label at all).
+
+    None unless ``exporter`` identifies the real exporter: any scrape target can publish a
+    ``UUID`` label, and without the exporter's matchers a tenant's target could publish
+    another team's GPU with the numbers it likes. The query carries no value of any tenant
+    or device: every GPU's series comes back, and the meter picks the UUIDs it knows.
+    """
+    if not exporter.matchers:
+        return None
+    window = _window(window_seconds)
+    selector = _exporter_selector(source.value, exporter)
+    if source is GpuSeries.GPU_UTIL:
+        return f"avg by (UUID) (avg_over_time({selector}{window}))"
+    if source is GpuSeries.GR_ENGINE_ACTIVE:
+        return f"avg by (UUID) (100 * avg_over_time({selector}{window}))"
+    raise ValueError(f"{source} is not a utilisation series")
+
+
+def parse_uuid_matrix_response(
+    body: str | bytes | Mapping[str, Any],
+) -> dict[str, dict[int, float]]:
+    """Map a range-query matrix of :func:`gpu_utilization_by_uuid_query` to
+    ``{uuid: {t: value}}``; series without a UUID are skipped."""
+    readings: dict[str, dict[int, float]] = {}
+    for labels, samples in _matrix(_load(body)):
+        uuid = labels.get("UUID")
+        if not isinstance(uuid, str) or not uuid:
+            continue
+        if uuid in readings:
+            raise PrometheusResponseError("DuplicateSeries", f"two series for GPU {uuid}")
+        readings[uuid] = _points(samples)
+    return readings
+
+
 def gpu_memory_query(
     *,
     window_seconds: int = DEFAULT_WINDOW_SECONDS,

@@ -23,7 +23,7 @@ from typing import Any
 from gpuyard.api.formats import format_decimal, format_time, require_utc
 from gpuyard.logic.metering import UsageRecord
 
-GROUP_FIELDS = ("namespace", "service", "pool", "gpu_type", "pod", "day", "hour")
+GROUP_FIELDS = ("namespace", "service", "pool", "gpu_type", "pod", "devices", "day", "hour")
 DEFAULT_GROUP_BY = ("namespace", "service")
 GPU_HOURS_QUANTUM = Decimal("1e-6")
 UTILIZATION_QUANTUM = Decimal("0.01")
@@ -75,6 +75,12 @@ def _group_value(record: UsageRecord, name: str) -> str:
         return record.start.astimezone(UTC).strftime("%Y-%m-%d")
     if name == "hour":
         return record.start.astimezone(UTC).strftime("%Y-%m-%dT%H:00Z")
+    if name == "devices":
+        # A DRA pod's GPUs by UUID (else by device name); "" for a device plugin's GPUs,
+        # which have no identity in the API.
+        return ",".join(
+            device.uuid or f"{device.pool}/{device.device}" for device in record.devices
+        )
     return str(getattr(record, name))
 
 
