@@ -19,16 +19,19 @@ a100 pool get the same simulated load at the same moments:
 
   * ``avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL{job="dcgm-exporter",namespace=NS}[30s]))``,
     ``metricType: Value``, ``threshold: 50``. For a ``Value`` external metric the HPA
-    computes ``ceil(currentReplicas x value / target)`` (usage ratio times the scale's
-    current replicas), which for the mean utilisation per GPU is gpuyard's proportional
-    rule ``ceil(mean / target x pods)``. ``AverageValue`` on the *sum* would give the same
-    in a steady state, ``ceil(sum / target)``, but the sum still holds a removed pod's
-    series for the 30 s of the window and would ask for replicas that serve nothing; the
-    mean is what a careful user would write. The same 30 s window as gpuyard's default
+    computes ``ceil(ready pods x value / target)``, unless the ratio is within the
+    tolerance (``getUsageRatioReplicaCount`` in kubernetes/kubernetes
+    pkg/controller/podautoscaler/replica_calculator.go), which for the mean utilisation per
+    GPU is gpuyard's proportional rule ``ceil(mean / target x ready pods)``.
+    ``AverageValue`` on the *sum* would give the same in a steady state,
+    ``ceil(sum / target)``, but the sum still holds a removed pod's series for the 30 s of
+    the window and would ask for replicas that serve nothing; the mean is what a careful
+    user would write. The same 30 s window as gpuyard's default
     (``GPUYARD_METRICS_WINDOW_SECONDS``: dcgm-exporter collects every 30 s).
   * ``sum(gpuyard_sim_requests_in_flight{namespace=NS,service=S})``, ``metricType:
     AverageValue``, ``threshold: 0.5``, ``activationThreshold: 0``: the HPA's
-    ``ceil(total / 0.5)``, gpuyard's ``ceil(total / targetPerReplica)``; KEDA's activation
+    ``ceil(total / 0.5)`` (tolerance against ``total / (0.5 x current replicas)``, the same
+    file), gpuyard's ``ceil(total / targetPerReplica)``; KEDA's activation
     (above 0) is gpuyard's ``activationValue`` 0.
 
   Both sides thus ask for the same count from the same readings, with the same 10 %
@@ -488,7 +491,7 @@ class Pair:
 
 
 def create_pair(bench: Bench, prefix: str, phase: Phase, load: float) -> Pair:
-    pair = Pair({system: f"{prefix}-{system[0]}" for system in SYSTEMS})
+    pair = Pair({system: f"{prefix}-{system[0]}" for system in bench.systems})
     keda_url = bench.proxies["keda"].url
     for system, namespace in pair.namespaces.items():
         kubectl(bench.state, "create", "namespace", namespace)
@@ -541,6 +544,7 @@ class Bench:
     proxies: dict[str, CountingProxy]
     run_id: str
     seed: int
+    systems: tuple[str, ...] = SYSTEMS  # both, but for a smoke run of one side alone
 
     def __post_init__(self) -> None:
         self.core = kubernetes.client.CoreV1Api(self.client)
@@ -582,7 +586,7 @@ class Bench:
                 if step.before == 0:
                     step.wake[system] = _since(first_above_zero(spec, step.at), step.at)
             figures = [f"{s} reaction {_s(step.reaction[s])} floor {_s(step.floor[s])}"
-                       for s in SYSTEMS]  # fmt: skip
+                       for s in pair.namespaces]  # fmt: skip
             log(f"{step.segment}: " + ", ".join(figures))
 
     def profile(self, phase: Phase, segments: list[Segment]) -> dict[str, Any]:
@@ -623,7 +627,7 @@ class Bench:
         self.measure_steps(steps, pair, poller)
         spec = {s: self.curves.spec_of(ns) for s, ns in pair.namespaces.items()}
         pods = {s: self.curves.status_of(ns) for s, ns in pair.namespaces.items()}
-        gpu_seconds = {s: integral(pods[s], started, ended) for s in SYSTEMS}
+        gpu_seconds = {s: integral(pods[s], started, ended) for s in pair.namespaces}
         return {
             "phase": asdict(phase),
             "namespaces": pair.namespaces,
@@ -634,7 +638,7 @@ class Bench:
             "plateaus": plateaus,
             "flaps": {
                 s: sum(changes_between(spec[s], start, end) for _, start, end in plateaus)
-                for s in SYSTEMS
+                for s in pair.namespaces
             },
             "gpu_seconds": gpu_seconds,
             "cost": {s: v * PRICE_PER_GPU_HOUR / 3600 for s, v in gpu_seconds.items()},
@@ -646,26 +650,28 @@ class Bench:
              window: float) -> list[dict[str, Any]]:  # fmt: skip
         """At each size, that many services per side (the profile's included), settled,
         then ``window`` seconds of counting."""
-        sides: dict[str, list[str]] = {s: [profile_pair[s]] for s in SYSTEMS}
+        sides: dict[str, list[str]] = {s: [profile_pair[s]] for s in self.systems}
         rows = []
         for size in sizes:
             while len(sides["gpuyard"]) < size:
                 prefix = f"peers-{self.run_id}-{phase.name}-{len(sides['gpuyard'])}"
                 for system, ns in create_pair(self, prefix, phase, 50).namespaces.items():
                     sides[system].append(ns)
-            every = [ns for system in SYSTEMS for ns in sides[system]]
+            every = [ns for system in self.systems for ns in sides[system]]
             log(f"[{phase.name}] load: {size} service(s) per side, settling")
             wait_until(lambda: self.settled(every, None), 600, f"{size} services per side")  # noqa: B023
             time.sleep(WINDOW + 5)
-            counts = {s: self.proxies[s].count() for s in SYSTEMS}
+            counts = {s: self.proxies[s].count() for s in self.systems}
             start = time.time()
             time.sleep(window)
             end = time.time()
             queries = {
-                s: (self.proxies[s].count() - counts[s]) * 60 / (end - start) for s in SYSTEMS
+                s: (self.proxies[s].count() - counts[s]) * 60 / (end - start) for s in self.systems
             }
             time.sleep(3)  # the audit log is written in batches of at most 1 s
-            writes = writes_by_side(self.state, start, end, {s: tuple(sides[s]) for s in SYSTEMS})
+            writes = writes_by_side(
+                self.state, start, end, {s: tuple(sides[s]) for s in self.systems}
+            )
             per_minute = {s: sum(w.values()) * 60 / (end - start) for s, w in writes.items()}
             log(f"[{phase.name}] at {size}: queries/min {queries}, writes/min {per_minute}")
             rows.append({"services": size, "seconds": end - start, "queries_per_minute": queries,
@@ -689,8 +695,9 @@ def writes_by_side(state: ClusterState, start: float, end: float,
             continue
         agent = str(event.get("userAgent", "")).split("/")[0].split(" ")[0] or "?"
         namespace = str(event.get("objectRef", {}).get("namespace", ""))
+        user = str(event.get("user", {}).get("username", ""))
         side = next((s for s, names in sides.items() if namespace in names), None)
-        if side is None and "keda" in agent.lower():
+        if side is None and ("keda" in agent.lower() or "keda" in user):
             side = "keda"
         elif side is None and agent.lower() in ("gpuyard", "kopf"):
             side = "gpuyard"
@@ -761,7 +768,7 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     """The figures of one phase: reaction and floor percentiles, wake, flaps, cost."""
     summary: dict[str, Any] = {}
     steps = result["steps"]
-    for system in SYSTEMS:
+    for system in result["namespaces"]:
         measured = [s for s in steps if s["reaction"][system] is not None]
         beyond = [s["reaction"][system] - s["floor"][system] for s in measured
                   if s["floor"][system] is not None]  # fmt: skip
@@ -793,6 +800,10 @@ def _r(numerator: float | None, denominator: float | None) -> str:
     return f"{ratio(numerator, denominator):.2f}"
 
 
+def _n(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _p95(value: tuple[float, float] | None) -> float | None:
     return None if value is None else value[1]
 
@@ -800,7 +811,7 @@ def _p95(value: tuple[float, float] | None) -> float | None:
 def phase_rows(phase: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """``(measure, gpuyard, KEDA + HPA, ratio KEDA+HPA / gpuyard)`` for one phase."""
     s = summarise(phase)
-    g, k = s["gpuyard"], s["keda"]
+    g, k = (s.get(system, dict.fromkeys(s["gpuyard"])) for system in SYSTEMS)
     rows = [
         ("reaction p50 / p95, all steps", _pair(g["reaction"]), _pair(k["reaction"]),
          _r(_p95(k["reaction"]), _p95(g["reaction"])) + " (p95)"),
@@ -809,19 +820,19 @@ def phase_rows(phase: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("reaction minus floor p50 / p95", _pair(g["beyond_floor"]), _pair(k["beyond_floor"]),
          _r(_p95(k["beyond_floor"]), _p95(g["beyond_floor"])) + " (p95)"),
         ("demand at zero to first replica", _s(g["wake"]), _s(k["wake"]), _r(k["wake"], g["wake"])),
-        ("replica changes over the noisy plateau", str(g["flaps"]), str(k["flaps"]),
+        ("replica changes over the noisy plateau", _n(g["flaps"], "d"), _n(k["flaps"], "d"),
          _r(k["flaps"], g["flaps"])),
-        ("GPU-seconds over the profile", f"{g['gpu_seconds']:.0f}", f"{k['gpu_seconds']:.0f}",
-         _r(k["gpu_seconds"], g["gpu_seconds"])),
-        ("cost at 2.50 per GPU-hour", f"{g['cost']:.3f}", f"{k['cost']:.3f}",
+        ("GPU-seconds over the profile", _n(g["gpu_seconds"], ".0f"),
+         _n(k["gpu_seconds"], ".0f"), _r(k["gpu_seconds"], g["gpu_seconds"])),
+        ("cost at 2.50 per GPU-hour", _n(g["cost"], ".3f"), _n(k["cost"], ".3f"),
          _r(k["cost"], g["cost"])),
     ]  # fmt: skip
     for row in phase.get("load", []):
         q, w, n = row["queries_per_minute"], row["writes_per_minute"], row["services"]
-        rows.append((f"Prometheus queries/min at {n} service(s)", f"{q['gpuyard']:.0f}",
-                     f"{q['keda']:.0f}", _r(q["keda"], q["gpuyard"])))  # fmt: skip
-        rows.append((f"API server writes/min at {n} service(s)", f"{w['gpuyard']:.0f}",
-                     f"{w['keda']:.0f}", _r(w["keda"], w["gpuyard"])))  # fmt: skip
+        rows.append((f"Prometheus queries/min at {n} service(s)", _n(q["gpuyard"], ".0f"),
+                     _n(q.get("keda"), ".0f"), _r(q.get("keda"), q["gpuyard"])))  # fmt: skip
+        rows.append((f"API server writes/min at {n} service(s)", _n(w["gpuyard"], ".0f"),
+                     _n(w.get("keda"), ".0f"), _r(w.get("keda"), w["gpuyard"])))  # fmt: skip
     return rows
 
 
@@ -843,7 +854,8 @@ def markdown(run: dict[str, Any]) -> str:
             "|---|---:|---:|",
         ]
         for step in phase["steps"]:
-            cells = [f"{_s(step['reaction'][x])} / {_s(step['floor'][x])}" for x in SYSTEMS]
+            cells = [f"{_s(step['reaction'].get(x))} / {_s(step['floor'].get(x))}"
+                     for x in SYSTEMS]  # fmt: skip
             lines.append(f"| {step['segment']} | {' | '.join(cells)} |")
         for row in phase.get("load", []):
             agents = json.dumps(row["writes_by_agent"])
@@ -877,6 +889,8 @@ def draw(run: dict[str, Any], path: Path) -> None:
                   label="what the load asks for, ceil(load / 50 %)")  # fmt: skip
         for system, colour, label in (("gpuyard", "tab:blue", "gpuyard"),
                                       ("keda", "tab:orange", "KEDA + HPA")):  # fmt: skip
+            if system not in phase["curves"]:
+                continue
             xs, ys = step_curve(phase["curves"][system], start, end)
             axis.step(xs, ys, where="post", color=colour, label=f"{label}: spec.replicas")
         p = phase["phase"]
@@ -913,12 +927,13 @@ def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any], log_
             result["machine_after_profile"] = machine()
             result["load"] = bench.load(phase, sizes, result["namespaces"], window)
             result["machine_after_load"] = machine()
-        run["phases"].append(result)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(run, indent=1))
-        cleanup(bench.state, bench.run_id)
-        wait_until(lambda: not bench_namespaces(bench.state, bench.run_id), 600,
-                   "the phase's namespaces to go")  # fmt: skip
+            run["phases"].append(result)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(run, indent=1))
+            # While the operator runs: its finalizers release the services and their pods.
+            cleanup(bench.state, bench.run_id)
+            wait_until(lambda: not bench_namespaces(bench.state, bench.run_id), 600,
+                       "the phase's namespaces to go")  # fmt: skip
 
 
 def main() -> int:
@@ -931,6 +946,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("out/bench-peers.json"))
     parser.add_argument("--png", type=Path, default=Path("out/peers-replicas.png"))
     parser.add_argument("--render", type=Path, help="only print and draw a saved --out file")
+    parser.add_argument("--gpuyard-only", action="store_true",
+                        help="no KEDA: a smoke run of gpuyard's side alone")  # fmt: skip
     args = parser.parse_args()
     if args.render:
         saved = json.loads(args.render.read_text())
@@ -942,13 +959,15 @@ def main() -> int:
     run: dict[str, Any] = {"run_id": run_id, "seed": args.seed, "quick": args.quick,
                            "machine_before": machine(), "phases": []}  # fmt: skip
     with cluster() as state:
-        keda_ready(state)
+        systems = ("gpuyard",) if args.gpuyard_only else SYSTEMS
+        if "keda" in systems:
+            keda_ready(state)
         install_crds(state)
         kubectl(state, "apply", "-f", str(REPO_ROOT / "examples" / "pools.yaml"))
         client: ApiClient = kubernetes.config.new_client_from_config(config_file=state.kubeconfig)
         proxies = {s: CountingProxy(state.prometheus_url) for s in SYSTEMS}
         bench = Bench(state, client, DeploymentCurves(client, f"peers-{run_id}"), proxies,
-                      run_id, args.seed)  # fmt: skip
+                      run_id, args.seed, systems)  # fmt: skip
         log(f"run {run_id}; operator logs in {log_dir}")
         try:
             run_phases(bench, args, run, log_dir)
