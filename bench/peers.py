@@ -93,7 +93,6 @@ import json
 import os
 import platform
 import secrets
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -119,6 +118,7 @@ from common import OperatorProcess, cluster, install_crds, kubectl, log
 from gpuyard.logic.promql import GpuExporter, gpu_utilization_query, parse_vector_response
 from localcluster.cluster import (
     GPU_EXPORTER_MATCHERS,
+    HPA_SYNC_PERIOD_FLAG,
     REPO_ROOT,
     ClusterState,
     LocalCluster,
@@ -151,7 +151,7 @@ WINDOW = 30  # gpuyard's default metrics window, and the triggers' range
 PRICE_PER_GPU_HOUR = 2.50  # examples/pools.yaml, pool a100
 SYSTEMS = ("gpuyard", "keda")
 KCM = "kube-controller-manager"
-SYNC_FLAG = "--horizontal-pod-autoscaler-sync-period="
+DEFAULT_HPA_SYNC_SECONDS = 15.0  # Kubernetes' default, which the local cluster keeps
 
 
 @dataclass(frozen=True)
@@ -159,12 +159,12 @@ class Phase:
     name: str
     gpuyard_interval: float
     keda_polling: int | None  # None: leave KEDA's default (30 s)
-    hpa_sync: str | None  # None: the controller manager's default (15 s)
+    hpa_sync: float | None  # seconds; None: the controller manager's default (15 s)
 
 
 PHASES = {
     "defaults": Phase("defaults", 5.0, None, None),
-    "tuned": Phase("tuned", 1.0, 1, "1s"),
+    "tuned": Phase("tuned", 1.0, 1, 1.0),
 }
 
 
@@ -437,45 +437,20 @@ class FloorPoller:
 # --- the cluster side --------------------------------------------------------------------------
 
 
-def _kcm_healthy(command: list[str]) -> bool:
-    port = next(a.split("=", 1)[1] for a in command if a.startswith("--secure-port="))
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with urllib.request.urlopen(
-            f"https://127.0.0.1:{port}/healthz", timeout=2, context=context
-        ) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-def restart_controller_manager(state: ClusterState, sync_period: str | None) -> None:
-    """The HPA's sync period is a controller-manager flag: restart it with or without."""
+def set_hpa_sync_period(state: ClusterState, seconds: float | None) -> None:
+    """The HPA's sync period is a controller-manager flag: restart it with ``seconds``, or
+    with the default (15 s) when ``seconds`` is None and some other period was set."""
     state_dir = Path(state.state_dir)
-    current = ClusterState.load(state_dir)
-    command = [a for a in current.commands[KCM] if not a.startswith(SYNC_FLAG)]
-    if sync_period:
-        command.append(SYNC_FLAG + sync_period)
-    if command == current.commands[KCM]:
+    command = ClusterState.load(state_dir).commands[KCM]
+    current = [a for a in command if a.startswith(HPA_SYNC_PERIOD_FLAG)]
+    wanted = [] if seconds is None else [f"{HPA_SYNC_PERIOD_FLAG}{seconds:g}s"]
+    if current == wanted or (seconds is None and not current):
         return
-    local = LocalCluster(state_dir, current.name)
-    local.stop_component(KCM)
-    current = ClusterState.load(state_dir)
-    current.commands[KCM] = command
-    current.save()
-    local.start_component(KCM)
-    deadline = time.monotonic() + 60
-    while not _kcm_healthy(command):
-        if time.monotonic() > deadline:
-            raise RuntimeError("kube-controller-manager did not come back")
-        time.sleep(0.5)
-    log(f"kube-controller-manager restarted, HPA sync period {sync_period or 'default (15s)'}")
-
-
-def apply(state: ClusterState, namespace: str, body: dict[str, Any]) -> None:
-    kubectl(state, "apply", "-n", namespace, "-f", "-", stdin=json.dumps(body))
+    LocalCluster(state_dir, state.name).set_hpa_sync_period(
+        DEFAULT_HPA_SYNC_SECONDS if seconds is None else seconds
+    )
+    period = DEFAULT_HPA_SYNC_SECONDS if seconds is None else seconds
+    log(f"kube-controller-manager restarted, HPA sync period {period:g} s")
 
 
 def set_load(state: ClusterState, namespace: str, name: str, load: float) -> None:
@@ -491,16 +466,33 @@ class Pair:
 
 
 def create_pair(bench: Bench, prefix: str, phase: Phase, load: float) -> Pair:
+    """Through the Python client: a hundred pairs through kubectl would take minutes."""
     pair = Pair({system: f"{prefix}-{system[0]}" for system in bench.systems})
-    keda_url = bench.proxies["keda"].url
+    custom = kubernetes.client.CustomObjectsApi(bench.client)
     for system, namespace in pair.namespaces.items():
-        kubectl(bench.state, "create", "namespace", namespace)
+        bench.core.create_namespace({"metadata": {"name": namespace}})
         set_load(bench.state, namespace, pair.name, load)
-        apply(bench.state, namespace, aiservice(pair.name, system))
+        custom.create_namespaced_custom_object(
+            "gpuyard.io", "v1alpha1", namespace, "aiservices", aiservice(pair.name, system)
+        )
         if system == "keda":
-            apply(bench.state, namespace,
-                  scaled_object(namespace, pair.name, keda_url, phase.keda_polling))  # fmt: skip
+            body = scaled_object(
+                namespace, pair.name, bench.proxies["keda"].url, phase.keda_polling
+            )
+            custom.create_namespaced_custom_object(
+                "keda.sh", "v1alpha1", namespace, "scaledobjects", body
+            )
     return pair
+
+
+def retune(bench: Bench, namespaces: list[str], phase: Phase) -> None:
+    """Give the ScaledObjects in ``namespaces`` the phase's pollingInterval."""
+    custom = kubernetes.client.CustomObjectsApi(bench.client)
+    for namespace in namespaces:
+        custom.patch_namespaced_custom_object(
+            "keda.sh", "v1alpha1", namespace, "scaledobjects", "svc",
+            {"spec": {"pollingInterval": phase.keda_polling or 30}},
+        )  # fmt: skip
 
 
 def wait_until(condition: Any, timeout: float, what: str) -> None:
@@ -646,37 +638,33 @@ class Bench:
             "pods": pods,
         }
 
-    def load(self, phase: Phase, sizes: list[int], profile_pair: dict[str, str],
-             window: float) -> list[dict[str, Any]]:  # fmt: skip
-        """At each size, that many services per side (the profile's included), settled,
-        then ``window`` seconds of counting."""
-        sides: dict[str, list[str]] = {s: [profile_pair[s]] for s in self.systems}
-        rows = []
-        for size in sizes:
-            while len(sides["gpuyard"]) < size:
-                prefix = f"peers-{self.run_id}-{phase.name}-{len(sides['gpuyard'])}"
-                for system, ns in create_pair(self, prefix, phase, 50).namespaces.items():
-                    sides[system].append(ns)
-            every = [ns for system in self.systems for ns in sides[system]]
-            log(f"[{phase.name}] load: {size} service(s) per side, settling")
-            wait_until(lambda: self.settled(every, None), 600, f"{size} services per side")  # noqa: B023
-            time.sleep(WINDOW + 5)
-            counts = {s: self.proxies[s].count() for s in self.systems}
-            start = time.time()
-            time.sleep(window)
-            end = time.time()
-            queries = {
-                s: (self.proxies[s].count() - counts[s]) * 60 / (end - start) for s in self.systems
-            }
-            time.sleep(3)  # the audit log is written in batches of at most 1 s
-            writes = writes_by_side(
-                self.state, start, end, {s: tuple(sides[s]) for s in self.systems}
-            )
-            per_minute = {s: sum(w.values()) * 60 / (end - start) for s, w in writes.items()}
-            log(f"[{phase.name}] at {size}: queries/min {queries}, writes/min {per_minute}")
-            rows.append({"services": size, "seconds": end - start, "queries_per_minute": queries,
-                         "writes_per_minute": per_minute, "writes_by_agent": writes})  # fmt: skip
-        return rows
+    def grow(self, phase: Phase, size: int, sides: dict[str, list[str]]) -> None:
+        """Add pairs at one replica's load until each side has ``size`` services."""
+        while len(sides["gpuyard"]) < size:
+            prefix = f"peers-{self.run_id}-{phase.name}-{len(sides['gpuyard'])}"
+            for system, ns in create_pair(self, prefix, phase, 50).namespaces.items():
+                sides[system].append(ns)
+
+    def count(self, phase: Phase, sides: dict[str, list[str]], window: float) -> dict[str, Any]:
+        """Once every service runs, ``window`` seconds of queries and writes per side."""
+        size = len(sides["gpuyard"])
+        every = [ns for system in self.systems for ns in sides[system]]
+        log(f"[{phase.name}] load: {size} service(s) per side, settling")
+        wait_until(lambda: self.settled(every, None), 900, f"{size} services per side")
+        time.sleep(15)  # the last creations' status writes done
+        counts = {s: self.proxies[s].count() for s in self.systems}
+        start = time.time()
+        time.sleep(window)
+        end = time.time()
+        queries = {
+            s: (self.proxies[s].count() - counts[s]) * 60 / (end - start) for s in self.systems
+        }
+        time.sleep(3)  # the audit log is written in batches of at most 1 s
+        writes = writes_by_side(self.state, start, end, {s: tuple(sides[s]) for s in self.systems})
+        per_minute = {s: sum(w.values()) * 60 / (end - start) for s, w in writes.items()}
+        log(f"[{phase.name}] at {size}: queries/min {queries}, writes/min {per_minute}")
+        return {"services": size, "seconds": end - start, "queries_per_minute": queries,
+                "writes_per_minute": per_minute, "writes_by_agent": writes}  # fmt: skip
 
 
 def _s(value: float | None) -> str:
@@ -800,6 +788,10 @@ def _r(numerator: float | None, denominator: float | None) -> str:
     return f"{ratio(numerator, denominator):.2f}"
 
 
+def _seconds(value: float | None, default: str) -> str:
+    return default if value is None else f"{value:g} s"
+
+
 def _n(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -843,8 +835,8 @@ def markdown(run: dict[str, Any]) -> str:
         lines += [
             f"**{p['name']}**: gpuyard interval {p['gpuyard_interval']:g} s, KEDA "
             f"pollingInterval {p['keda_polling'] or '30 s (default)'}, HPA sync period "
-            f"{p['hpa_sync'] or '15 s (default)'}; {s['gpuyard']['steps']} steps, Prometheus "
-            f"floor p50 / p95 {_pair(s['floor'])}",
+            f"{_seconds(p['hpa_sync'], '15 s (default)')}; {s['gpuyard']['steps']} steps, "
+            f"Prometheus floor p50 / p95 {_pair(s['floor'])}",
             "",
             "| measure | gpuyard | KEDA + HPA | KEDA+HPA / gpuyard |",
             "|---|---:|---:|---:|",
@@ -869,7 +861,9 @@ def step_curve(
     curve: list[list[float]], start: float, end: float
 ) -> tuple[list[float], list[float]]:
     """A recorded curve as x (seconds from ``start``) and y lists for a step plot."""
-    xs, ys = [0.0], [float(value_at([(t, int(v)) for t, v in curve], start))]
+    # A curve recorded from the profile's start on (the load's) begins with its first value.
+    before = [(t, int(v)) for t, v in curve if t <= start] or [(start, int(curve[0][1]))]
+    xs, ys = [0.0], [float(value_at(before, start))]
     for t, v in curve:
         if start < t <= end:
             xs.append(t - start)
@@ -896,7 +890,7 @@ def draw(run: dict[str, Any], path: Path) -> None:
         p = phase["phase"]
         axis.set_title(f"{p['name']}: gpuyard {p['gpuyard_interval']:g} s interval; "
                        f"KEDA poll {p['keda_polling'] or 30} s, "
-                       f"HPA sync {p['hpa_sync'] or '15s'}")  # fmt: skip
+                       f"HPA sync {_seconds(p['hpa_sync'], '15 s')}")  # fmt: skip
         axis.set_xlabel("seconds into the profile")
         axis.set_ylabel("replicas")
         axis.legend(loc="upper right", fontsize="small")
@@ -916,24 +910,43 @@ def machine() -> dict[str, Any]:
 
 
 def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any], log_dir: Path) -> None:
+    """Each phase with its own operator and sync period. The first builds the load part's
+    services (1, 10, 100 per side, the profile's pair among them) after its profile; a later
+    phase first measures them at their largest size with its own settings (the
+    ScaledObjects retuned), then deletes them and runs its own profile on a quiet cluster."""
     segments = profile(quick=args.quick)
     sizes = [1] if args.quick else [int(n) for n in args.sizes.split(",") if n]
     window = 20.0 if args.quick else args.load_window
+    sides: dict[str, list[str]] | None = None
     for name in args.phases.split(","):
         phase = PHASES[name]
-        restart_controller_manager(bench.state, phase.hpa_sync)
+        set_hpa_sync_period(bench.state, phase.hpa_sync)
         with operator(bench.state, phase, bench.proxies["gpuyard"], log_dir):
+            rows = []
+            if sides is not None:
+                if "keda" in sides:
+                    retune(bench, sides["keda"], phase)
+                rows.append(bench.count(phase, sides, window))
+                # While the operator runs: its finalizers release the services and pods.
+                cleanup(bench.state, bench.run_id)
+                wait_until(lambda: not bench_namespaces(bench.state, bench.run_id), 900,
+                           "the load part's namespaces to go")  # fmt: skip
             result = bench.profile(phase, segments)
             result["machine_after_profile"] = machine()
-            result["load"] = bench.load(phase, sizes, result["namespaces"], window)
+            if sides is None:
+                sides = {s: [ns] for s, ns in result["namespaces"].items()}
+                for size in sizes:
+                    bench.grow(phase, size, sides)
+                    rows.append(bench.count(phase, sides, window))
+            result["load"] = rows
             result["machine_after_load"] = machine()
             run["phases"].append(result)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(run, indent=1))
-            # While the operator runs: its finalizers release the services and their pods.
-            cleanup(bench.state, bench.run_id)
-            wait_until(lambda: not bench_namespaces(bench.state, bench.run_id), 600,
-                       "the phase's namespaces to go")  # fmt: skip
+            if name == args.phases.split(",")[-1]:
+                cleanup(bench.state, bench.run_id)
+                wait_until(lambda: not bench_namespaces(bench.state, bench.run_id), 900,
+                           "the namespaces to go")  # fmt: skip
 
 
 def main() -> int:
@@ -973,7 +986,7 @@ def main() -> int:
             run_phases(bench, args, run, log_dir)
         finally:
             cleanup(state, run_id)
-            restart_controller_manager(state, None)
+            set_hpa_sync_period(state, None)
             bench.curves.stop()
             for proxy in proxies.values():
                 proxy.close()
