@@ -75,7 +75,7 @@ demo: ## scaling, scale-to-zero, billing on a local cluster (PROFILE=short|long,
 	  $(if $(KEEP),--keep-cluster) $(DEMO_ARGS)
 
 bench-peers: venv ## gpuyard next to KEDA + the HPA on one load profile (bench/peers.py; ARGS=--quick)
-	$(BIN)/python bench/peers.py $(ARGS)
+	PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/hack $(BIN)/python bench/peers.py $(ARGS)
 
 report-image: venv ## redraw docs/images/usage-report.png (gpuyard usage --chart, sample ledger)
 	$(BIN)/python -m localcluster.sample_report

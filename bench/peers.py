@@ -566,6 +566,10 @@ class Bench:
             first_reaching(self.curves.spec_of(ns), started, segment.count) for ns in namespaces
         ):
             time.sleep(0.25)
+        reached = {ns: first_reaching(self.curves.spec_of(ns), started, segment.count)
+                   for ns in namespaces}  # fmt: skip
+        log(f"{segment.name}: reached after " + ", ".join(
+            f"{ns}: {_s(_since(at, started))}" for ns, at in reached.items()))  # fmt: skip
         time.sleep(max(segment.settle, started + segment.seconds - time.time()))
 
     def measure_steps(self, steps: list[StepResult], pair: Pair, poller: FloorPoller) -> None:
@@ -917,6 +921,7 @@ def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any], log_
     segments = profile(quick=args.quick)
     sizes = [1] if args.quick else [int(n) for n in args.sizes.split(",") if n]
     window = 20.0 if args.quick else args.load_window
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     sides: dict[str, list[str]] | None = None
     for name in args.phases.split(","):
         phase = PHASES[name]
@@ -927,6 +932,8 @@ def run_phases(bench: Bench, args: argparse.Namespace, run: dict[str, Any], log_
                 if "keda" in sides:
                     retune(bench, sides["keda"], phase)
                 rows.append(bench.count(phase, sides, window))
+                run["pending"] = {"phase": name, "load": rows}
+                args.out.write_text(json.dumps(run, indent=1))
                 # While the operator runs: its finalizers release the services and pods.
                 cleanup(bench.state, bench.run_id)
                 wait_until(lambda: not bench_namespaces(bench.state, bench.run_id), 900,
@@ -954,7 +961,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one step, one service: a smoke run")
     parser.add_argument("--phases", default="defaults,tuned")
     parser.add_argument("--sizes", default="1,10,100", help="services per side for the load part")
-    parser.add_argument("--load-window", type=float, default=60.0)
+    parser.add_argument("--load-window", type=float, default=45.0)
     parser.add_argument("--seed", type=int, default=19)
     parser.add_argument("--out", type=Path, default=Path("out/bench-peers.json"))
     parser.add_argument("--png", type=Path, default=Path("out/peers-replicas.png"))

@@ -38,7 +38,7 @@ class Segment:
     seconds: float
     noise: float = 0.0
     noise_period: float = 5.0
-    settle: float = 5.0
+    settle: float = 3.0
     timeout: float = 600.0
 
     @property
@@ -75,7 +75,7 @@ def profile(quick: bool = False) -> list[Segment]:
         Segment("start", 50, 5),
         Segment("up 1 to 2", 100, 5, timeout=180),
         Segment("up 2 to 4", 200, 5, timeout=180),
-        Segment("noisy plateau at 4", 200, 120, noise=30),
+        Segment("noisy plateau at 4", 200, 90, noise=30),
         Segment("down 4 to 2", 100, 5, timeout=480),
         Segment("quiet to zero", 0, 5, timeout=600),
         Segment("wake to 2", 100, 5, timeout=180),
