@@ -134,7 +134,7 @@ from peers_model import (
     Segment,
     changes_between,
     first_above_zero,
-    first_reaching,
+    first_reaching_or_past,
     floor,
     integral,
     is_step,
@@ -565,12 +565,16 @@ class Bench:
         """Hold a step until every service has reached its count (bounded), then settle."""
         segment, started = segments[index], time.time()
         deadline = started + segment.timeout
+        before = segments[index - 1].count
         while time.time() < deadline and not all(
-            first_reaching(self.curves.spec_of(ns), started, segment.count) for ns in namespaces
+            first_reaching_or_past(self.curves.spec_of(ns), started, before, segment.count)
+            for ns in namespaces
         ):
             time.sleep(0.25)
-        reached = {ns: first_reaching(self.curves.spec_of(ns), started, segment.count)
-                   for ns in namespaces}  # fmt: skip
+        reached = {
+            ns: first_reaching_or_past(self.curves.spec_of(ns), started, before, segment.count)
+            for ns in namespaces
+        }
         log(f"{segment.name}: reached after " + ", ".join(
             f"{ns}: {_s(_since(at, started))}" for ns, at in reached.items()))  # fmt: skip
         time.sleep(max(segment.settle, started + segment.seconds - time.time()))
@@ -579,7 +583,8 @@ class Bench:
         for step in steps:
             for system, ns in pair.namespaces.items():
                 spec = self.curves.spec_of(ns)
-                step.reaction[system] = _since(first_reaching(spec, step.at, step.after), step.at)
+                reached = first_reaching_or_past(spec, step.at, step.before, step.after)
+                step.reaction[system] = _since(reached, step.at)
                 shown = floor(poller.readings_of(ns), step.at, step.before, step.after)
                 step.floor[system] = _since(shown, step.at)
                 if step.before == 0:
@@ -672,6 +677,15 @@ class Bench:
         log(f"[{phase.name}] at {size}: queries/min {queries}, writes/min {per_minute}")
         return {"services": size, "seconds": end - start, "queries_per_minute": queries,
                 "writes_per_minute": per_minute, "writes_by_agent": writes}  # fmt: skip
+
+
+def recompute_reactions(phase: dict[str, Any]) -> None:
+    """Reactions again from a saved phase's curves (with this code's definition)."""
+    for step in phase["steps"]:
+        for system, curve in phase["curves"].items():
+            points = [(float(t), int(v)) for t, v in curve]
+            reached = first_reaching_or_past(points, step["at"], step["before"], step["after"])
+            step["reaction"][system] = _since(reached, step["at"])
 
 
 def _s(value: float | None) -> str:
@@ -974,6 +988,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.render:
         saved = json.loads(args.render.read_text())
+        for phase in saved["phases"]:
+            recompute_reactions(phase)
         print(markdown(saved))
         draw(saved, args.png)
         return 0

@@ -113,6 +113,19 @@ def first_reaching(curve: Curve, since: float, count: int) -> float | None:
     return None
 
 
+def first_reaching_or_past(curve: Curve, since: float, before: int, after: int) -> float | None:
+    """The first time at or after ``since`` the curve has moved from ``before`` as far as
+    ``after`` or beyond (an autoscaler that overshoots has reacted too; the overshoot shows
+    in the flaps and the GPU-seconds)."""
+
+    def there(value: int) -> bool:
+        return value >= after if after > before else value <= after
+
+    if there(value_at(curve, since)):
+        return since
+    return next((t for t, v in curve if t > since and there(v)), None)
+
+
 def first_above_zero(curve: Curve, since: float) -> float | None:
     """The first time at or after ``since`` the curve is above zero."""
     if value_at(curve, since) > 0:

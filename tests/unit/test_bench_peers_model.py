@@ -16,6 +16,7 @@ from peers_model import (
     changes_between,
     first_above_zero,
     first_reaching,
+    first_reaching_or_past,
     floor,
     idle,
     integral,
@@ -118,3 +119,12 @@ def test_the_floor_is_the_first_reading_that_shows_the_new_count() -> None:
     assert floor(quiet, 0, 1, 0) == 2.0  # to zero: once the series show no demand
     assert idle((), 0.0)
     assert not idle((0.5,), 0.1)
+
+
+def test_a_step_is_reached_once_the_count_is_reached_or_passed() -> None:
+    overshoot = [(0.0, 2), (10.0, 3), (12.0, 5), (50.0, 4)]
+    assert first_reaching(overshoot, 5, 4) == 50.0
+    assert first_reaching_or_past(overshoot, 5, 2, 4) == 12.0
+    down = [(0.0, 4), (30.0, 1)]
+    assert first_reaching_or_past(down, 5, 4, 2) == 30.0
+    assert first_reaching_or_past(down, 5, 4, 0) is None
