@@ -65,8 +65,9 @@ Over the profile: replica changes over the noisy plateau (flaps), and GPU-second
 Deployment's ``status.replicas``, the pods that hold GPUs, times one GPU) and their cost at
 the pool's 2.50 per GPU-hour.
 
-Load (after each profile): 1, 10 and 100 services on each side, each at one replica's load,
-settled, then a measured window: queries per minute to Prometheus (each side reaches
+Load (after the first phase's profile): 1, 10 and 100 services on each side, each at one
+replica's load, settled, then a measured window (the next phase measures the 100 again with
+its own settings before its profile): queries per minute to Prometheus (each side reaches
 Prometheus through its own counting proxy started here, so every query is attributed), and
 writes per minute to the API server from the audit log (write verbs; the local cluster's
 audit policy leaves out Events and Leases), attributed by namespace (each service has its
@@ -78,7 +79,7 @@ GPUYARD_CLUSTER_STATE; nothing else may run an operator on it meanwhile)::
     PYTHONPATH=hack .venv/bin/python -m localcluster --name peers up --keda \\
         --topology a100=30x8:a100-80gb
     export GPUYARD_CLUSTER_STATE=~/.cache/gpuyard/clusters/peers/state.json
-    make bench-peers                   # the full run, about 40 minutes
+    make bench-peers                   # the full run, 45 minutes or more on 2 CPUs
     make bench-peers ARGS=--quick      # a smoke check: one step, one service, a minute
 
 The raw data goes to ``--out`` (JSON), the table to stdout (Markdown, for
