@@ -13,7 +13,7 @@ BIN := $(VENV)/bin
 export PYTHONPATH := $(CURDIR)/hack
 CLUSTER := $(BIN)/python -m localcluster
 
-.PHONY: help venv binaries keda cluster-up cluster-down cluster-env crds dist chart-lint lint test test-unit demo report-image clean
+.PHONY: help venv binaries keda cluster-up cluster-down cluster-env crds dist chart-lint lint test test-unit demo report-image bench-peers clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ demo: ## scaling, scale-to-zero, billing on a local cluster (PROFILE=short|long,
 	@$(MAKE) --no-print-directory venv binaries
 	$(BIN)/python hack/demo.py --profile $(or $(PROFILE),standard) --out $(or $(OUT),out/demo) \
 	  $(if $(KEEP),--keep-cluster) $(DEMO_ARGS)
+
+bench-peers: venv ## gpuyard next to KEDA + the HPA on one load profile (bench/peers.py; ARGS=--quick)
+	PYTHONPATH=$(CURDIR)/operator:$(CURDIR)/hack $(BIN)/python bench/peers.py $(ARGS)
 
 report-image: venv ## redraw docs/images/usage-report.png (gpuyard usage --chart, sample ledger)
 	$(BIN)/python -m localcluster.sample_report

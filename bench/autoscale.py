@@ -95,17 +95,12 @@ from gpuyard.logic.promql import (
 )
 from localcluster.cluster import REPO_ROOT, ClusterState, binaries_dir
 from localcluster.jsonhttp import http_json
+from stats import percentile
 
 INTERVAL = 1.0
 WINDOW = 5
 IMAGE = "registry.example/llm:1"
 GPU = "nvidia.com/gpu"
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile: with 10 steps, p95 is the slowest step."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(-(-q * len(ordered) // 100)) - 1))]
 
 
 # --- (a) reaction on the cluster --------------------------------------------------------------

@@ -27,11 +27,29 @@ progress() {
     END { printf "[keda] %s: %d packages compiled\n", what, n }' >&2
 }
 
+# KEDA's CRDs as this version's module ships them (config/crd/bases), next to the binaries
+# that need them; hack/localcluster/keda.py installs them. Not committed: they follow
+# KEDA_VERSION.
+copy_crds() {
+  [[ -f "$bin_dir/crd/keda.sh_scaledobjects.yaml" ]] && return 0
+  local module_dir
+  module_dir="$(go mod download -json "github.com/kedacore/keda/v2@$KEDA_VERSION" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')"
+  mkdir -p "$bin_dir/crd.tmp"
+  cp "$module_dir"/config/crd/bases/*.yaml "$bin_dir/crd.tmp/"
+  # The module cache is read-only; the copies need not be.
+  chmod u+w "$bin_dir"/crd.tmp/*.yaml
+  rm -rf "$bin_dir/crd"
+  mv "$bin_dir/crd.tmp" "$bin_dir/crd"
+  log "keda $KEDA_VERSION: CRDs copied to $bin_dir/crd"
+}
+
 needed=()
 for name in operator adapter; do
   [[ -x "$bin_dir/keda-$name" ]] || needed+=("$name")
 done
 if [[ ${#needed[@]} -eq 0 ]]; then
+  mkdir -p "$bin_dir"
+  copy_crds
   echo "$bin_dir"
   exit 0
 fi
@@ -54,5 +72,6 @@ for name in "${needed[@]}"; do
   [[ -x "$bin_dir/keda-$name.tmp" ]] || { log "building $name failed"; exit 1; }
   mv "$bin_dir/keda-$name.tmp" "$bin_dir/keda-$name"
 done
+copy_crds
 log "keda binaries ready in $bin_dir"
 echo "$bin_dir"

@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         help="GPU pools as POOL=NODESxGPUS:TYPE[:dra],... (default: %(default)s)",
     )
     up.add_argument("--scrape-seconds", type=int, default=1, help="Prometheus scrape interval")
+    up.add_argument(
+        "--keda",
+        action="store_true",
+        help="also run KEDA's operator and metrics adapter (build them first: make keda)",
+    )
     commands.add_parser("down", help="stop every process and remove the state directory")
     commands.add_parser("status", help="print the cluster's state as JSON")
     commands.add_parser("env", help="print shell `export` lines for KUBECONFIG and friends")
@@ -42,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "build":
         print(binaries_dir(build=True))
     elif args.command == "up":
-        state = cluster.up(topology=args.topology, scrape_seconds=args.scrape_seconds)
+        state = cluster.up(
+            topology=args.topology, scrape_seconds=args.scrape_seconds, with_keda=args.keda
+        )
         print(f"# kubeconfig: {state.kubeconfig}", file=sys.stderr)
         _print_env(state)
     elif args.command == "down":

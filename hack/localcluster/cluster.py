@@ -36,7 +36,7 @@ from typing import Any, Final
 
 import yaml
 
-from localcluster import postgres
+from localcluster import keda, postgres
 from localcluster.topology import (
     DEFAULT_TOPOLOGY,
     DEVICE_CLASS,
@@ -49,6 +49,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-binaries.sh"
 STAGES_FILE = Path(__file__).with_name("kwok-stages.yaml")
 CONTROLLER_MANAGER_KUBECONFIG = "controller-manager.kubeconfig"
+HPA_SYNC_PERIOD_FLAG = "--horizontal-pod-autoscaler-sync-period="
 STATE_FILE = "state.json"
 STARTUP_TIMEOUT = 120.0
 # Processes this Python process started, whichever LocalCluster started them, kept so they
@@ -109,6 +110,9 @@ class ClusterState:
     # state of a cluster started before it existed.
     postgres_dsn: str = ""
     postgres_dir: str = ""
+    # KEDA's version and namespace when the cluster was started with it (`up --keda`).
+    keda_version: str = ""
+    keda_namespace: str = ""
 
     def save(self) -> None:
         path = Path(self.state_dir) / STATE_FILE
@@ -154,6 +158,25 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
+def _make_ca(pki: Path, name: str, common_name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
+        "-keyout", f"{name}.key", "-out", f"{name}.crt", "-subj", f"/CN={common_name}", cwd=pki,
+    )  # fmt: skip
+
+
+def _sign(pki: Path, name: str, subject: str, ext: str, ca: str = "ca") -> None:
+    """A key and a certificate ``name`` for ``subject``, signed by the CA ``ca`` of `pki`."""
+    _openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+        "-out", f"{name}.csr", "-subj", subject, cwd=pki,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+        "-CAcreateserial", "-days", "30", "-out", f"{name}.crt", "-extfile", ext, cwd=pki,
+    )  # fmt: skip
+
+
 def make_certificates(pki: Path) -> None:
     """A CA, the API server's serving certificate and client certificates for the admin
     and for kube-controller-manager.
@@ -166,10 +189,7 @@ def make_certificates(pki: Path) -> None:
     admission policy lets it copy gpuyard's pod templates by that name.
     """
     pki.mkdir(parents=True)
-    _openssl(
-        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-        "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=gpuyard-local-ca", cwd=pki,
-    )  # fmt: skip
+    _make_ca(pki, "ca", "gpuyard-local-ca")
     (pki / "serving.ext").write_text(
         "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
         "DNS:kubernetes.default,DNS:kubernetes.default.svc\n"
@@ -181,16 +201,68 @@ def make_certificates(pki: Path) -> None:
         ("admin", "/O=system:masters/CN=gpuyard-admin", "client.ext"),
         ("controller-manager", "/O=system:masters/CN=system:kube-controller-manager", "client.ext"),
     ):
-        _openssl(
-            "req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
-            "-out", f"{name}.csr", "-subj", subject, cwd=pki,
-        )  # fmt: skip
-        _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "30", "-out", f"{name}.crt", "-extfile", ext, cwd=pki,
-        )  # fmt: skip
+        _sign(pki, name, subject, ext)
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+#: The name in the front-proxy client certificate, the only one the API server's
+#: aggregator may present to an extension API server (--requestheader-allowed-names).
+FRONT_PROXY_CLIENT: Final = "front-proxy-client"
+
+
+def make_aggregation_certificates(pki: Path) -> None:
+    """The aggregation layer's own CA and the client certificate the API server proxies with.
+
+    kubeadm keeps the front proxy's CA apart from the cluster CA: an extension API server
+    trusts the X-Remote-User headers of any client this CA signed, so a certificate the
+    cluster CA signs for a person must not pass for the proxy.
+    """
+    _make_ca(pki, "front-proxy-ca", "gpuyard-local-front-proxy-ca")
+    _sign(pki, FRONT_PROXY_CLIENT, f"/CN={FRONT_PROXY_CLIENT}", "client.ext", ca="front-proxy-ca")
+
+
+def aggregation_flags(pki: Path) -> list[str]:
+    """kube-apiserver flags that turn the aggregation layer on (APIServices such as KEDA's
+    external metrics), as kubeadm sets them.
+
+    --enable-aggregator-routing stays off: it would route to a Service's endpoints, and
+    EndpointSlices refuse loopback addresses. Without it the aggregator resolves a Service of
+    type ExternalName to https://<externalName>:<the APIService's port> (ResolveCluster in
+    k8s.io/apiserver pkg/util/proxy), so `externalName: localhost` reaches a local process.
+    """
+    return [
+        f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+        f"--requestheader-allowed-names={FRONT_PROXY_CLIENT}",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={pki / f'{FRONT_PROXY_CLIENT}.crt'}",
+        f"--proxy-client-key-file={pki / f'{FRONT_PROXY_CLIENT}.key'}",
+    ]
+
+
+def make_keda_certificates(pki: Path, certs: Path) -> Path:
+    """KEDA's serving/mTLS pair in the layout it reads (ca.crt, tls.crt, tls.key), and the
+    client certificates of its two processes; returns the directory of the pair.
+
+    Both processes get system:masters, like the cluster's own components (see
+    make_certificates): these tests are about gpuyard's scale subresource and KEDA's
+    metrics path, and KEDA's least-privilege ClusterRoles live in its Helm chart, which is
+    not installed here. Their own common names keep them apart in the audit log.
+    """
+    certs.mkdir()
+    (pki / "keda-serving.ext").write_text(keda.serving_extensions())
+    for name, subject, ext in (
+        ("keda-serving", "/CN=keda-metrics-apiserver", "keda-serving.ext"),
+        (keda.OPERATOR, f"/O=system:masters/CN={keda.OPERATOR}", "client.ext"),
+        (keda.ADAPTER, f"/O=system:masters/CN={keda.ADAPTER}", "client.ext"),
+    ):
+        _sign(pki, name, subject, ext)
+    shutil.copy(pki / "ca.crt", certs / "ca.crt")
+    shutil.copy(pki / "keda-serving.crt", certs / "tls.crt")
+    shutil.copy(pki / "keda-serving.key", certs / "tls.key")
+    return certs
 
 
 def write_kubeconfig(path: Path, server: str, pki: Path, client: str = "admin") -> None:
@@ -331,7 +403,12 @@ class LocalCluster:
         self.name = name
 
     def _start(
-        self, state: ClusterState, name: str, args: list[str], env: dict[str, str] | None = None
+        self,
+        state: ClusterState,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        recorded_env: tuple[str, ...] = ("PYTHONPATH",),
     ) -> subprocess.Popen[bytes]:
         logfile = self.state_dir / "logs" / f"{name}.log"
         with logfile.open("ab") as out:
@@ -345,7 +422,7 @@ class LocalCluster:
         state.pids[name] = process.pid
         state.commands[name] = list(args)
         if env is not None:
-            state.environments[name] = {k: v for k, v in env.items() if k == "PYTHONPATH"}
+            state.environments[name] = {k: v for k, v in env.items() if k in recorded_env}
         state.save()
         return process
 
@@ -358,16 +435,51 @@ class LocalCluster:
         if child is not None:
             child.wait()
 
-    def start_component(self, name: str) -> None:
+    def start_component(self, name: str) -> subprocess.Popen[bytes]:
         """Start a stopped process again, with the command line it first had."""
         state = ClusterState.load(self.state_dir)
         if process_alive(state.pids[name]):
             raise RuntimeError(f"{name} is running already")
         env = state.environments.get(name)
-        self._start(state, name, state.commands[name], {**os.environ, **env} if env else None)
+        return self._start(
+            state, name, state.commands[name], {**os.environ, **env} if env else None
+        )
 
-    def up(self, topology: str = DEFAULT_TOPOLOGY, scrape_seconds: int = 1) -> ClusterState:
+    def set_hpa_sync_period(self, seconds: float) -> None:
+        """Restart kube-controller-manager with another HPA sync period.
+
+        The cluster keeps Kubernetes' default (15 s) unless asked: that is what the HPA
+        does for KEDA's users, and a comparison with gpuyard must not tune it silently.
+        """
+        name = "kube-controller-manager"
+        self.stop_component(name)
+        state = ClusterState.load(self.state_dir)
+        state.commands[name] = [
+            arg for arg in state.commands[name] if not arg.startswith(HPA_SYNC_PERIOD_FLAG)
+        ] + [f"{HPA_SYNC_PERIOD_FLAG}{seconds:g}s"]
+        state.save()
+        process = self.start_component(name)
+        [port] = [
+            arg.removeprefix("--secure-port=")
+            for arg in state.commands[name]
+            if arg.startswith("--secure-port=")
+        ]
+        wait_for(
+            name,
+            functools.partial(_insecure_ok, f"https://127.0.0.1:{port}/healthz"),
+            process,
+            self.state_dir / "logs" / f"{name}.log",
+        )
+
+    def up(
+        self, topology: str = DEFAULT_TOPOLOGY, scrape_seconds: int = 1, *, with_keda: bool = False
+    ) -> ClusterState:
+        """Start the cluster; with ``with_keda``, KEDA's operator and metrics adapter too
+        (built beforehand by ``make keda``)."""
         pools = parse_topology(topology)
+        keda_bins = keda.binaries_dir() if with_keda else None
+        if keda_bins is not None and (why := keda.missing(keda_bins)):
+            raise keda.KedaMissingError(why)
         if (self.state_dir / STATE_FILE).exists():
             raise RuntimeError(f"a cluster already runs from {self.state_dir}; bring it down first")
         if self.state_dir.exists():
@@ -382,6 +494,7 @@ class LocalCluster:
             (self.state_dir / sub).mkdir(exist_ok=True)
         pki = self.state_dir / "pki"
         make_certificates(pki)
+        make_aggregation_certificates(pki)
 
         ports = {name: free_port() for name in (
             "etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok",
@@ -409,6 +522,8 @@ class LocalCluster:
                 state=state, bins=bins, pki=pki, ports=ports, kubeconfig=kubeconfig,
                 pools=pools, scrape_seconds=scrape_seconds,
             )  # fmt: skip
+            if keda_bins is not None:
+                self._start_keda(state, bins=bins, keda_bins=keda_bins, pki=pki)
         except BaseException:
             log("start-up failed; stopping what was started")
             self.down(quiet=True, keep_logs_on_failure=True)
@@ -471,6 +586,7 @@ class LocalCluster:
             f"--audit-log-path={self.state_dir / 'logs' / 'audit.jsonl'}",
             "--audit-log-format=json", "--audit-log-mode=batch",
             "--audit-log-batch-max-wait=1s",
+            *aggregation_flags(pki),
             "--v=1",
         ])  # fmt: skip
         wait_for(
@@ -601,6 +717,65 @@ class LocalCluster:
         self.kubectl(bins, kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(manifests))
         slices = len(manifests) - 1
         log(f"DeviceClass {DEVICE_CLASS['metadata']['name']}, {slices} ResourceSlice(s)")
+
+    def _start_keda(self, state: ClusterState, *, bins: Path, keda_bins: Path, pki: Path) -> None:
+        """KEDA's CRDs, namespace, operator and adapter; returns once the external metrics
+        APIService is Available."""
+        logs = self.state_dir / "logs"
+        kubeconfig = Path(state.kubeconfig)
+        certs = make_keda_certificates(pki, self.state_dir / keda.CERTS_SUBDIR)
+        identities = {}
+        for name in (keda.OPERATOR, keda.ADAPTER):
+            identities[name] = self.state_dir / f"{name}.kubeconfig"
+            write_kubeconfig(identities[name], state.apiserver_url, pki, client=name)
+        log(f"keda {keda.version(keda_bins)}: CRDs")
+        crds = keda_bins / "crd"
+        # Server-side: the ScaledObject CRD is too large for kubectl's last-applied annotation.
+        self.kubectl(bins, kubeconfig, "apply", "--server-side", "-f", str(crds))
+        self.kubectl(bins, kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
+                     "-f", str(crds))  # fmt: skip
+        ports = {name: free_port() for name in (
+            "grpc", "operator-metrics", "operator-probe", "adapter", "adapter-metrics",
+        )}  # fmt: skip
+        self.kubectl(bins, kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(
+            keda.manifests((pki / "ca.crt").read_bytes(), ports["adapter"])
+        ))  # fmt: skip
+        recorded = (*keda.ENVIRONMENT, "KUBECONFIG")
+        log(f"keda-operator (gRPC metrics service on 127.0.0.1:{ports['grpc']})")
+        operator = self._start(state, keda.OPERATOR, keda.operator_args(
+            keda_bins / keda.OPERATOR, certs, grpc_port=ports["grpc"],
+            metrics_port=ports["operator-metrics"], probe_port=ports["operator-probe"],
+        ), env={
+            **os.environ, **keda.ENVIRONMENT, "KUBECONFIG": str(identities[keda.OPERATOR]),
+        }, recorded_env=recorded)  # fmt: skip
+        wait_for(
+            keda.OPERATOR,
+            lambda: _http_ok(f"http://127.0.0.1:{ports['operator-probe']}/readyz"),
+            operator,
+            logs / f"{keda.OPERATOR}.log",
+        )
+        log(f"keda-adapter on https://127.0.0.1:{ports['adapter']}")
+        adapter = self._start(state, keda.ADAPTER, keda.adapter_args(
+            keda_bins / keda.ADAPTER, certs, identities[keda.ADAPTER],
+            secure_port=ports["adapter"], grpc_port=ports["grpc"],
+            metrics_port=ports["adapter-metrics"],
+        ), env={
+            **os.environ, **keda.ENVIRONMENT, "KUBECONFIG": str(identities[keda.ADAPTER]),
+        }, recorded_env=recorded)  # fmt: skip
+
+        def available() -> bool:
+            apiservice = json.loads(self.kubectl(
+                bins, kubeconfig, "get", "apiservice", keda.EXTERNAL_METRICS_APISERVICE,
+                "-o", "json",
+            ))  # fmt: skip
+            return keda.apiservice_available(apiservice)
+
+        wait_for(f"APIService {keda.EXTERNAL_METRICS_APISERVICE}", available, adapter,
+                 logs / f"{keda.ADAPTER}.log")  # fmt: skip
+        state.keda_version = keda.version(keda_bins)
+        state.keda_namespace = keda.NAMESPACE
+        state.save()
+        log(f"keda {state.keda_version}: {keda.EXTERNAL_METRICS_APISERVICE} Available")
 
     @staticmethod
     def kubectl(bins: Path, kubeconfig: Path, *args: str, stdin: str | None = None) -> str:

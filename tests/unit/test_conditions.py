@@ -21,6 +21,7 @@ from gpuyard.logic.conditions import (
     pool_kstatus_conditions,
     pool_ready_condition,
     ready_condition,
+    scale_request_condition,
     service_kstatus_conditions,
     set_condition,
 )
@@ -557,3 +558,31 @@ def test_reconciling_and_stalled_are_valid_conditions() -> None:
 
     assert [c["type"] for c in conditions] == ["Reconciling", "Stalled"]
     assert [c["status"] for c in conditions] == ["False", "True"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "spec_replicas", "shown", "expected"),
+    [
+        # Nobody asked through the scale subresource: no condition at all.
+        ("Auto", None, False, None),
+        # Mode Off applies spec.replicas: nothing to say unless it was said before.
+        ("Off", 3, False, None),
+        ("Auto", 3, False, ("True", "AutoscalingModeAuto")),
+        ("Recommend", 0, True, ("True", "AutoscalingModeRecommend")),
+        ("Off", 3, True, ("False", "AutoscalingModeOff")),
+        ("Auto", None, True, ("False", "NoScaleRequest")),
+    ],
+)
+def test_scale_request_condition(
+    mode: str, spec_replicas: int | None, shown: bool, expected: tuple[str, str] | None
+) -> None:
+    update = scale_request_condition(mode, spec_replicas, shown=shown)
+
+    if expected is None:
+        assert update is None
+        return
+    assert update is not None
+    assert (update.type, update.status, update.reason) == ("ScaleRequestIgnored", *expected)
+    if update.status == "True":
+        assert f"spec.replicas asks for {spec_replicas} replica" in update.message
+        assert f"autoscaling.mode is {mode}" in update.message

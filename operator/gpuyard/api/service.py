@@ -636,8 +636,9 @@ class AIServiceStatus(ApiModel):
     usage: UsageTotals | None = None
     """GPU-seconds and cost so far."""
     conditions: ConditionList | None = None
-    """Ready, Accepted, CapacityLimited, QuotaLimited, BudgetLimited, MetricsAvailable and
-    UsageReported; Reconciling and Stalled say Ready as kstatus (Flux) reads it."""
+    """Ready, Accepted, CapacityLimited, QuotaLimited, BudgetLimited, MetricsAvailable,
+    UsageReported and, once a scale request went unapplied, ScaleRequestIgnored; Reconciling
+    and Stalled say Ready as kstatus (Flux) reads it."""
     startup: StartupStatus | None = None
     """The observed time to ready of the replicas (absent until one has started)."""
 

@@ -40,6 +40,7 @@ from gpuyard.logic.children import (
 )
 from gpuyard.logic.conditions import (
     QUOTA_LIMITED,
+    SCALE_REQUEST_IGNORED,
     ConditionUpdate,
     accepted_condition,
     apply_conditions,
@@ -48,6 +49,7 @@ from gpuyard.logic.conditions import (
     pods_refused,
     quota_condition,
     ready_condition,
+    scale_request_condition,
     service_kstatus_conditions,
     usage_reported_condition,
 )
@@ -160,9 +162,17 @@ async def reconcile_service(op: Operator, key: ServiceKey) -> None:
         # watch event brings: it queues behind every service still waiting for its
         # Deployment (the work queue's urgent lane), and finds the Deployment cached.
         return
-    was_limited = find_condition((body.get("status") or {}).get("conditions"), QUOTA_LIMITED)
+    stored_conditions = (body.get("status") or {}).get("conditions")
+    was_limited = find_condition(stored_conditions, QUOTA_LIMITED)
+    was_ignored = find_condition(stored_conditions, SCALE_REQUEST_IGNORED)
     desired = _desired_status(op, accepted, applied)
     await _write_status(op, key, body, desired)
+    ignored = find_condition(desired.get("conditions"), SCALE_REQUEST_IGNORED) or {}
+    if ignored.get("status") == "True" and (was_ignored or {}).get("status") != "True":
+        await op.io(
+            op.kube.post_event, body, SCALE_REQUEST_IGNORED, ignored.get("message", ""), now,
+            "Warning",
+        )  # fmt: skip
     if applied.quota.limited and (was_limited or {}).get("status") != "True":
         limited = find_condition(desired.get("conditions"), QUOTA_LIMITED) or {}
         await op.io(
@@ -381,6 +391,11 @@ def _desired_status(op: Operator, it: _Accepted, applied: _Applied) -> dict[str,
         resource_name=it.pool.spec.resource_name,
     )
     scaling = autoscaler_conditions(decision)
+    scale_request = scale_request_condition(
+        it.service.spec.autoscaling.mode,
+        it.service.spec.replicas,
+        shown=find_condition(current_status.get("conditions"), SCALE_REQUEST_IGNORED) is not None,
+    )
     # The autoscaler's verdict on capacity (the pool cut what it wanted) outranks the
     # placement check, which only sees replicas already asked for.
     capacity = next((c for c in scaling if c.type == placement.type), placement)
@@ -398,6 +413,7 @@ def _desired_status(op: Operator, it: _Accepted, applied: _Applied) -> dict[str,
         current_status.get("conditions"),
         [accepted_condition(it.admission), ready, *service_kstatus_conditions(ready), capacity]
         + ([quota] if quota is not None else [])
+        + ([scale_request] if scale_request is not None else [])
         + [c for c in scaling if c.type != capacity.type]
         + _usage_conditions(op, it.key),
         generation,

@@ -27,6 +27,9 @@ BUDGET_LIMITED = "BudgetLimited"
 QUOTA_LIMITED = "QuotaLimited"
 METRICS_AVAILABLE = "MetricsAvailable"
 USAGE_REPORTED = "UsageReported"
+#: A replica count asked through the scale subresource (kubectl scale, an HPA, KEDA) that
+#: the service's autoscaling mode does not apply.
+SCALE_REQUEST_IGNORED = "ScaleRequestIgnored"
 # The abnormal-true pair that kstatus (Flux's health checks) reads before anything else.
 RECONCILING = "Reconciling"
 STALLED = "Stalled"
@@ -211,6 +214,38 @@ def quota_condition(
         f'namespace "{namespace}" may hold {quota} {resource_name} of GPUPool "{pool_name}" '
         f"and lacks {verdict.missing_gpus} for the rest; raise maxGpusPerNamespace or lower "
         "the replicas",
+    )
+
+
+def scale_request_condition(
+    mode: str, spec_replicas: int | None, *, shown: bool
+) -> ConditionUpdate | None:
+    """`ScaleRequestIgnored`: whether a ``spec.replicas`` written through the scale
+    subresource goes unapplied because gpuyard owns the count (mode Auto or Recommend).
+
+    A tenant's ScaledObject or HPA on such a service would otherwise write into the void.
+    The condition appears only once a request was ignored (``shown`` says it is in the
+    status already), so a service nobody scales by hand carries none.
+    """
+    if mode != "Off" and spec_replicas is not None:
+        return ConditionUpdate(
+            SCALE_REQUEST_IGNORED,
+            "True",
+            f"AutoscalingMode{mode}",
+            f"spec.replicas asks for {_plural(spec_replicas, 'replica')} (the scale "
+            f"subresource: kubectl scale, an HPA or KEDA), but autoscaling.mode is {mode}: "
+            "gpuyard sizes the service; set autoscaling.mode to Off to hand the count over",
+        )
+    if not shown:
+        return None
+    reason = "AutoscalingModeOff" if mode == "Off" else "NoScaleRequest"
+    return ConditionUpdate(
+        SCALE_REQUEST_IGNORED,
+        "False",
+        reason,
+        "spec.replicas applies (autoscaling.mode is Off)"
+        if mode == "Off"
+        else "spec.replicas is unset: nothing asked through the scale subresource",
     )
 
 
